@@ -1,0 +1,16 @@
+"""Shared test set-up: a persistent JAX compilation cache and parsed absl flags."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags
+
+_CACHE = os.environ.get("XMEDJAX_TEST_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "xmedjax", "jax-tests"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Grain worker processes and absl-based code expect parsed flags.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,114 @@
+"""Building blocks shared by the torchvision-exact models.
+
+Everything here mirrors a torch.nn layer exactly: explicit symmetric padding (never
+'SAME', which is asymmetric at stride 2), BatchNorm with torch's epsilon and momentum,
+max pooling padded with -inf, and torchvision's default initialisers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torch BatchNorm2d: eps 1e-5, running = (1 - 0.1) * running + 0.1 * batch.
+# Flax: running = momentum * running + (1 - momentum) * batch, so momentum 0.9.
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+# The name under which every model sows its Grad-CAM target activation.
+CAM_TARGET = "cam_target"
+
+# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu).
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A bias-free 2-D convolution with symmetric padding, like torch.nn.Conv2d."""
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def batch_norm(features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """torch.nn.BatchNorm2d(features) with float32 parameters and statistics."""
+    return nnx.BatchNorm(
+        features,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """torch.nn.Linear with torch's default uniform initialisation; computes in float32."""
+    bound_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    limit = 1.0 / (in_features**0.5)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=bound_init,
+        bias_init=bias_init,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1) on NHWC input."""
+    init = jnp.array(-jnp.inf, dtype=x.dtype)
+    return jax.lax.reduce_window(
+        x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """torch.nn.AvgPool2d(kernel_size=2, stride=2) (floor mode, no padding) on NHWC."""
+    summed = jax.lax.reduce_window(
+        x, jnp.array(0, dtype=x.dtype), jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
+    return summed / jnp.array(4, dtype=x.dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over the spatial axes of an NHWC map, computed in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def mark_cam_target(module: nnx.Module, activation: jax.Array) -> jax.Array:
+    """Sow the Grad-CAM target activation and return it open to gradient capture.
+
+    `sow` records the activation as an `nnx.Intermediate` named ``CAM_TARGET`` and
+    `perturb` adds a zero `nnx.Perturbation` of the same name, whose gradient is the
+    gradient of the output with respect to the activation. Outside `nnx.capture` both
+    are no-ops, so the plain forward pass pays nothing.
+    """
+    if hasattr(module, "__captures__"):
+        module.sow(nnx.Intermediate, CAM_TARGET, activation)
+        activation = module.perturb(CAM_TARGET, activation)
+    return activation
