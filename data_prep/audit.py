@@ -217,6 +217,7 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
     result["shortcut"] = shortcut_lib.audit_section(
         [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset)
   result["_records"] = list(zip(files, recs))
+  result["_near_pairs"] = pairs
   return result
 
 

@@ -69,7 +69,6 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes a DatasetSpec as array_record files; not registered (read from files)."""
 
   VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {VERSION: "xmedjax prepared dataset."}
   name = TFDS_NAME
 
   def __init__(self, spec: DatasetSpec, progress: bool = True, **kwargs):
@@ -77,9 +76,6 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._progress = progress
     self._num_classes = len(spec.label_names)
     super().__init__(file_format="array_record", **kwargs)
-
-  # Keep the generation order: index i of a split is the i-th generated example.
-  disable_shuffling = True
 
   def _info(self) -> tfds.core.DatasetInfo:
     feats = {
@@ -102,7 +98,9 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       feats["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
     return tfds.core.DatasetInfo(
         builder=self, description=f"xmedjax prepared dataset {self._spec.name}",
-        features=tfds.features.FeaturesDict(feats), supervised_keys=("image", "label"))
+        features=tfds.features.FeaturesDict(feats), supervised_keys=("image", "label"),
+        # Keep the generation order: index i of a split is the i-th generated example.
+        disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -150,6 +148,8 @@ def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> st
   tfds_dir = os.path.join(out_dir, TFDS_NAME)
   if os.path.exists(tfds_dir):
     shutil.rmtree(tfds_dir)  # our own output: rebuild from scratch
+  if not progress:
+    tfds.disable_progress_bar()
   builder = XmedPrepared(spec, progress=progress, data_dir=out_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(verify_ssl=False))

@@ -198,11 +198,11 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
-  """Encodes uint8 (H, W), (H, W, 1) or (H, W, 3) as PNG (fast compression)."""
+  """Encodes uint8 (H, W), (H, W, 1) or (H, W, 3) as PNG."""
   if pixels.ndim == 3 and pixels.shape[2] == 1:
     pixels = pixels[..., 0]
   buf = io.BytesIO()
-  PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG", compress_level=1)
+  PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG", compress_level=6)
   return buf.getvalue()
 
 
