@@ -81,17 +81,16 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1) on NHWC input."""
-    init = jnp.array(-jnp.inf, dtype=x.dtype)
+    # The init value must be a Python scalar: a jnp array is a tracer under jit, and
+    # reduce_window with a traced init has no reverse-mode rule (training fails).
     return jax.lax.reduce_window(
-        x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     )
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
     """torch.nn.AvgPool2d(kernel_size=2, stride=2) (floor mode, no padding) on NHWC."""
-    summed = jax.lax.reduce_window(
-        x, jnp.array(0, dtype=x.dtype), jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
-    )
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     return summed / jnp.array(4, dtype=x.dtype)
 
 

@@ -1,0 +1,82 @@
+"""The public jitted Grad-CAM: shapes, batching of targets, caching, degenerate inputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmedjax.explain import grad_cam, grad_cam_fn
+from xmedjax.explain.gradcam import gradcam_raw
+from xmedjax.explain.maps import normalize_per_image
+from xmedjax.models import create_model
+
+
+@pytest.fixture(scope="module", params=["resnet50", "densenet121"])
+def model(request):
+    m = create_model(request.param, 3, width=0.125, seed=1)
+    m.eval()
+    return m
+
+
+def test_shapes_targets_and_range(model):
+    x = np.random.default_rng(0).normal(size=(3, 48, 40, 3)).astype(np.float32)
+    res = grad_cam(model, x, [0, 2, 1])
+    assert res.raw.shape[0] == 3 and res.raw.ndim == 3
+    assert res.maps.shape == (3, 48, 40)
+    np.testing.assert_array_equal(np.asarray(res.targets), [0, 2, 1])
+    maps = np.asarray(res.maps)
+    assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    assert np.all(np.asarray(res.raw) >= 0)
+
+
+def test_each_image_explains_its_own_target(model):
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    both = grad_cam(model, x, [1, 2])
+    first = grad_cam(model, x[:1], [1])
+    second = grad_cam(model, x[1:], [2])
+    np.testing.assert_allclose(np.asarray(both.raw[0]), np.asarray(first.raw[0]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(both.raw[1]), np.asarray(second.raw[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_default_target_is_the_prediction(model):
+    x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    res = grad_cam(model, x)
+    np.testing.assert_array_equal(np.asarray(res.targets), np.argmax(np.asarray(res.logits), -1))
+
+
+def test_no_recompile_on_second_call_with_same_shapes(model):
+    x = np.random.default_rng(3).normal(size=(2, 36, 36, 3)).astype(np.float32)
+    grad_cam(model, x, [0, 1])
+    size = grad_cam_fn._cache_size()
+    grad_cam(model, x + 1, [1, 0])
+    assert grad_cam_fn._cache_size() == size
+    grad_cam(model, np.zeros((2, 44, 44, 3), np.float32), [1, 0])
+    assert grad_cam_fn._cache_size() == size + 1
+
+
+def test_constant_image_gives_no_nan(model):
+    res = grad_cam(model, np.full((2, 32, 32, 3), 0.5, np.float32), [0, 1])
+    assert np.isfinite(np.asarray(res.maps)).all()
+    assert np.isfinite(np.asarray(res.raw)).all()
+
+
+def test_model_mode_is_left_unchanged():
+    m = create_model("resnet50", 2, width=0.125)
+    before = np.asarray(m.bn1.mean[...]).copy()
+    grad_cam(m, np.ones((2, 32, 32, 3), np.float32), [0, 1])
+    assert m.bn1.use_running_average is False  # still in train mode
+    np.testing.assert_array_equal(np.asarray(m.bn1.mean[...]), before)
+
+
+def test_gradcam_definition_by_hand():
+    activation = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(1, 2, 2, 3) - 5.0
+    gradient = jnp.array([1.0, -1.0, 0.5]).reshape(1, 1, 1, 3) * jnp.ones((1, 2, 2, 3))
+    want = np.maximum(np.einsum("bhwc,c->bhw", np.asarray(activation), [1.0, -1.0, 0.5]), 0)
+    np.testing.assert_allclose(np.asarray(gradcam_raw(activation, gradient)), want)
+
+
+def test_zero_map_stays_zero():
+    out = normalize_per_image(jnp.zeros((2, 5, 5)))
+    assert not np.isnan(np.asarray(out)).any() and float(out.max()) == 0.0
