@@ -145,6 +145,12 @@ def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> st
   """Builds the TFDS array_record files and xmedjax_dataset.json into out_dir."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  empty = [s for s, items in spec.splits.items() if not items]
+  if empty:  # TFDS cannot write an empty split: leave it out of the dataset.
+    print(f"note: split(s) {empty} are empty and are left out", flush=True)
+    spec.splits = {s: items for s, items in spec.splits.items() if items}
+  if not spec.splits:
+    raise ValueError(f"nothing to write into {out_dir}: every split is empty")
   tfds_dir = os.path.join(out_dir, TFDS_NAME)
   if os.path.exists(tfds_dir):
     shutil.rmtree(tfds_dir)  # our own output: rebuild from scratch
