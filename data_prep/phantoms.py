@@ -87,12 +87,12 @@ def _brain(rng, size, positive) -> tuple[np.ndarray, np.ndarray]:
     img[rv < 1.0] = 0.14
   mask = np.zeros((size, size), bool)
   if positive:
-    rad = rng.uniform(0.10, 0.26)
-    ang, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.78 - rad)
+    rad = rng.uniform(0.11, 0.26)
+    ang, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.72 - rad)
     lx, ly = cx + dist * ax * np.cos(ang), cy + dist * ay * np.sin(ang)
     profile, mask = _lesion(rng, x, y, lx, ly, rad, size)
     mask &= brain
-    contrast = rng.uniform(0.3, 0.55)
+    contrast = rng.uniform(0.35, 0.6)
     img = img + contrast * profile * brain
   img = img + rng.uniform(0.015, 0.04) * rng.standard_normal((size, size)).astype(np.float32)
   img = np.where(r <= 1.0, img, np.abs(0.02 * rng.standard_normal((size, size))))

@@ -106,7 +106,11 @@ def warp(arrays: list[np.ndarray], transform: np.ndarray | None, size: int
   # Output -> augmented frame (size x size) -> source pixels (w x h).
   scale = np.array([[w / size, 0, 0], [0, h / size, 0], [0, 0, 1]])
   m = scale @ transform
-  pad = int(math.ceil(0.75 * max(h, w)))  # covers 45 deg, zoom 1.5, shift 0.25
+  # Pad with edge values just enough to cover where the output corners land.
+  corners = m @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]], float)
+  over = max(0.0, -corners[0].min(), -corners[1].min(), corners[0].max() - w,
+             corners[1].max() - h)
+  pad = int(math.ceil(over)) + 2
   m = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1]]) @ m
   data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
   out = []

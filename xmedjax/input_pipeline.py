@@ -140,20 +140,39 @@ def _norm_consts(normalization: str, channels: int) -> tuple[np.ndarray, np.ndar
   raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
+_LUTS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _lut(normalization: str, channels: int) -> np.ndarray:
+  """(256, channels) float32 table: uint8 value -> normalised value per channel."""
+  key = (normalization, channels)
+  if key not in _LUTS:
+    mean, std = _norm_consts(normalization, channels)
+    v = np.arange(256, dtype=np.float64)[:, None] / 255.0
+    _LUTS[key] = ((v - mean) / std).astype(np.float32)
+  return _LUTS[key]
+
+
 def to_float(pixels: np.ndarray, channels: int, normalization: str) -> np.ndarray:
-  """uint8 (H, W) or (H, W, 3) -> float32 (H, W, channels), normalised."""
+  """uint8 (H, W) or (H, W, 3) -> float32 (H, W, channels), normalised.
+
+  Greyscale is replicated to 3 channels when channels=3; RGB is averaged when channels=1.
+  ``imagenet``: x / 255, then ImageNet mean/std per channel (their averages for grey);
+  ``unit``: x / 255.
+  """
+  if channels not in (1, 3):
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
   if pixels.ndim == 3 and pixels.shape[2] == 1:
     pixels = pixels[..., 0]
-  x = pixels.astype(np.float32) * (1.0 / 255.0)
-  if x.ndim == 2:
-    x = x[..., None]
-  if channels == 1 and x.shape[-1] == 3:
-    x = x.mean(-1, keepdims=True)
-  elif channels == 3 and x.shape[-1] == 1:
-    x = np.repeat(x, 3, axis=-1)
-  elif channels not in (1, 3):
-    raise ValueError(f"channels must be 1 or 3, got {channels}")
-  mean, std = _norm_consts(normalization, channels)
+  lut = _lut(normalization, channels)
+  if pixels.dtype != np.uint8:
+    raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+  if pixels.ndim == 2:
+    return np.take(lut, pixels, axis=0)  # (H, W, channels) in one gather
+  if channels == 3:
+    return np.stack([np.take(lut[:, c], pixels[..., c]) for c in range(3)], axis=-1)
+  mean, std = _norm_consts(normalization, 1)
+  x = pixels.astype(np.float32).mean(-1, keepdims=True) * (1.0 / 255.0)
   return (x - mean) / std
 
 
