@@ -1,0 +1,244 @@
+"""The Grad-CAM family on the shared capture: Grad-CAM++, HiResCAM, LayerCAM, XGrad-CAM,
+Score-CAM (Grad-CAM itself lives in `gradcam.py`).
+
+Every method is a pure function of (graphdef, state, images, targets), jitted with the
+graphdef static, batched with one target class per image (`targets=None` explains each
+image's predicted class), and returns a `CamResult`: `raw` maps on the target
+activation's grid (after the ReLU every method applies), `maps` bilinearly upsampled to the
+input size and min-max scaled to [0, 1] per image, the float32 logits, and the targets.
+
+The weightings follow pytorch-grad-cam 1.5.7 (checked against it on the parity weights in
+tests/test_cams_reference.py); A is the NHWC target activation, G = dScore/dA:
+
+- Grad-CAM++: alpha = G^2 / (2 G^2 + sum_hw(A) G^3 + eps) where G != 0;
+  w_c = sum_hw(alpha * relu(G)); cam = relu(sum_c w_c A_c).
+- HiResCAM: cam = relu(sum_c G_c * A_c) (element-wise, no spatial pooling of G).
+- LayerCAM: cam = relu(sum_c relu(G_c) * A_c).
+- XGrad-CAM: w_c = sum_hw(G_c * A_c) / (sum_hw(A_c) + 1e-7); cam = relu(sum_c w_c A_c).
+- Score-CAM: each channel, upsampled to the input (align-corners bilinear) and min-max
+  scaled, masks the input; w = softmax_c(target logit of the masked input);
+  cam = relu(sum_c w_c A_c). The masked forward passes run on device in chunks of
+  `chunk` channels (`lax.map`), so memory is bounded by `chunk * batch` images.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xmedjax.explain.capture import capture_target_gradients, eval_model, forward_with_activation
+from xmedjax.explain.gradcam import CamResult
+from xmedjax.explain.maps import to_input_size
+
+GRADCAMPP_EPS = 1e-6
+XGRADCAM_EPS = 1e-7
+SCORECAM_EPS = 1e-8
+
+
+def gradcampp_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
+    """Grad-CAM++ (Chattopadhyay et al. 2018) in pytorch-grad-cam's closed form."""
+    g2 = gradient**2
+    g3 = g2 * gradient
+    sum_a = jnp.sum(activation, axis=(1, 2), keepdims=True)
+    alpha = g2 / (2.0 * g2 + sum_a * g3 + GRADCAMPP_EPS)
+    alpha = jnp.where(gradient != 0, alpha, 0.0)
+    weights = jnp.sum(jax.nn.relu(gradient) * alpha, axis=(1, 2), keepdims=True)
+    return jax.nn.relu(jnp.sum(weights * activation, axis=-1))
+
+
+def hirescam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
+    """HiResCAM (Draelos & Carin 2020): element-wise gradient x activation, summed over C."""
+    return jax.nn.relu(jnp.sum(gradient * activation, axis=-1))
+
+
+def layercam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
+    """LayerCAM (Jiang et al. 2021): relu(gradient) x activation, summed over C."""
+    return jax.nn.relu(jnp.sum(jax.nn.relu(gradient) * activation, axis=-1))
+
+
+def xgradcam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
+    """XGrad-CAM (Fu et al. 2020): activation-normalised gradient x activation weights."""
+    sum_a = jnp.sum(activation, axis=(1, 2), keepdims=True)
+    weights = jnp.sum(gradient * activation / (sum_a + XGRADCAM_EPS), axis=(1, 2), keepdims=True)
+    return jax.nn.relu(jnp.sum(weights * activation, axis=-1))
+
+
+def _gradient_cam(raw_fn):
+    """Wraps a (activation, gradient) -> raw map rule as a jitted registry method."""
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def cam_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None) -> CamResult:
+        capture, chosen = capture_target_gradients(graphdef, state, images, targets)
+        raw = raw_fn(capture.activation, capture.gradient)
+        return CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
+
+    cam_fn.__name__ = raw_fn.__name__.replace("_raw", "_fn")
+    cam_fn.__doc__ = f"Jitted batched CAM: {raw_fn.__doc__}"
+    return cam_fn
+
+
+gradcampp_fn = _gradient_cam(gradcampp_raw)
+hirescam_fn = _gradient_cam(hirescam_raw)
+layercam_fn = _gradient_cam(layercam_raw)
+xgradcam_fn = _gradient_cam(xgradcam_raw)
+
+
+def align_corners_matrix(out_size: int, in_size: int) -> jax.Array:
+    """(out, in) interpolation matrix of torch's bilinear resize with align_corners=True."""
+    if in_size == 1 or out_size == 1:
+        return jnp.ones((out_size, in_size), jnp.float32) / in_size
+    pos = jnp.arange(out_size, dtype=jnp.float32) * (in_size - 1) / (out_size - 1)
+    lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, in_size - 2)
+    frac = pos - lo
+    eye = jnp.eye(in_size, dtype=jnp.float32)
+    return eye[lo] * (1.0 - frac)[:, None] + eye[lo + 1] * frac[:, None]
+
+
+def scorecam_masks(activation: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(B, h, w, k) activations -> (B, H, W, k) masks: align-corners upsampled, min-max per channel."""
+    rh = align_corners_matrix(size[0], activation.shape[1])
+    rw = align_corners_matrix(size[1], activation.shape[2])
+    up = jnp.einsum("Hh,bhwk,Ww->bHWk", rh, activation, rw, precision=jax.lax.Precision.HIGHEST)
+    lo = jnp.min(up, axis=(1, 2), keepdims=True)
+    hi = jnp.max(up, axis=(1, 2), keepdims=True)
+    return (up - lo) / (hi - lo + SCORECAM_EPS)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk",))
+def scorecam_fn(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, chunk: int = 16
+) -> CamResult:
+    """Score-CAM (Wang et al. 2020), masked forward passes chunked over channels on device."""
+    logits, activation = forward_with_activation(graphdef, state, images)
+    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets.astype(jnp.int32)
+    batch, h, w, channels = activation.shape
+    chunk = max(1, min(int(chunk), channels))
+    n_chunks = -(-channels // chunk)
+    padded = jnp.pad(activation, ((0, 0), (0, 0), (0, 0), (0, n_chunks * chunk - channels)))
+    # (n_chunks, B, h, w, chunk): one slice of channels per lax.map step
+    slices = jnp.moveaxis(padded.reshape(batch, h, w, n_chunks, chunk), 3, 0)
+    model = eval_model(graphdef, state)
+    size = images.shape[1:3]
+
+    def scores(act_chunk: jax.Array) -> jax.Array:
+        masks = scorecam_masks(act_chunk, size)  # (B, H, W, chunk)
+        masked = images[:, None] * jnp.moveaxis(masks, -1, 1)[..., None]  # (B, chunk, H, W, Cin)
+        out = model(masked.reshape(batch * chunk, *images.shape[1:])).astype(jnp.float32)
+        out = out.reshape(batch, chunk, -1)
+        return jnp.take_along_axis(out, chosen[:, None, None], axis=2)[..., 0]  # (B, chunk)
+
+    score = jax.lax.map(scores, slices)  # (n_chunks, B, chunk)
+    score = jnp.moveaxis(score, 0, 1).reshape(batch, n_chunks * chunk)[:, :channels]
+    weights = jax.nn.softmax(score, axis=-1)
+    raw = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activation, weights, precision=jax.lax.Precision.HIGHEST))
+    return CamResult(raw, to_input_size(raw, size), logits, chosen)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def random_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, seed: int = 0) -> CamResult:
+    """The `random` baseline: seeded uniform maps at the input size (image b uses key fold_in(seed, b))."""
+    logits, _ = forward_with_activation(graphdef, state, images)
+    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets.astype(jnp.int32)
+    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.PRNGKey(seed), b))(jnp.arange(images.shape[0]))
+    raw = jax.vmap(lambda k: jax.random.uniform(k, images.shape[1:3]))(keys)
+    return CamResult(raw, raw, logits, chosen)
+
+
+def _gradient_rules() -> dict:
+    from xmedjax.explain.gradcam import gradcam_raw
+
+    return {
+        "gradcam": gradcam_raw,
+        "gradcampp": gradcampp_raw,
+        "hirescam": hirescam_raw,
+        "layercam": layercam_raw,
+        "xgradcam": xgradcam_raw,
+    }
+
+
+# The methods that need only the target activation and its gradient (one backward pass).
+GRADIENT_RULES: dict = _gradient_rules()
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("names",))
+def gradient_cams_fn(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, names: tuple[str, ...]
+) -> dict[str, CamResult]:
+    """Several gradient CAMs (names from GRADIENT_RULES) from ONE forward/backward pass."""
+    capture, chosen = capture_target_gradients(graphdef, state, images, targets)
+    out = {}
+    for name in names:
+        raw = GRADIENT_RULES[name](capture.activation, capture.gradient)
+        out[name] = CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
+    return out
+
+
+def compute_methods(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array | None,
+    names: tuple[str, ...],
+    method_opts: dict[str, dict] | None = None,
+) -> dict[str, CamResult]:
+    """Runs the named registry methods on one batch, sharing the backward pass of the gradient CAMs.
+
+    Same results as calling each `METHODS[name]`; the gradient CAMs (GRADIENT_RULES) run as
+    one jitted function so they cost one compile and one backward pass together.
+    """
+    method_opts = method_opts or {}
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown saliency methods {unknown}; choose from {sorted(METHODS)}")
+    grouped = tuple(n for n in names if n in GRADIENT_RULES)
+    out = dict(gradient_cams_fn(graphdef, state, images, targets, names=grouped)) if grouped else {}
+    for name in names:
+        if name not in out:
+            out[name] = METHODS[name](graphdef, state, images, targets, **method_opts.get(name, {}))
+    return {name: out[name] for name in names}
+
+
+def _registry() -> dict:
+    from xmedjax.explain.attribution import integrated_gradients_fn, smoothgrad_fn
+    from xmedjax.explain.gradcam import grad_cam_fn
+
+    return {
+        "gradcam": grad_cam_fn,
+        "gradcampp": gradcampp_fn,
+        "hirescam": hirescam_fn,
+        "layercam": layercam_fn,
+        "xgradcam": xgradcam_fn,
+        "scorecam": scorecam_fn,
+        "integrated_gradients": integrated_gradients_fn,
+        "smoothgrad": smoothgrad_fn,
+        "random": random_fn,
+    }
+
+
+# Every saliency method under one signature: fn(graphdef, state, images, targets, **opts) -> CamResult.
+METHODS: dict = _registry()
+CAM_METHODS = ("gradcam", "gradcampp", "hirescam", "layercam", "xgradcam", "scorecam")
+
+
+__all__ = [
+    "CAM_METHODS",
+    "GRADIENT_RULES",
+    "METHODS",
+    "compute_methods",
+    "gradient_cams_fn",
+    "random_fn",
+    "align_corners_matrix",
+    "gradcampp_fn",
+    "gradcampp_raw",
+    "hirescam_fn",
+    "hirescam_raw",
+    "layercam_fn",
+    "layercam_raw",
+    "scorecam_fn",
+    "scorecam_masks",
+    "xgradcam_fn",
+    "xgradcam_raw",
+]

@@ -1,0 +1,421 @@
+"""How good is a saliency map: localisation, faithfulness and sanity checks.
+
+- Localisation against a binary lesion mask (or boxes, via `boxes_to_masks`): the pointing
+  game (is the map's maximum inside the lesion), the fraction of map energy inside the
+  lesion, and IoU of the map thresholded at `threshold` with the lesion (numpy, per image).
+- Faithfulness: deletion and insertion AUC (Petsiuk et al. 2018) of the target class
+  probability while the most salient pixels are replaced by (deletion) or restored from
+  (insertion) a Gaussian-blurred copy of the image; a jitted function of
+  (graphdef, state, ...) whose steps run on device as one `lax.map` of batched forwards.
+  Lower deletion AUC and higher insertion AUC are better.
+- Sanity checks (Adebayo et al. 2018): cascading parameter randomisation from the head
+  down (`cascading_randomization`), and label randomisation (`compare_maps` scores the maps
+  of the trained model against those of a model trained on shuffled labels, which the
+  caller supplies; `shuffled_label_head` is a cheap stand-in that refits only the linear
+  head on shuffled labels by ridge regression, documented as such). Both are scored by
+  Spearman rank correlation and SSIM to the original maps; a map that does not depend on
+  the model keeps a correlation near 1, a faithful one drops.
+
+`score_methods` runs all of it for a set of registry methods on one batch of images.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from scipy import ndimage, stats
+
+from xmedjax.explain.capture import eval_model, forward_with_activation
+
+# ----------------------------------------------------------------------------- localisation
+
+
+def boxes_to_masks(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(N, 4) boxes (x0, y0, x1, y1), pixel coordinates, end-exclusive -> (N, H, W) bool masks."""
+    boxes = np.asarray(boxes)
+    masks = np.zeros((len(boxes), *shape), bool)
+    for i, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+        masks[i, max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    return masks
+
+
+def binarize_masks(masks: np.ndarray) -> np.ndarray:
+    """Masks as (N, H, W) bool, from bool, {0,1} or {0,255} arrays with or without a channel axis."""
+    masks = np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[..., 0]
+    if masks.dtype == bool:
+        return masks
+    return masks > (127 if masks.dtype == np.uint8 and masks.max() > 1 else 0.5)
+
+
+def pointing_game(maps: np.ndarray, masks: np.ndarray, tolerance: int = 0) -> np.ndarray:
+    """Per image, 1.0 if the map's maximum lies inside the (dilated by `tolerance` px) mask."""
+    maps, masks = np.asarray(maps), binarize_masks(masks)
+    if tolerance > 0:
+        struct = ndimage.generate_binary_structure(2, 1)
+        masks = np.stack([ndimage.binary_dilation(m, struct, iterations=tolerance) for m in masks])
+    flat = np.argmax(maps.reshape(len(maps), -1), axis=1)
+    return masks.reshape(len(masks), -1)[np.arange(len(maps)), flat].astype(np.float64)
+
+
+def energy_in_mask(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per image, the fraction of (non-negative) map mass inside the mask; 0 for an empty map."""
+    maps = np.clip(np.asarray(maps, np.float64), 0, None)
+    masks = binarize_masks(masks)
+    total = maps.sum(axis=(1, 2))
+    inside = (maps * masks).sum(axis=(1, 2))
+    return np.where(total > 0, inside / np.where(total > 0, total, 1.0), 0.0)
+
+
+def iou(maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Per image, IoU of {map >= threshold} (maps scaled to [0, 1]) with the mask."""
+    pred = np.asarray(maps) >= threshold
+    masks = binarize_masks(masks)
+    inter = (pred & masks).sum(axis=(1, 2))
+    union = (pred | masks).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+# ----------------------------------------------------------------------------- faithfulness
+
+
+def gaussian_matrix(size: int, sigma: float) -> jax.Array:
+    """(size, size) row-normalised Gaussian smoothing matrix (edges renormalised)."""
+    pos = jnp.arange(size, dtype=jnp.float32)
+    weights = jnp.exp(-0.5 * ((pos[:, None] - pos[None, :]) / sigma) ** 2)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
+    """Separable Gaussian blur of NHWC images."""
+    gh = gaussian_matrix(images.shape[1], sigma)
+    gw = gaussian_matrix(images.shape[2], sigma)
+    return jnp.einsum("Hh,bhwc,Ww->bHWc", gh, images, gw, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("steps",))
+def deletion_insertion_fn(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    maps: jax.Array,
+    targets: jax.Array,
+    *,
+    steps: int = 16,
+    blur_sigma: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Deletion and insertion curves and AUCs of the target-class probability.
+
+    At step s of `steps`, the round(s / steps * H * W) most salient pixels (by `maps`,
+    ties broken by position) are blurred (deletion) or un-blurred (insertion). The blur is
+    Gaussian with `blur_sigma` (default H / 16). Returns (deletion_auc (B,),
+    insertion_auc (B,), deletion_curve (steps + 1, B), insertion_curve (steps + 1, B));
+    AUCs by the trapezoid rule over the fraction of pixels in [0, 1].
+    """
+    batch, height, width, _ = images.shape
+    sigma = max(1.0, height / 16.0) if blur_sigma is None else blur_sigma
+    blurred = gaussian_blur(images, sigma)
+    order = jnp.argsort(-maps.reshape(batch, -1), axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1).reshape(batch, height, width, 1)
+    counts = jnp.round(jnp.arange(steps + 1, dtype=jnp.float32) / steps * height * width).astype(jnp.int32)
+    model = eval_model(graphdef, state)
+    both_targets = jnp.concatenate([targets, targets]).astype(jnp.int32)
+
+    def probs(count):
+        top = rank < count
+        deleted = jnp.where(top, blurred, images)
+        inserted = jnp.where(top, images, blurred)
+        p = jax.nn.softmax(model(jnp.concatenate([deleted, inserted])).astype(jnp.float32), axis=-1)
+        p = jnp.take_along_axis(p, both_targets[:, None], axis=1)[:, 0]
+        return p[:batch], p[batch:]
+
+    deletion, insertion = jax.lax.map(probs, counts)
+
+    def auc(curve):
+        return (jnp.sum(curve, axis=0) - 0.5 * (curve[0] + curve[-1])) / steps
+
+    return auc(deletion), auc(insertion), deletion, insertion
+
+
+# ----------------------------------------------------------------------------- map similarity
+
+
+def spearman(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
+    """Per-image Spearman rank correlation (average ranks for ties); NaN where a map is constant."""
+    a = np.asarray(maps_a, np.float64).reshape(len(maps_a), -1)
+    b = np.asarray(maps_b, np.float64).reshape(len(maps_b), -1)
+    ra = stats.rankdata(a, axis=1)
+    rb = stats.rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    denom = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (ra * rb).sum(axis=1) / denom, np.nan)
+
+
+def ssim(maps_a: np.ndarray, maps_b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
+    """Per-image SSIM (Wang et al. 2004, Gaussian window) of two (N, H, W) map sets in [0, data_range]."""
+    a = np.asarray(maps_a, np.float64)
+    b = np.asarray(maps_b, np.float64)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def blur(x):
+        return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma), mode="reflect", truncate=3.5)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return index.mean(axis=(1, 2))
+
+
+def compare_maps(maps_a: np.ndarray, maps_b: np.ndarray) -> dict[str, float]:
+    """Mean Spearman and SSIM between two map sets of the same images (label randomisation)."""
+    return {"spearman": _nanmean(spearman(maps_a, maps_b)), "ssim": _nanmean(ssim(maps_a, maps_b))}
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+# ----------------------------------------------------------------------------- randomisation
+
+HEAD_NAMES = ("fc", "classifier", "head")
+
+
+def _stage_key(path: tuple) -> tuple:
+    return tuple(path[:2]) if path[0] == "features" and len(path) > 2 else tuple(path[:1])
+
+
+def _stage_rank(key: tuple) -> float:
+    name = str(key[-1])
+    if name in HEAD_NAMES:
+        return float("inf")
+    if name == "norm5":
+        return 1000.0
+    found = re.match(r"(layer|denseblock|transition)(\d+)$", name)
+    if found:
+        return 2.0 * int(found.group(2)) + (1.0 if found.group(1) == "transition" else 0.0)
+    return 0.0
+
+
+def randomization_stages(state: nnx.State) -> list[str]:
+    """The model's parameter groups from the head down (ResNet: fc, layer4 .. layer1, stem)."""
+    keys = {_stage_key(path) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)}
+    ordered = sorted(keys, key=lambda k: (-_stage_rank(k), tuple(map(str, k))))
+    return [".".join(map(str, k)) for k in ordered]
+
+
+def randomize_stages(state: nnx.State, stages: Sequence[str], seed: int = 0) -> nnx.State:
+    """A copy of `state` whose conv/linear kernels in `stages` are re-drawn from N(0, 2 / fan_in).
+
+    Biases, BatchNorm parameters and statistics are kept (Adebayo et al. re-initialise the
+    weights; the kernels carry what the network learned).
+    """
+    wanted = set(stages)
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        value = var.get_value()
+        if isinstance(var, nnx.Param) and ".".join(map(str, _stage_key(path))) in wanted and value.ndim >= 2:
+            fan_in = int(np.prod(value.shape[:-1]))
+            noise = jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
+            var = var.replace((noise * np.sqrt(2.0 / fan_in)).astype(value.dtype))
+        out.append((path, var))
+    return nnx.from_flat_state(out)
+
+
+def cascading_randomization(
+    method: Callable,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array,
+    *,
+    original: np.ndarray | None = None,
+    seed: int = 0,
+    stages: Sequence[str] | None = None,
+    **opts,
+) -> list[dict]:
+    """Adebayo et al.'s cascade: randomise stage after stage from the head down.
+
+    Returns one entry per cumulative stage: {"stage": last stage randomised, "spearman",
+    "ssim"} (means over images) of the randomised model's maps against `original` (the
+    trained model's maps, computed here when not given), same targets.
+    """
+    if original is None:
+        original = np.asarray(method(graphdef, state, images, targets, **opts).maps)
+    stages = list(randomization_stages(state) if stages is None else stages)
+    results = []
+    for n in range(1, len(stages) + 1):
+        randomized = randomize_stages(state, stages[:n], seed)
+        maps = np.asarray(method(graphdef, randomized, images, targets, **opts).maps)
+        results.append({"stage": stages[n - 1], **compare_maps(original, maps)})
+    return results
+
+
+def _head_paths(state: nnx.State) -> tuple[tuple, tuple]:
+    flat = {path: var for path, var in nnx.to_flat_state(state)}
+    for name in HEAD_NAMES:
+        if (name, "kernel") in flat and (name, "bias") in flat:
+            return (name, "kernel"), (name, "bias")
+    raise KeyError("no linear head named fc/classifier/head with kernel and bias")
+
+
+def shuffled_label_head(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    l2: float = 1e-3,
+    batch_size: int = 64,
+) -> nnx.State:
+    """A cheap label-randomisation model: the head refit on shuffled labels, features kept.
+
+    The full test re-trains the whole network on shuffled labels (pass that model's state
+    to `compare_maps` via the caller instead when you have it). This stand-in fits the
+    linear head by ridge regression of one-hot shuffled labels (scaled to +-1) on the
+    pooled target activation of `images`, so only what the head learned is randomised; it
+    is a lower bound on how much a method depends on the labels.
+    """
+    kernel_path, bias_path = _head_paths(state)
+    flat = {path: var for path, var in nnx.to_flat_state(state)}
+    num_classes = flat[kernel_path].get_value().shape[-1]
+    feats = []
+    fwd = jax.jit(forward_with_activation, static_argnums=0)
+    for start in range(0, len(images), batch_size):
+        _, act = fwd(graphdef, state, jnp.asarray(images[start : start + batch_size]))
+        feats.append(np.asarray(jnp.mean(act, axis=(1, 2)), np.float64))
+    feats = np.concatenate(feats)
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(labels))
+    onehot = 2.0 * np.eye(num_classes)[shuffled] - 1.0
+    mean = feats.mean(axis=0)
+    centred = feats - mean
+    gram = centred.T @ centred + l2 * len(feats) * np.eye(feats.shape[1])
+    kernel = np.linalg.solve(gram, centred.T @ (onehot - onehot.mean(axis=0)))
+    bias = onehot.mean(axis=0) - mean @ kernel
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        if path == kernel_path:
+            var = var.replace(jnp.asarray(kernel, var.get_value().dtype))
+        elif path == bias_path:
+            var = var.replace(jnp.asarray(bias, var.get_value().dtype))
+        out.append((path, var))
+    return nnx.from_flat_state(out)
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def localisation_scores(maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Mean pointing game, energy in mask and IoU over the images with a non-empty mask."""
+    masks = binarize_masks(masks)
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    if not keep.any():
+        return {"pointing_game": float("nan"), "energy_in_mask": float("nan"), "iou": float("nan"), "n_localisation": 0}
+    maps, masks = np.asarray(maps)[keep], masks[keep]
+    return {
+        "pointing_game": float(pointing_game(maps, masks).mean()),
+        "energy_in_mask": float(energy_in_mask(maps, masks).mean()),
+        "iou": float(iou(maps, masks, threshold).mean()),
+        "n_localisation": int(keep.sum()),
+    }
+
+
+def score_methods(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: np.ndarray,
+    targets: np.ndarray,
+    masks: np.ndarray | None,
+    names: Sequence[str],
+    *,
+    method_opts: dict[str, dict] | None = None,
+    faithfulness: bool = True,
+    steps: int = 16,
+    sanity: bool = True,
+    cascade: str = "full",
+    label_state: nnx.State | None = None,
+    label_model: str = "caller",
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Every quality score of every named registry method on one batch of images.
+
+    `targets` are the classes to explain (for localisation: the lesion class). `masks`
+    (N, H, W) or None skips localisation. The parameter-randomisation summary
+    (`sanity_randomization_spearman`/`_ssim`) is the fully randomised end of the cascade,
+    `sanity_randomization_head_*` the head-only start; `cascade="full"` also scores every
+    stage in between (under `sanity_randomization_cascade`), `"ends"` only those two
+    (cheaper). `label_state`, when given, is the state of a model with the same graphdef
+    trained on shuffled labels (`label_model` says how it was made) for the
+    label-randomisation check (`sanity_label_*`).
+    """
+    from xmedjax.explain.cams import compute_methods
+
+    names = tuple(names)
+    images = jnp.asarray(images, jnp.float32)
+    targets = jnp.asarray(targets, jnp.int32)
+    original = compute_methods(graphdef, state, images, targets, names, method_opts)
+    maps = {name: np.asarray(result.maps) for name, result in original.items()}
+    out: dict[str, dict] = {name: {"n_images": int(len(images))} for name in names}
+    for name in names:
+        if masks is not None:
+            out[name].update(localisation_scores(maps[name], masks))
+        if faithfulness:
+            d_auc, i_auc, _, _ = deletion_insertion_fn(graphdef, state, images, original[name].maps, targets, steps=steps)
+            out[name]["deletion_auc"] = float(jnp.mean(d_auc))
+            out[name]["insertion_auc"] = float(jnp.mean(i_auc))
+    if sanity:
+        stages = randomization_stages(state)
+        cuts = range(1, len(stages) + 1) if cascade == "full" else sorted({1, len(stages)})
+        cascades: dict[str, list] = {name: [] for name in names}
+        for n in cuts:
+            randomized = randomize_stages(state, stages[:n], seed)
+            other = compute_methods(graphdef, randomized, images, targets, names, method_opts)
+            for name in names:
+                cascades[name].append({"stage": stages[n - 1], **compare_maps(maps[name], np.asarray(other[name].maps))})
+        for name in names:
+            out[name]["sanity_randomization_spearman"] = cascades[name][-1]["spearman"]
+            out[name]["sanity_randomization_ssim"] = cascades[name][-1]["ssim"]
+            out[name]["sanity_randomization_head_spearman"] = cascades[name][0]["spearman"]
+            out[name]["sanity_randomization_head_ssim"] = cascades[name][0]["ssim"]
+            out[name]["sanity_randomization_cascade"] = cascades[name]
+    if label_state is not None:
+        other = compute_methods(graphdef, label_state, images, targets, names, method_opts)
+        for name in names:
+            compared = compare_maps(maps[name], np.asarray(other[name].maps))
+            out[name]["sanity_label_spearman"] = compared["spearman"]
+            out[name]["sanity_label_ssim"] = compared["ssim"]
+            out[name]["sanity_label_model"] = label_model
+    return out
+
+
+__all__ = [
+    "binarize_masks",
+    "boxes_to_masks",
+    "cascading_randomization",
+    "compare_maps",
+    "deletion_insertion_fn",
+    "energy_in_mask",
+    "gaussian_blur",
+    "iou",
+    "localisation_scores",
+    "pointing_game",
+    "randomization_stages",
+    "randomize_stages",
+    "score_methods",
+    "shuffled_label_head",
+    "spearman",
+    "ssim",
+]
