@@ -57,7 +57,7 @@ def analyse_file(path: str) -> dict[str, Any]:
   rec.update(
       mode=img.mode, format=img.file_format, width=img.width, height=img.height,
       channels=img.channels, pixel_hash=hashing.pixel_hash(px),
-      dhash=hashing.dhash64(px), phash=hashing.phash64(px))
+      dhash=hashing.dhash64(px), phash=hashing.phash64(px), thumb=hashing.thumbnail(px))
   rec["stats"] = intensity_stats(px)
   return rec
 
@@ -111,7 +111,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----------------------------------------------------------------------------- the audit
 def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bool = True,
-              dhash_threshold: int = 6, phash_threshold: int = 6,
+              dhash_threshold: int = 8, phash_threshold: int = 8,
+              structure_threshold: float = hashing.STRUCTURE_THRESHOLD,
               shortcut: bool = False) -> dict[str, Any]:
   """Audits a raw folder; returns the audit.json dict plus a private ``_records`` list.
 
@@ -177,7 +178,8 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
   dh = np.array([recs[i]["dhash"] for i in ok], dtype=np.uint64)
   ph = np.array([recs[i]["phash"] for i in ok], dtype=np.uint64)
   pairs = [(ok[a], ok[b]) for a, b in hashing.near_duplicate_pairs(
-      dh, ph, dhash_threshold=dhash_threshold, phash_threshold=phash_threshold)]
+      dh, ph, dhash_threshold=dhash_threshold, phash_threshold=phash_threshold,
+      thumbs=[recs[i]["thumb"] for i in ok], structure_threshold=structure_threshold)]
   pairs = [(a, b) for a, b in pairs if recs[a]["pixel_hash"] != recs[b]["pixel_hash"]]
   local = {i: k for k, i in enumerate(ok)}
   for comp in hashing.groups_from_pairs(len(ok), [(local[a], local[b]) for a, b in pairs]):
@@ -186,8 +188,9 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
     classes = sorted({files[i].class_name for i in g})
     kind = "cross_split_near_duplicate" if len(splits) > 1 else "near_duplicate"
     extra = f"; classes {', '.join(classes)}" if len(classes) > 1 else ""
-    add(kind, g, f"{len(g)} near-identical images (dHash<={dhash_threshold} and "
-        f"pHash<={phash_threshold} bits) in split(s) {', '.join(splits)}{extra}")
+    add(kind, g, f"{len(g)} near-identical images (dHash<={dhash_threshold}, "
+        f"pHash<={phash_threshold} bits and high-pass thumbnail correlation >= "
+        f"{structure_threshold}) in split(s) {', '.join(splits)}{extra}")
   # Patient overlap across splits.
   by_patient: dict[str, list[int]] = collections.defaultdict(list)
   for i in ok:
