@@ -112,8 +112,8 @@ def _progress(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------- the audit
 def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bool = True,
               dhash_threshold: int = 8, phash_threshold: int = 8,
-              structure_threshold: float = hashing.STRUCTURE_THRESHOLD,
-              shortcut: bool = False) -> dict[str, Any]:
+              structure_threshold: float | None = None,
+              shortcut: bool = False, label_map: str = "binary") -> dict[str, Any]:
   """Audits a raw folder; returns the audit.json dict plus a private ``_records`` list.
 
   ``_records[i]`` holds the RawFile and analyse_file() result of every file, so the
@@ -175,11 +175,15 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
       add(kind, g, f"{len(g)} files with identical decoded pixels but {nbytes} different "
           f"byte contents (re-encoded copies) in split(s) {', '.join(splits)}")
   # Near duplicates (pairs that are not pixel-identical).
+  thumbs = [recs[i]["thumb"] for i in ok]
+  if structure_threshold is None:
+    structure_threshold = round(hashing.adaptive_structure_threshold(thumbs), 3)
+  summary["near_duplicate_structure_threshold"] = structure_threshold
   dh = np.array([recs[i]["dhash"] for i in ok], dtype=np.uint64)
   ph = np.array([recs[i]["phash"] for i in ok], dtype=np.uint64)
   pairs = [(ok[a], ok[b]) for a, b in hashing.near_duplicate_pairs(
       dh, ph, dhash_threshold=dhash_threshold, phash_threshold=phash_threshold,
-      thumbs=[recs[i]["thumb"] for i in ok], structure_threshold=structure_threshold)]
+      thumbs=thumbs, structure_threshold=structure_threshold)]
   pairs = [(a, b) for a, b in pairs if recs[a]["pixel_hash"] != recs[b]["pixel_hash"]]
   local = {i: k for k, i in enumerate(ok)}
   for comp in hashing.groups_from_pairs(len(ok), [(local[a], local[b]) for a, b in pairs]):
@@ -218,7 +222,8 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
   if shortcut:
     from data_prep import shortcut as shortcut_lib
     result["shortcut"] = shortcut_lib.audit_section(
-        [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset)
+        [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset,
+        label_map=label_map)
   result["_records"] = list(zip(files, recs))
   result["_near_pairs"] = pairs
   return result
@@ -393,7 +398,8 @@ def main(argv: list[str]) -> None:
   del argv
   from absl import flags
   f = flags.FLAGS
-  result = run_audit(f.src, dataset=f.dataset, workers=f.workers, shortcut=f.shortcut)
+  result = run_audit(f.src, dataset=f.dataset, workers=f.workers, shortcut=f.shortcut,
+                     label_map=f.label_map)
   jpath, mpath = write_report(result, f.out)
   s = result["summary"]
   print(f"wrote {jpath} and {mpath}")
@@ -401,6 +407,11 @@ def main(argv: list[str]) -> None:
   for k, v in s.items():
     if "_with_" in k:
       print(f"{k}: {v}")
+  if "shortcut" in result and "groups" in result["shortcut"]:
+    sc = result["shortcut"]
+    print(f"shortcut ({sc['protocol']}, majority {sc['majority_baseline']:.3f}): " +
+          ", ".join(f"{g} acc {v['accuracy']:.3f} auc {v['auc_roc']:.3f}"
+                    f"{' RISK' if v['risk'] else ''}" for g, v in sc["groups"].items()))
 
 
 def _define_flags() -> None:
@@ -411,6 +422,8 @@ def _define_flags() -> None:
   flags.DEFINE_enum("dataset", "auto", ("auto",) + layouts.DATASETS, "layout")
   flags.DEFINE_integer("workers", 0, "decode processes (0 = number of CPUs)")
   flags.DEFINE_bool("shortcut", False, "add the metadata shortcut audit")
+  flags.DEFINE_enum("label_map", "binary", ("binary", "multiclass"),
+                    "labels of the shortcut audit (brain: tumor vs notumor, or 4 classes)")
 
 
 if __name__ == "__main__":

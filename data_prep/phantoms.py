@@ -76,7 +76,8 @@ def _brain(rng, size, positive) -> tuple[np.ndarray, np.ndarray]:
   img = np.zeros((size, size), np.float32)
   skull = (r > 0.90) & (r < 1.0)
   brain = r <= 0.90
-  tissue = 0.38 + 0.07 * _smooth_noise(rng, size, 8) + 0.04 * _smooth_noise(rng, size, 16)
+  tissue = (0.38 + 0.07 * _smooth_noise(rng, size, 8) + 0.06 * _smooth_noise(rng, size, 16)
+            + 0.05 * _smooth_noise(rng, size, 28))  # gyri-like texture, unique per image
   img[brain] = tissue[brain]
   img[skull] = 0.8 + 0.05 * rng.standard_normal()
   # Grey/white matter contrast: a darker rim just inside the skull.
@@ -115,11 +116,13 @@ def _chest(rng, size, positive) -> tuple[np.ndarray, np.ndarray]:
   img[lungs] = 0.2
   # Ribs: bright arcs across the lungs.
   phase = rng.uniform(0, 2 * np.pi)
-  ribs = 0.5 + 0.5 * np.sin(9.0 * np.pi * (y + 0.18 * x * x) + phase)
+  freq, bend = rng.uniform(7.0, 11.0), rng.uniform(0.05, 0.35)
+  ribs = 0.5 + 0.5 * np.sin(freq * np.pi * (y + bend * x * x) + phase)
   img += 0.12 * (ribs > 0.75) * lungs
   # Mediastinum / spine.
   img[np.abs(x) < 0.12 + 0.05 * (y > 0.2)] = np.maximum(img[np.abs(x) < 0.12], 0.7)[0]
   img += 0.05 * _smooth_noise(rng, size, 8)
+  img += lungs * (0.06 * _smooth_noise(rng, size, 16) + 0.05 * _smooth_noise(rng, size, 28))
   mask = np.zeros((size, size), bool)
   if positive:
     lcx, lcy, lax, lay = lung_params[rng.integers(2)]
@@ -168,6 +171,7 @@ def generate(kind: str, n: int, size: int, seed: int, positive_fraction: float =
   for i in range(n):
     r = np.random.default_rng([seed, KINDS.index(kind), i])
     img, m = render(r, size, bool(labels[i]))
+    img = img * r.uniform(0.85, 1.15)  # scanners differ in global gain
     if nuisance[i]:
       img, orig[i] = _plant(img, shortcut, size)
     images[i] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
