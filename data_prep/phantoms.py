@@ -76,8 +76,8 @@ def _brain(rng, size, positive) -> tuple[np.ndarray, np.ndarray]:
   img = np.zeros((size, size), np.float32)
   skull = (r > 0.90) & (r < 1.0)
   brain = r <= 0.90
-  tissue = (0.38 + 0.07 * _smooth_noise(rng, size, 8) + 0.06 * _smooth_noise(rng, size, 16)
-            + 0.05 * _smooth_noise(rng, size, 28))  # gyri-like texture, unique per image
+  tissue = (0.38 + 0.07 * _smooth_noise(rng, size, 8) + 0.04 * _smooth_noise(rng, size, 16)
+            + 0.03 * _smooth_noise(rng, size, 28))  # gyri-like texture, unique per image
   img[brain] = tissue[brain]
   img[skull] = 0.8 + 0.05 * rng.standard_normal()
   # Grey/white matter contrast: a darker rim just inside the skull.
@@ -93,7 +93,7 @@ def _brain(rng, size, positive) -> tuple[np.ndarray, np.ndarray]:
     lx, ly = cx + dist * ax * np.cos(ang), cy + dist * ay * np.sin(ang)
     profile, mask = _lesion(rng, x, y, lx, ly, rad, size)
     mask &= brain
-    contrast = rng.uniform(0.35, 0.6)
+    contrast = rng.uniform(0.4, 0.65)
     img = img + contrast * profile * brain
   img = img + rng.uniform(0.015, 0.04) * rng.standard_normal((size, size)).astype(np.float32)
   img = np.where(r <= 1.0, img, np.abs(0.02 * rng.standard_normal((size, size))))
