@@ -1,0 +1,24 @@
+"""Brain tumour MRI, 4 classes (glioma, meningioma, pituitary, no tumour), DenseNet121, the paper's settings.
+
+  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri --out=data/brain_4class --label_map=multiclass
+  python -m xmedjax.main --config=configs/brain4_densenet.py --workdir=runs/brain4_densenet
+
+Optional ImageNet initialisation (converted once with python -m xmedjax.convert):
+  --config.init.checkpoint=weights/densenet121_imagenet
+"""
+
+import importlib.util
+import pathlib
+
+# default.py sits beside this file; load it by path so any working directory works.
+_spec = importlib.util.spec_from_file_location("xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py"))
+default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(default)
+
+
+def get_config():
+  c = default.get_config()
+  c.model.arch = "densenet121"
+  c.data.dataset = "prepared"
+  c.data.data_dir = "data/brain_4class"
+  return c

@@ -1,0 +1,24 @@
+"""Brain tumour MRI, binary (tumour vs no tumour), ResNet50, the paper's settings.
+
+  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri --out=data/brain_binary --label_map=binary
+  python -m xmedjax.main --config=configs/brain_resnet.py --workdir=runs/brain_resnet
+
+Optional ImageNet initialisation (converted once with python -m xmedjax.convert):
+  --config.init.checkpoint=weights/resnet50_imagenet
+"""
+
+import importlib.util
+import pathlib
+
+# default.py sits beside this file; load it by path so any working directory works.
+_spec = importlib.util.spec_from_file_location("xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py"))
+default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(default)
+
+
+def get_config():
+  c = default.get_config()
+  c.model.arch = "resnet50"
+  c.data.dataset = "prepared"
+  c.data.data_dir = "data/brain_binary"
+  return c

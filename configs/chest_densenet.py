@@ -1,0 +1,24 @@
+"""Chest X-ray pneumonia, binary (NORMAL vs PNEUMONIA), DenseNet121, the paper's settings.
+
+  python -m data_prep.build --dataset=chest_xray --src=RAW/chest_xray --out=data/chest_xray
+  python -m xmedjax.main --config=configs/chest_densenet.py --workdir=runs/chest_densenet
+
+Optional ImageNet initialisation (converted once with python -m xmedjax.convert):
+  --config.init.checkpoint=weights/densenet121_imagenet
+"""
+
+import importlib.util
+import pathlib
+
+# default.py sits beside this file; load it by path so any working directory works.
+_spec = importlib.util.spec_from_file_location("xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py"))
+default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(default)
+
+
+def get_config():
+  c = default.get_config()
+  c.model.arch = "densenet121"
+  c.data.dataset = "prepared"
+  c.data.data_dir = "data/chest_xray"
+  return c

@@ -1,0 +1,107 @@
+"""Orbax checkpoints of a run: `latest` (resume) and `best` (by a val metric).
+
+    WORKDIR/checkpoints/latest/<step>/{state, data_iter, loop}
+    WORKDIR/checkpoints/best/<step>/{state, loop}
+
+`state` is the TrainState (params, BatchNorm statistics, optimiser state with its learning
+rate, step); `data_iter` the Grain iterator state (one JSON per process, Grain's own Orbax
+handler); `loop` the host-side loop state (epoch, early-stopping and plateau counters,
+history) as JSON. Orbax writes each step into a temporary folder and renames it when
+complete, so a run killed mid-save resumes from the previous complete step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+LATEST = "latest"
+BEST = "best"
+
+
+def checkpoint_dir(workdir: str, which: str = LATEST) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints", which)
+
+
+def abstract_like(state: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) to restore into `state`'s structure and placement."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+class RunCheckpoints:
+    """The latest and best checkpoint managers of one work directory."""
+
+    def __init__(self, workdir: str, *, keep_latest: int = 2):
+        self.workdir = workdir
+        self.latest = _manager(checkpoint_dir(workdir, LATEST), keep_latest)
+        self.best = _manager(checkpoint_dir(workdir, BEST), 1)
+
+    # ------------------------------------------------------------------ save
+    def save_latest(self, step: int, state: Any, iterator: Any, loop: dict) -> None:
+        """Saves state, iterator position and loop state at `step` (no-op if already saved)."""
+        if step in self.latest.all_steps():
+            return
+        args = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop)}
+        if iterator is not None:
+            args["data_iter"] = grain.checkpoint.CheckpointSave(iterator)
+        self.latest.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def save_best(self, step: int, state: Any, loop: dict) -> None:
+        """Keeps `state` as the best so far (replaces the previous best)."""
+        if step in self.best.all_steps():
+            return
+        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     loop=ocp.args.JsonSave(loop)), force=True)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+    # ------------------------------------------------------------------ restore
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.best.latest_step()
+
+    def restore_latest(self, state_like: Any, iterator: Any) -> tuple[Any, dict]:
+        """(state, loop) of the latest step; `iterator` is moved to the saved position."""
+        step = self.latest.latest_step()
+        args = {"state": ocp.args.StandardRestore(abstract_like(state_like)), "loop": ocp.args.JsonRestore()}
+        if iterator is not None:
+            args["data_iter"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.latest.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"], restored["loop"]
+
+    def restore_state(self, state_like: Any, which: str = BEST) -> tuple[Any, dict, int]:
+        """(state, loop, step) of the best (or latest) checkpoint, without the iterator."""
+        manager = self.best if which == BEST else self.latest
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no {which} checkpoint under {checkpoint_dir(self.workdir, which)}; "
+                                    "train first (config.mode=train) with this --workdir")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(state_like)), loop=ocp.args.JsonRestore()))
+        return restored["state"], restored["loop"], step
+
+
+def read_params(workdir: str, which: str = LATEST, step: int | None = None) -> dict:
+    """The raw saved state tree (numpy, no target structure): for tests and inspection."""
+    manager = _manager(checkpoint_dir(workdir, which), 2)
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return restored["state"]

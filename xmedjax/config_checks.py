@@ -1,0 +1,226 @@
+"""Config validation: one-line errors naming the key, before anything compiles.
+
+`validate(config)` compares a config with the schema of `configs/default.py` (no unknown
+key, no missing key, the schema's types) and checks each value's range. It raises
+`ConfigError`, whose message starts with the key: "config.optimizer.learning_rate must be
+> 0, got -1".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+MODES = ("train", "evaluate", "explain", "predict")
+ARCHS = ("densenet121", "resnet50")
+DTYPES = ("float32", "bfloat16")
+DATASETS = ("prepared", "phantoms")
+PHANTOM_KINDS = ("brain", "chest")
+NORMALIZATIONS = ("imagenet", "unit")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+CLASS_WEIGHTINGS = ("none", "balanced")
+BEST_METRICS = ("val_loss", "val_accuracy", "val_auc_roc")
+THRESHOLDS = ("youden", "0.5")
+HEADS = ("reinit", "strict")
+DISTRIBUTED = ("auto", "on", "off")
+
+
+def explain_methods() -> tuple[str, ...]:
+    """Saliency methods the explain package offers (its registry when importable)."""
+    try:
+        from xmedjax.explain.cams import METHODS  # noqa: PLC0415
+
+        return tuple(METHODS)
+    except ImportError:
+        return ("gradcam",)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line and names the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The schema: `configs/default.py`'s get_config()."""
+    spec = importlib.util.spec_from_file_location("xmedjax_configs_default", DEFAULT_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _flatten(d: Any, prefix: str = "config") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out[name] = value
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+# Keys whose value is a mapping of free keys (split name -> count).
+_FREE_MAPPINGS = ("config.data.phantom_counts",)
+
+
+def check_schema(config, schema=None) -> None:
+    """Unknown or missing keys and type mismatches against the default schema."""
+    schema = default_config() if schema is None else schema
+    got, want = _flatten(config), _flatten(schema)
+
+    def free(name):
+        return any(name.startswith(m + ".") for m in _FREE_MAPPINGS)
+
+    for name in got:
+        if name not in want and not free(name):
+            parent = name.rsplit(".", 1)[0]
+            known = sorted(k.rsplit(".", 1)[1] for k in want if k.rsplit(".", 1)[0] == parent)
+            raise ConfigError(f"{name} is not a known key (known under {parent}: {', '.join(known)})")
+    for name in want:
+        if name not in got and not free(name):
+            raise ConfigError(f"{name} is missing (start the config from configs/default.py)")
+    for name, default in want.items():
+        value = got[name]
+        if free(name):
+            continue
+        if isinstance(default, (ml_collections.ConfigDict, dict)):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+        elif isinstance(default, (tuple, list)):
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise ConfigError(f"{name} must be a list, got {value!r}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(c, key: str, choices: tuple) -> None:
+    value = _get(c, key)
+    _require(value in choices, f"config.{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _get(c, key: str):
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _cmp(c, key: str, test: Callable[[Any], bool], what: str) -> None:
+    value = _get(c, key)
+    _require(test(value), f"config.{key} must be {what}, got {value!r}")
+
+
+def check_values(c) -> None:
+    """Ranges and choices of every value; cross-key rules."""
+    _choice(c, "mode", MODES)
+    _choice(c, "model.arch", ARCHS)
+    _cmp(c, "model.width", lambda v: 0 < v <= 4, "in (0, 4]")
+    _choice(c, "model.dtype", DTYPES)
+
+    _choice(c, "data.dataset", DATASETS)
+    _choice(c, "data.phantom_kind", PHANTOM_KINDS)
+    _choice(c, "data.normalization", NORMALIZATIONS)
+    _cmp(c, "data.image_size", lambda v: v >= 32, ">= 32 (ResNet/DenseNet downsample 32x)")
+    _cmp(c, "data.channels", lambda v: v in (1, 3), "1 or 3")
+    _cmp(c, "data.worker_count", lambda v: v >= 0, ">= 0")
+    _cmp(c, "data.phantom_seed", lambda v: v >= 0, ">= 0")
+    if c.data.dataset == "prepared":
+        _require(bool(c.data.data_dir), "config.data.data_dir must name a prepared dataset when "
+                 "config.data.dataset is 'prepared' (make one with python -m data_prep.build "
+                 "--dataset=... --src=RAW --out=DIR), or set config.data.dataset=phantoms")
+    else:
+        counts = dict(c.data.phantom_counts)
+        for split in (c.data.train_split, c.data.val_split, c.data.test_split):
+            _require(split in counts, f"config.data.phantom_counts must give a count for split "
+                     f"{split!r}, got {counts}")
+        for split, n in counts.items():
+            _require(isinstance(n, int) and not isinstance(n, bool) and n > 0,
+                     f"config.data.phantom_counts.{split} must be a positive integer, got {n!r}")
+        _require(counts[c.data.train_split] >= c.training.batch_size,
+                 f"config.data.phantom_counts.{c.data.train_split} must be >= "
+                 f"config.training.batch_size ({c.training.batch_size}), got {counts[c.data.train_split]}")
+    for key in ("train_split", "val_split", "test_split"):
+        _cmp(c, f"data.{key}", lambda v: bool(v), "a split name")
+
+    for key in ("rotation_range", "zoom_range"):
+        _cmp(c, f"augment.{key}", lambda v: v >= 0, ">= 0")
+    for key in ("width_shift_range", "height_shift_range"):
+        _cmp(c, f"augment.{key}", lambda v: 0 <= v < 1, "in [0, 1)")
+    _cmp(c, "augment.zoom_range", lambda v: v < 1, "< 1")
+
+    _choice(c, "optimizer.name", OPTIMIZERS)
+    _cmp(c, "optimizer.learning_rate", lambda v: v > 0, "> 0")
+    _cmp(c, "optimizer.weight_decay", lambda v: v >= 0, ">= 0")
+    _cmp(c, "optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+
+    t = "training"
+    _cmp(c, f"{t}.batch_size", lambda v: v > 0, "> 0")
+    _cmp(c, f"{t}.eval_batch_size", lambda v: v > 0, "> 0")
+    _cmp(c, f"{t}.max_epochs", lambda v: v > 0, "> 0")
+    _cmp(c, f"{t}.max_steps", lambda v: v >= 0, ">= 0 (0 = no cap)")
+    _cmp(c, f"{t}.early_stopping_patience", lambda v: v >= 0, ">= 0 (0 = off)")
+    _cmp(c, f"{t}.early_stopping_min_delta", lambda v: v >= 0, ">= 0")
+    _cmp(c, f"{t}.reduce_on_plateau_patience", lambda v: v >= 0, ">= 0 (0 = off)")
+    _cmp(c, f"{t}.reduce_on_plateau_factor", lambda v: 0 < v < 1, "in (0, 1)")
+    _cmp(c, f"{t}.min_learning_rate", lambda v: v >= 0, ">= 0")
+    _choice(c, f"{t}.class_weighting", CLASS_WEIGHTINGS)
+    _cmp(c, f"{t}.checkpoint_every_steps", lambda v: v > 0, "> 0")
+    _choice(c, f"{t}.best_metric", BEST_METRICS)
+    _cmp(c, f"{t}.log_every_steps", lambda v: v > 0, "> 0")
+    _cmp(c, f"{t}.seed", lambda v: v >= 0, ">= 0")
+
+    _choice(c, "init.head", HEADS)
+    if c.init.checkpoint and "://" not in c.init.checkpoint:
+        _require(os.path.isdir(os.path.expanduser(c.init.checkpoint)),
+                 f"config.init.checkpoint must be a folder written by python -m xmedjax.convert, "
+                 f"got {c.init.checkpoint!r} (not found)")
+        if c.init.checkpoint and c.model.width != 1.0:
+            raise ConfigError(f"config.model.width must be 1.0 to load config.init.checkpoint, got {c.model.width}")
+
+    _cmp(c, "evaluate.bootstrap_samples", lambda v: v >= 0, ">= 0 (0 = no intervals)")
+    _choice(c, "evaluate.threshold", THRESHOLDS)
+
+    _cmp(c, "explain.methods", lambda v: len(v) > 0, "a non-empty list")
+    known = explain_methods()
+    for method in c.explain.methods:
+        _require(method in known, f"config.explain.methods: unknown method {method!r}; "
+                 f"choose from {', '.join(known)}")
+    _cmp(c, "explain.batch_size", lambda v: v > 0, "> 0")
+    _cmp(c, "explain.split", lambda v: bool(v), "a split name")
+    if c.mode == "predict":
+        _require(bool(c.predict.folder), "config.predict.folder must name a folder of images in predict mode")
+        _require(os.path.isdir(os.path.expanduser(c.predict.folder)),
+                 f"config.predict.folder must be an existing folder, got {c.predict.folder!r}")
+
+    _choice(c, "runtime.distributed", DISTRIBUTED)
+    _cmp(c, "runtime.num_processes", lambda v: v >= 0, ">= 0")
+    _cmp(c, "runtime.process_id", lambda v: v >= -1, ">= -1")
+
+
+def validate(config) -> ml_collections.ConfigDict:
+    """Schema and value checks; returns the config unchanged, or raises ConfigError."""
+    if config is None:
+        raise ConfigError("config is missing: pass --config=configs/NAME.py")
+    check_schema(config)
+    check_values(config)
+    return config

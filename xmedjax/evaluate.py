@@ -1,0 +1,245 @@
+"""Evaluation of a trained model: predictions over a split, metrics.json, ROC/PR/confusion PNGs.
+
+The binary decision threshold is chosen on val and applied, unchanged, to test.
+
+    WORKDIR/metrics.json            {"val": {...}, "test": {...}, "shortcut_baseline": {...}|null}
+    WORKDIR/predictions/<split>.npz  ids, index, labels, probabilities, predictions
+    WORKDIR/figures/{roc,pr,confusion}_<split>.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from xmedjax import input_pipeline, metrics
+
+SHORTCUT_NOTE = ("A classifier that sees only acquisition metadata (image size, aspect, intensity and "
+                 "border statistics), never the anatomy; if it scores close to the model, the model may "
+                 "be reading a shortcut rather than the lesion.")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def predict_split(eval_fn: Callable, state: Any, mesh, *, data_dir: str, split: str, batch_size: int,
+                  image_size: int, channels: int, normalization: str) -> dict[str, np.ndarray]:
+    """Runs `eval_fn(state, batch)` over every example of a split once.
+
+    Returns numpy arrays in split order: index, labels, logits, probabilities, ids.
+    Every process gets all rows (the eval step's outputs are replicated).
+    """
+    batch_size = _round_up(batch_size, max(mesh.devices.size, jax.process_count()))
+    batches = input_pipeline.make_eval_iterator(
+        data_dir, split, global_batch_size=batch_size, image_size=image_size, channels=channels,
+        normalization=normalization)
+    logits, labels, index, valid, local_ids = [], [], [], [], {}
+    for batch in batches:
+        for i, name in zip(batch["index"], batch["id"]):
+            if i >= 0:
+                local_ids[int(i)] = str(name)
+        host = {"image": batch["image"], "label": batch["label"], "valid": batch["valid"],
+                "index": batch["index"].astype(np.int32)}
+        out = jax.device_get(eval_fn(state, input_pipeline.to_global_array(host, mesh)))
+        logits.append(out["logits"])
+        labels.append(out["label"])
+        index.append(out["index"])
+        valid.append(out["valid"])
+    valid = np.concatenate(valid).astype(bool)
+    index = np.concatenate(index)[valid]
+    order = np.argsort(index, kind="stable")
+    index = index[order]
+    logits = np.concatenate(logits)[valid][order]
+    labels = np.concatenate(labels)[valid][order]
+    if len(index) != batches.num_examples or np.any(index != np.arange(batches.num_examples)):
+        raise RuntimeError(f"eval of {split} saw {len(index)} examples, expected {batches.num_examples}")
+    missing = [int(i) for i in index if int(i) not in local_ids]
+    if missing:  # other processes' rows: read their ids from the records
+        source = input_pipeline.PreparedSource(data_dir, split)
+        for i in missing:
+            rid = source[i]["id"]
+            local_ids[i] = rid.decode() if isinstance(rid, bytes) else str(rid)
+    ids = np.array([local_ids[int(i)] for i in index])
+    return {"index": index, "labels": labels.astype(np.int64), "logits": logits,
+            "probabilities": metrics.softmax(logits), "ids": ids}
+
+
+def loss_and_accuracy(pred: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean (unweighted) cross-entropy and accuracy of predictions."""
+    p = np.clip(pred["probabilities"][np.arange(len(pred["labels"])), pred["labels"]], 1e-12, 1.0)
+    return {"loss": float(-np.mean(np.log(p))),
+            "accuracy": float(np.mean(np.argmax(pred["probabilities"], 1) == pred["labels"]))}
+
+
+def quick_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
+    """loss, accuracy and AUC-ROC, for per-epoch validation."""
+    out = loss_and_accuracy(pred)
+    probs = pred["probabilities"]
+    out["auc_roc"] = metrics.point_metrics(pred["labels"], probs, metrics.predict(probs))["auc_roc"]
+    return out
+
+
+def shortcut_baseline(data_dir: str) -> dict | None:
+    """`data_prep.shortcut.prepared_baseline(data_dir)` when the data package offers it."""
+    try:
+        from data_prep import shortcut  # noqa: PLC0415
+    except ImportError:
+        return None
+    fn = getattr(shortcut, "prepared_baseline", None)
+    if fn is None:
+        return None
+    try:
+        result = dict(fn(data_dir))
+    except Exception as exc:  # noqa: BLE001 - a baseline failure must not lose the run's metrics
+        return {"error": f"{type(exc).__name__}: {exc}", "note": SHORTCUT_NOTE}
+    result.setdefault("note", SHORTCUT_NOTE)
+    return json.loads(json.dumps(result, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return str(value)
+
+
+def _clean(value):
+    """NaN/inf -> None so metrics.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def save_predictions(path: str, pred: dict[str, np.ndarray], threshold: float) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, ids=pred["ids"], index=pred["index"], labels=pred["labels"],
+             probabilities=pred["probabilities"].astype(np.float32),
+             predictions=metrics.predict(pred["probabilities"], threshold), threshold=np.float32(threshold))
+
+
+def plot_split(figdir: str, split: str, pred: dict[str, np.ndarray], result: dict) -> dict[str, str]:
+    """roc_<split>.png, pr_<split>.png, confusion_<split>.png; returns their paths."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    os.makedirs(figdir, exist_ok=True)
+    names = result["label_names"]
+    curves = metrics.curves(pred["labels"], pred["probabilities"])
+    paths = {}
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for c, cur in curves.items():
+        ax.plot(cur["fpr"], cur["tpr"], label=f"{names[c]} (AUC {cur['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=f"ROC, {split}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    paths["roc"] = os.path.join(figdir, f"roc_{split}.png")
+    fig.savefig(paths["roc"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for c, cur in curves.items():
+        ax.plot(cur["recall"], cur["precision"], label=f"{names[c]} (AP {cur['ap']:.3f})")
+    ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall, {split}", ylim=(0, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    paths["pr"] = os.path.join(figdir, f"pr_{split}.png")
+    fig.savefig(paths["pr"], dpi=110)
+    plt.close(fig)
+
+    cm = np.asarray(result["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 1.4 + 0.9 * len(names)))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion, {split}")
+    fig.tight_layout()
+    paths["confusion"] = os.path.join(figdir, f"confusion_{split}.png")
+    fig.savefig(paths["confusion"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def evaluate_splits(preds: dict[str, dict[str, np.ndarray]], *, workdir: str, label_names, val_split: str = "val",
+                    threshold_method: str = "youden", bootstrap_samples: int = 1000, seed: int = 0,
+                    data_dir: str | None = None, extra: dict | None = None) -> dict:
+    """Metrics of each split with the threshold chosen on `val_split`; writes metrics.json,
+    predictions and figures (call on process 0 only). Returns the metrics dict."""
+    val = preds.get(val_split)
+    threshold = (metrics.choose_threshold(val["labels"], val["probabilities"], threshold_method)
+                 if val is not None else 0.5)
+    out: dict[str, Any] = {}
+    figures = {}
+    for split, pred in preds.items():
+        result = metrics.classification_metrics(pred["labels"], pred["probabilities"], threshold=threshold,
+                                                label_names=label_names, bootstrap_samples=bootstrap_samples,
+                                                seed=seed)
+        result.update(loss_and_accuracy(pred) | {"accuracy": result["accuracy"]})
+        result["threshold_source"] = val_split if val is not None else "default 0.5"
+        out[split] = result
+        figures[split] = plot_split(os.path.join(workdir, "figures"), split, pred, result)
+        save_predictions(os.path.join(workdir, "predictions", f"{split}.npz"), pred, threshold)
+    out["shortcut_baseline"] = shortcut_baseline(data_dir) if data_dir else None
+    if extra:
+        out.update(extra)
+    out = _clean(out)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
+def predict_folder_basic(eval_graphdef, model_state, *, folder: str, workdir: str, image_size: int, channels: int,
+                         normalization: str, threshold: float = 0.5, label_names=None, batch_size: int = 32) -> dict:
+    """Classifies every image/DICOM under `folder` -> WORKDIR/predictions/folder.csv (+ .npz).
+
+    The fallback when the explain package offers no `predict_folder`.
+    """
+    import csv  # noqa: PLC0415
+
+    from flax import nnx  # noqa: PLC0415
+
+    files = input_pipeline.list_image_files(folder)
+    if not files:
+        raise FileNotFoundError(f"config.predict.folder={folder!r} holds no images")
+
+    @jax.jit
+    def forward(state, images):
+        return nnx.merge(eval_graphdef, state)(images)
+
+    probs = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = np.stack([input_pipeline.load_image_file(p, image_size=image_size, channels=channels,
+                                                          normalization=normalization) for p in chunk])
+        pad = batch_size - len(chunk)
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        probs.append(metrics.softmax(np.asarray(forward(model_state, images)))[:len(chunk)])
+    probs = np.concatenate(probs)
+    preds = metrics.predict(probs, threshold)
+    names = list(label_names) if label_names is not None else [str(i) for i in range(probs.shape[1])]
+    out_dir = os.path.join(workdir, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "folder.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "prediction"] + [f"p_{n}" for n in names])
+        for path, pred, p in zip(files, preds, probs):
+            w.writerow([os.path.relpath(path, folder), names[int(pred)]] + [f"{v:.6f}" for v in p])
+    np.savez(os.path.join(out_dir, "folder.npz"), files=np.array(files), probabilities=probs.astype(np.float32),
+             predictions=preds, threshold=np.float32(threshold))
+    print(f"predictions: {csv_path}", flush=True)
+    return {"files": files, "predictions": preds, "probabilities": probs, "csv": csv_path}
