@@ -1,0 +1,14 @@
+"""Raw data -> prepared datasets (TFDS array_record, no TensorFlow needed).
+
+Modules:
+  layouts    raw folder layouts (brain_tumor_mri, chest_xray, split/class folders),
+             label maps, patient ids from file names
+  image_io   robust decoding (16-bit, RGBA, CMYK, palette, DICOM), resizing, PNG encoding
+  hashing    byte/pixel hashes, perceptual hashes, near-duplicate search
+  audit      ``python -m data_prep.audit --src=DIR --out=OUTDIR [--shortcut]``
+  shortcut   metadata-only classifiers: can the label be guessed without the lesion?
+  builder    the prepared-dataset format (TFDS GeneratorBasedBuilder + xmedjax_dataset.json)
+  build      ``python -m data_prep.build --dataset=... --src=DIR --out=DIR``
+  phantoms   synthetic brain-MRI / chest-X-ray phantoms with lesion masks
+Readers live in ``xmedjax.input_pipeline``.
+"""

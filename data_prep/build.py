@@ -10,7 +10,7 @@ train (seeded, stratified by label, grouped so that one patient, one set of iden
 pixels or one near-duplicate cluster never spans train and val). The official val split
 (16 images in chest_xray) is merged into train first unless ``--keep_val``.
 ``--dedup_test`` adds a ``test_dedup`` split without the test images that duplicate (exactly
-or nearly) a train or val image.
+or nearly) a train or val image or belong to a patient seen in train or val.
 """
 
 from __future__ import annotations
@@ -146,9 +146,9 @@ def prepare(dataset: str, src: str, out: str, *, size: int = 256,
     tr, va = carve_val(pool, [labels[i] for i in pool], gids, val_fraction, seed)
     splits = {"train": tr, "val": va}
   splits["test"] = by_split.get("test", [])
-  dropped = 0
+  dropped, reasons = 0, {}
   if dedup_test:
-    splits["test_dedup"] = _dedup(files, recs, splits, _near_pairs(res))
+    splits["test_dedup"], reasons = _dedup(files, recs, splits, _near_pairs(res))
     dropped = len(splits["test"]) - len(splits["test_dedup"])
   n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
   if channels == "auto":
@@ -165,7 +165,7 @@ def prepare(dataset: str, src: str, out: str, *, size: int = 256,
                 "val_fraction": val_fraction, "seed": seed,
                 "official_val_merged_into_train": bool(official_val) and not keep_val,
                 "skipped_bad_files": skipped, "colour_images": n_colour,
-                "test_dedup_dropped": dropped,
+                "test_dedup_dropped": dropped, "test_dedup_dropped_by_reason": reasons,
                 "audit_summary": res["summary"]})
   builder.write_prepared(spec, out, progress=progress)
   return _info(out)
@@ -175,17 +175,32 @@ def _near_pairs(res) -> list[tuple[int, int]]:
   return res.get("_near_pairs", [])
 
 
-def _dedup(files, recs, splits, near_pairs) -> list[int]:
+def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
+  """Test indices without leaks into train/val, and how many were dropped per reason.
+
+  Dropped: exact (same pixels) or near duplicates of a train/val image, and images of a
+  patient who also appears in train/val.
+  """
   ref = set(splits["train"]) | set(splits.get("val", []))
   ref_pixels = {recs[i]["pixel_hash"] for i in ref}
+  ref_patients = {layouts.patient_id(files[i].relpath) for i in ref} - {""}
   near_ref: set[int] = set()
   for a, b in near_pairs:
     if a in ref:
       near_ref.add(b)
     if b in ref:
       near_ref.add(a)
-  return [i for i in splits["test"]
-          if recs[i]["pixel_hash"] not in ref_pixels and i not in near_ref]
+  keep, why = [], {"exact_duplicate": 0, "near_duplicate": 0, "patient_overlap": 0}
+  for i in splits["test"]:
+    if recs[i]["pixel_hash"] in ref_pixels:
+      why["exact_duplicate"] += 1
+    elif i in near_ref:
+      why["near_duplicate"] += 1
+    elif layouts.patient_id(files[i].relpath) in ref_patients:
+      why["patient_overlap"] += 1
+    else:
+      keep.append(i)
+  return keep, why
 
 
 def _info(out: str) -> dict:

@@ -178,11 +178,16 @@ def test_dedup_test_drops_leaked_copies(tmp_path):
   _folder(raw, n=4)
   shutil.copy(os.path.join(raw, "train", "cat", "000.png"),
               os.path.join(raw, "test", "cat", "leak.png"))
+  PIL.Image.fromarray(_img(9001)).save(os.path.join(raw, "train", "dog", "person5_a.png"))
+  PIL.Image.fromarray(_img(9002)).save(os.path.join(raw, "test", "dog", "person5_b.png"))
   out = str(tmp_path / "prep")
   info = build.prepare("folder", raw, out, dedup_test=True, val_fraction=0.0,
                        progress=False, workers=1)
-  assert info["splits"]["test"] == 9 and info["splits"]["test_dedup"] == 8
+  assert info["splits"]["test"] == 10 and info["splits"]["test_dedup"] == 8
   ids = set(_raw(None, out, "test_dedup"))
-  assert "test/cat/leak.png" not in ids
+  assert "test/cat/leak.png" not in ids and "test/dog/person5_b.png" not in ids
   with open(os.path.join(out, "xmedjax_dataset.json")) as f:
-    assert json.load(f)["test_dedup_dropped"] == 1
+    meta = json.load(f)
+  assert meta["test_dedup_dropped"] == 2
+  assert meta["test_dedup_dropped_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 0,
+                                                  "patient_overlap": 1}
