@@ -69,9 +69,11 @@ def xgradcam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
 def _gradient_cam(raw_fn):
     """Wraps a (activation, gradient) -> raw map rule as a jitted registry method."""
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def cam_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None) -> CamResult:
-        capture, chosen = capture_target_gradients(graphdef, state, images, targets)
+    @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
+    def cam_fn(
+        graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, layer: str | None = None
+    ) -> CamResult:
+        capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
         raw = raw_fn(capture.activation, capture.gradient)
         return CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
 
@@ -107,12 +109,18 @@ def scorecam_masks(activation: jax.Array, size: tuple[int, int]) -> jax.Array:
     return (up - lo) / (hi - lo + SCORECAM_EPS)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk", "layer"))
 def scorecam_fn(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, chunk: int = 16
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array | None,
+    *,
+    chunk: int = 16,
+    layer: str | None = None,
 ) -> CamResult:
     """Score-CAM (Wang et al. 2020), masked forward passes chunked over channels on device."""
-    logits, activation = forward_with_activation(graphdef, state, images)
+    logits, activation = forward_with_activation(graphdef, state, images, layer)
     chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets.astype(jnp.int32)
     batch, h, w, channels = activation.shape
     chunk = max(1, min(int(chunk), channels))
@@ -163,12 +171,18 @@ def _gradient_rules() -> dict:
 GRADIENT_RULES: dict = _gradient_rules()
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("names",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("names", "layer"))
 def gradient_cams_fn(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, names: tuple[str, ...]
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array | None,
+    *,
+    names: tuple[str, ...],
+    layer: str | None = None,
 ) -> dict[str, CamResult]:
     """Several gradient CAMs (names from GRADIENT_RULES) from ONE forward/backward pass."""
-    capture, chosen = capture_target_gradients(graphdef, state, images, targets)
+    capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
     out = {}
     for name in names:
         raw = GRADIENT_RULES[name](capture.activation, capture.gradient)
@@ -183,18 +197,23 @@ def compute_methods(
     targets: jax.Array | None,
     names: tuple[str, ...],
     method_opts: dict[str, dict] | None = None,
+    layer: str | None = None,
 ) -> dict[str, CamResult]:
     """Runs the named registry methods on one batch, sharing the backward pass of the gradient CAMs.
 
     Same results as calling each `METHODS[name]`; the gradient CAMs (GRADIENT_RULES) run as
-    one jitted function so they cost one compile and one backward pass together.
+    one jitted function so they cost one compile and one backward pass together. `layer`
+    (a CAM target layer, see `xmedjax.explain.capture`) applies to the CAM_METHODS only.
     """
-    method_opts = method_opts or {}
+    method_opts = {k: dict(v) for k, v in (method_opts or {}).items()}
+    if layer is not None:
+        for name in CAM_METHODS:
+            method_opts.setdefault(name, {})["layer"] = layer
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown saliency methods {unknown}; choose from {sorted(METHODS)}")
     grouped = tuple(n for n in names if n in GRADIENT_RULES)
-    out = dict(gradient_cams_fn(graphdef, state, images, targets, names=grouped)) if grouped else {}
+    out = dict(gradient_cams_fn(graphdef, state, images, targets, names=grouped, layer=layer)) if grouped else {}
     for name in names:
         if name not in out:
             out[name] = METHODS[name](graphdef, state, images, targets, **method_opts.get(name, {}))

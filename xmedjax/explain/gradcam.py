@@ -28,10 +28,15 @@ def gradcam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
     return jax.nn.relu(jnp.sum(weights * activation, axis=-1))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def grad_cam_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None) -> CamResult:
-    """Pure Grad-CAM of (graphdef, state): compiled once per graphdef and input shape."""
-    capture, chosen = capture_target_gradients(graphdef, state, images, targets)
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
+def grad_cam_fn(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, layer: str | None = None
+) -> CamResult:
+    """Pure Grad-CAM of (graphdef, state): compiled once per graphdef and input shape.
+
+    `layer` optionally targets an earlier feature map (see `xmedjax.explain.capture`).
+    """
+    capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
     raw = gradcam_raw(capture.activation, capture.gradient)
     return CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
 

@@ -348,6 +348,7 @@ def score_methods(
     cascade: str = "full",
     label_state: nnx.State | None = None,
     label_model: str = "caller",
+    layer: str | None = None,
     seed: int = 0,
 ) -> dict[str, dict]:
     """Every quality score of every named registry method on one batch of images.
@@ -359,14 +360,15 @@ def score_methods(
     stage in between (under `sanity_randomization_cascade`), `"ends"` only those two
     (cheaper). `label_state`, when given, is the state of a model with the same graphdef
     trained on shuffled labels (`label_model` says how it was made) for the
-    label-randomisation check (`sanity_label_*`).
+    label-randomisation check (`sanity_label_*`). `layer` is the CAM target layer
+    (None: the model's own; see `xmedjax.explain.capture`).
     """
     from xmedjax.explain.cams import compute_methods
 
     names = tuple(names)
     images = jnp.asarray(images, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
-    original = compute_methods(graphdef, state, images, targets, names, method_opts)
+    original = compute_methods(graphdef, state, images, targets, names, method_opts, layer)
     maps = {name: np.asarray(result.maps) for name, result in original.items()}
     out: dict[str, dict] = {name: {"n_images": int(len(images))} for name in names}
     for name in names:
@@ -382,7 +384,7 @@ def score_methods(
         cascades: dict[str, list] = {name: [] for name in names}
         for n in cuts:
             randomized = randomize_stages(state, stages[:n], seed)
-            other = compute_methods(graphdef, randomized, images, targets, names, method_opts)
+            other = compute_methods(graphdef, randomized, images, targets, names, method_opts, layer)
             for name in names:
                 cascades[name].append({"stage": stages[n - 1], **compare_maps(maps[name], np.asarray(other[name].maps))})
         for name in names:
@@ -392,7 +394,7 @@ def score_methods(
             out[name]["sanity_randomization_head_ssim"] = cascades[name][0]["ssim"]
             out[name]["sanity_randomization_cascade"] = cascades[name]
     if label_state is not None:
-        other = compute_methods(graphdef, label_state, images, targets, names, method_opts)
+        other = compute_methods(graphdef, label_state, images, targets, names, method_opts, layer)
         for name in names:
             compared = compare_maps(maps[name], np.asarray(other[name].maps))
             out[name]["sanity_label_spearman"] = compared["spearman"]

@@ -249,6 +249,14 @@ def _folder_batches(files: list[str], *, batch_size: int, image_size: int, chann
         yield paths, images, len(paths)
 
 
+def _decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """argmax, or for two classes with a threshold: class 1 when p1 >= threshold."""
+    probs = np.asarray(probs)
+    if threshold is not None and probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(np.int32)
+    return np.argmax(probs, axis=1).astype(np.int32)
+
+
 def _write_predictions(workdir: str, name: str, rows: list[dict], label_names: Sequence[str] | None) -> dict[str, str]:
     os.makedirs(workdir, exist_ok=True)
     csv_path = os.path.join(workdir, f"{name}.csv")
@@ -276,11 +284,23 @@ def predict_folder(
     normalization: str,
     batch_size: int = 32,
     label_names: Sequence[str] | None = None,
+    threshold: float | None = None,
+    methods: Sequence[str] = (),
     progress: bool = True,
-) -> dict[str, str]:
-    """Predictions for every PNG/JPEG/DICOM file under `folder`: WORKDIR/predictions_folder.{csv,json}."""
+) -> dict[str, Any]:
+    """Predictions for every PNG/JPEG/DICOM file under `folder`: WORKDIR/predictions_folder.{csv,json}.
+
+    Two classes with a `threshold`: class 1 when its probability >= threshold, else argmax.
+    With `methods`, the images are explained too (see `explain_folder`).
+    """
     from xmedjax import input_pipeline
 
+    if methods:
+        return explain_folder(
+            graphdef, state, folder=folder, workdir=workdir, image_size=image_size, channels=channels,
+            normalization=normalization, methods=methods, batch_size=batch_size, label_names=label_names,
+            threshold=threshold, progress=progress,
+        )
     files = input_pipeline.list_image_files(folder)
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
@@ -290,9 +310,9 @@ def predict_folder(
     ):
         _, probs = predict_fn(graphdef, state, jnp.asarray(images))
         probs = np.asarray(probs)[:n]
-        for p, pr in zip(paths, probs):
-            rows.append({"id": os.path.relpath(p, folder), "prediction": int(np.argmax(pr)), "probabilities": [float(v) for v in pr]})
-    return _write_predictions(workdir, "predictions_folder", rows, label_names)
+        for p, pr, pred in zip(paths, probs, _decide(probs, threshold)):
+            rows.append({"id": os.path.relpath(p, folder), "prediction": int(pred), "probabilities": [float(v) for v in pr]})
+    return {"predictions": _write_predictions(workdir, "predictions_folder", rows, label_names)}
 
 
 def predict_split(
@@ -335,11 +355,12 @@ def explain_folder(
     methods: Sequence[str] = ("gradcam",),
     batch_size: int = 32,
     label_names: Sequence[str] | None = None,
+    threshold: float | None = None,
     method_opts: dict[str, dict] | None = None,
     overlays: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Maps (predicted class) for every PNG/JPEG/DICOM file under `folder`.
+    """Maps (of the argmax class) for every PNG/JPEG/DICOM file under `folder`.
 
     Writes WORKDIR/heatmaps/folder_<method>.npz (labels = -1: unknown),
     WORKDIR/overlays/<method>/<relative path>.png and WORKDIR/predictions_folder.{csv,json}.
@@ -371,7 +392,7 @@ def explain_folder(
                 for r, image, heat in zip(rel, images[:n], maps):
                     export.save_overlay_png(os.path.join(workdir, "overlays", name, os.path.splitext(r)[0] + ".png"), image, heat)
     probs_all = np.concatenate(probs_all)
-    predictions = np.argmax(probs_all, axis=1).astype(np.int32)
+    predictions = _decide(probs_all, threshold)
     out: dict[str, Any] = {"heatmaps": {}}
     for name in methods:
         stacked = {k: np.concatenate(v) for k, v in per_method[name].items()}
