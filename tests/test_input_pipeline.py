@@ -206,3 +206,56 @@ def test_user_files_png_and_dicom(tmp_path):
     x = ip.load_image_file(f, image_size=16, channels=3, normalization="unit")
     assert x.shape == (16, 16, 3) and x.dtype == np.float32
     assert 0 <= x.min() <= x.max() <= 1 and x.std() > 0
+
+
+def test_flip_only_mirrors_and_configdict_accepted():
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"horizontal_flip": True, "rotation_range": 0.0})
+  params = augment.AugmentParams.from_mapping(cfg)
+  assert params == augment.AugmentParams(horizontal_flip=True)
+  assert augment.AugmentParams.from_mapping({}) is None
+  with pytest.raises(ValueError, match="unknown augment key"):
+    augment.AugmentParams.from_mapping({"shear_range": 0.2})
+  a = (np.arange(20 * 30) % 251).astype(np.uint8).reshape(20, 30)
+  plain = augment.warp([a], np.eye(3), 16)[0]  # same interpolation path, no change
+  rng = np.random.default_rng(0)
+  outs = [augment.warp([a], augment.sample_transform(rng, params, 16), 16)[0]
+          for _ in range(16)]
+  flipped = [o for o in outs if not np.array_equal(o, plain)]
+  assert 3 <= len(flipped) <= 13
+  for o in flipped:
+    assert np.abs(o.astype(int) - plain[:, ::-1].astype(int)).max() <= 1
+
+
+_MULTI_DEVICE = r'''
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from xmedjax import input_pipeline as ip
+d = sys.argv[1]
+mesh = jax.make_mesh((8,), ("data",))
+it = ip.make_train_iterator(d, "train", global_batch_size=16, image_size=24, channels=1,
+                            augment=None, normalization="unit", seed=0)
+b = next(it)
+g = ip.to_global_array(b, mesh)
+assert g["image"].shape == (16, 24, 24, 1), g["image"].shape
+assert len(g["image"].sharding.device_set) == 8
+shard = g["image"].addressable_shards[3]
+np.testing.assert_array_equal(np.asarray(shard.data), b["image"][6:8])
+print("ok")
+'''
+
+
+def test_to_global_array_on_eight_fake_devices(data_dir, tmp_path):
+  import subprocess
+  import sys
+  script = tmp_path / "multi.py"
+  script.write_text(_MULTI_DEVICE)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+  r = subprocess.run([sys.executable, str(script), data_dir], capture_output=True,
+                     text=True, env=env, timeout=120)
+  assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
