@@ -159,7 +159,7 @@ def test_augment_keeps_masks_aligned():
   for _ in range(20):
     t = augment.sample_transform(rng, params, 32)
     img, m = augment.warp([image, mask], t, 32)
-    np.testing.assert_allclose(img / 255.0, m, atol=1.0 / 255 + 1e-6)
+    np.testing.assert_allclose(img / 255.0, m, atol=2.0 / 255 + 1e-6)  # 2 roundings
     plain = augment.warp([mask], None, 32)[0]
     moved += not np.allclose(plain, m, atol=0.1)
   assert moved >= 15  # the transform really does move things
@@ -217,7 +217,8 @@ def test_flip_only_mirrors_and_configdict_accepted():
   with pytest.raises(ValueError, match="unknown augment key"):
     augment.AugmentParams.from_mapping({"shear_range": 0.2})
   a = (np.arange(20 * 30) % 251).astype(np.uint8).reshape(20, 30)
-  plain = augment.warp([a], np.eye(3), 16)[0]  # same interpolation path, no change
+  plain = augment.warp([a], None, 16)[0]
+  np.testing.assert_array_equal(augment.warp([a], np.eye(3), 16)[0], plain)
   rng = np.random.default_rng(0)
   outs = [augment.warp([a], augment.sample_transform(rng, params, 16), 16)[0]
           for _ in range(16)]

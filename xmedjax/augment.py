@@ -1,10 +1,11 @@
 """Keras ``ImageDataGenerator``-style geometric augmentation, fused with the resize.
 
-One random affine transform per image (rotation, width/height shift, zoom, horizontal
-flip, as ``ImageDataGenerator(rotation_range, width_shift_range, height_shift_range,
-zoom_range, horizontal_flip)`` with its default ``fill_mode='nearest'``) is composed with
-the resize from the stored size to the model size and applied once with PIL (bilinear).
-Masks go through exactly the same transform, so they stay aligned with their image.
+As Keras' ``flow_from_directory`` + ``ImageDataGenerator(rotation_range, width_shift_range,
+height_shift_range, zoom_range, horizontal_flip)``: the image is resized to the model size
+(PIL bilinear, the same resize as the eval path), then one random affine transform
+(rotation, shift, zoom, then flip, about the centre) is applied with PIL (bilinear), points
+outside taking the nearest edge value (Keras' default ``fill_mode='nearest'``). Masks go
+through exactly the same resize and transform, so they stay aligned with their image.
 
 Parameters follow Keras: ``rotation_range`` in degrees (uniform in +-range), shift ranges
 as fractions of the width/height, ``zoom_range`` z gives independent zooms in
@@ -98,18 +99,18 @@ def warp(arrays: list[np.ndarray], transform: np.ndarray | None, size: int
 
   ``arrays``: uint8 (H, W) / (H, W, 3) images or float32 (H, W) masks of the same H, W.
   ``transform``: from ``sample_transform`` (None: plain bilinear resize). Points outside
-  the source take the nearest edge value (Keras ``fill_mode='nearest'``).
+  the image take the nearest edge value (Keras ``fill_mode='nearest'``).
   """
-  h, w = arrays[0].shape[:2]
+  # As Keras' flow_from_directory: resize to the target size first (PIL bilinear with
+  # its antialiasing, same as the eval path), then transform at that size.
+  arrays = [_resize(a, size) for a in arrays]
   if transform is None:
-    return [_resize(a, size) for a in arrays]
-  # Output -> augmented frame (size x size) -> source pixels (w x h).
-  scale = np.array([[w / size, 0, 0], [0, h / size, 0], [0, 0, 1]])
-  m = scale @ transform
+    return arrays
+  m = transform
   # Pad with edge values just enough to cover where the output corners land.
   corners = m @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]], float)
-  over = max(0.0, -corners[0].min(), -corners[1].min(), corners[0].max() - w,
-             corners[1].max() - h)
+  over = max(0.0, -corners[0].min(), -corners[1].min(), corners[0].max() - size,
+             corners[1].max() - size)
   pad = int(math.ceil(over)) + 2
   m = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1]]) @ m
   data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
@@ -125,7 +126,9 @@ def warp(arrays: list[np.ndarray], transform: np.ndarray | None, size: int
 
 def _to_pil(a: np.ndarray) -> PIL.Image.Image:
   if a.dtype == np.float32:
-    return PIL.Image.fromarray(a, mode="F") if a.ndim == 2 else None  # masks are 2-D
+    if a.ndim != 2:
+      raise ValueError(f"float arrays (masks) must be 2-D, got shape {a.shape}")
+    return PIL.Image.fromarray(a, mode="F")
   return PIL.Image.fromarray(a)
 
 
