@@ -85,9 +85,9 @@ def check_schema(config, schema=None) -> None:
         if name not in got and not free(name):
             raise ConfigError(f"{name} is missing (start the config from configs/default.py)")
     for name, default in want.items():
-        value = got[name]
         if free(name):
             continue
+        value = got[name]
         if isinstance(default, (ml_collections.ConfigDict, dict)):
             if not isinstance(value, (ml_collections.ConfigDict, dict)):
                 raise ConfigError(f"{name} must be a mapping, got {value!r}")
@@ -206,6 +206,7 @@ def check_values(c) -> None:
         _require(method in known, f"config.explain.methods: unknown method {method!r}; "
                  f"choose from {', '.join(known)}")
     _cmp(c, "explain.batch_size", lambda v: v > 0, "> 0")
+    _cmp(c, "explain.quality_images", lambda v: v > 0, "> 0")
     _cmp(c, "explain.split", lambda v: bool(v), "a split name")
     if c.mode == "predict":
         _require(bool(c.predict.folder), "config.predict.folder must name a folder of images in predict mode")

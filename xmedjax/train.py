@@ -404,12 +404,17 @@ def explain_split(run: Run, state: ts.TrainState, split: str, *, predictions: np
     except ImportError:
         package_explain = None
     if package_explain is not None:
-        result = _call_supported(package_explain, graphdef=run.mdef.graphdef, state=host_model_state(state),
-                                 data_dir=run.data_dir, split=split,
-                                 workdir=run.workdir, image_size=c.data.image_size, channels=c.data.channels,
-                                 normalization=c.data.normalization, methods=tuple(c.explain.methods),
-                                 batch_size=c.explain.batch_size, quality=c.explain.quality)
-        return dict(result or {})
+        try:
+            result = _call_supported(package_explain, graphdef=run.mdef.graphdef, state=host_model_state(state),
+                                     data_dir=run.data_dir, split=split, workdir=run.workdir,
+                                     image_size=c.data.image_size, channels=c.data.channels,
+                                     normalization=c.data.normalization, methods=tuple(c.explain.methods),
+                                     batch_size=c.explain.batch_size, quality=c.explain.quality,
+                                     quality_images=c.explain.quality_images)
+            return dict(result or {})
+        except Exception as exc:  # noqa: BLE001 - keep the run's Grad-CAM and report
+            logging_utils.log(f"warning: xmedjax.explain.run.explain_split failed ({type(exc).__name__}: {exc}); "
+                              "writing Grad-CAM only")
     path = export_gradcam(run, state, split, predictions=predictions, batch_size=c.explain.batch_size)
     return {"heatmaps": {"gradcam": path}}
 

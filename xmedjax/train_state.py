@@ -140,7 +140,7 @@ def train_step(mdef: ModelDef, class_weights, state: TrainState, batch: dict) ->
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
     return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite,
-                       "grad_norm": optax.global_norm(grads)}
+                       "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(mdef: ModelDef, state: TrainState, batch: dict) -> dict:

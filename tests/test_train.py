@@ -1,0 +1,165 @@
+"""Training end to end on tiny phantoms: the demo config's path, the NaN guard, evaluate/predict modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+from absl import flags
+
+from xmedjax import checkpointing, config_checks, train
+from xmedjax import train_state as ts
+
+flags.FLAGS.mark_as_parsed()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_COUNTS = {"train": 32, "val": 16, "test": 16}
+
+
+def tiny_config(data_dir: str = "", **overrides):
+    """configs/demo.py shrunk to seconds: 32 px, width 1/16, 4 steps per epoch."""
+    spec = importlib.util.spec_from_file_location("cfg_demo", os.path.join(ROOT, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data.phantom_counts = dict(TINY_COUNTS)
+    c.data.data_dir = data_dir
+    c.data.image_size = 32
+    c.model.width = 0.0625
+    c.training.batch_size = 8
+    c.training.eval_batch_size = 16
+    c.training.max_epochs = 2
+    c.training.checkpoint_every_steps = 3
+    c.evaluate.bootstrap_samples = 20
+    c.explain.quality = False
+    c.explain.batch_size = 16
+    c.runtime.progress_bar = False
+    c.runtime.compilation_cache_dir = jax.config.jax_compilation_cache_dir or ""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_checks.validate(c)
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory) -> str:
+    from data_prep.phantoms import build_phantom_dataset
+
+    return build_phantom_dataset(str(tmp_path_factory.mktemp("phantoms")), "brain", dict(TINY_COUNTS), size=32, seed=0)
+
+
+def test_demo_config_end_to_end(tmp_path, phantom_dir):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(phantom_dir)
+    results = train.train_and_evaluate(config, workdir)
+    saved = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert saved["val"]["accuracy"] == results["val"]["accuracy"]
+    for split in ("val", "test"):
+        for key in ("accuracy", "auc_roc", "f1", "average_precision", "sensitivity", "specificity",
+                    "confusion_matrix", "ci95", "per_class"):
+            assert key in saved[split], (split, key)
+        assert saved[split]["n"] == TINY_COUNTS[split]
+    assert saved["val"]["threshold"] == saved["test"]["threshold"]
+    assert "shortcut_baseline" in saved
+    page = open(os.path.join(workdir, "report.html")).read()
+    assert page.count("data:image/png;base64,") >= 4 and 'src="http' not in page
+    heat = np.load(os.path.join(workdir, "heatmaps", "test_gradcam.npz"))
+    for key in ("ids", "labels", "predictions", "probabilities", "targets", "raw", "maps"):
+        assert key in heat.files, key
+    assert heat["maps"].shape == (TINY_COUNTS["test"], 32, 32)
+    assert len(set(heat["ids"].tolist())) == TINY_COUNTS["test"]
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [1, 2]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    mgr = checkpointing.RunCheckpoints(workdir)
+    assert mgr.latest_step() == 8 and mgr.best_step() in (4, 8)
+    mgr.close()
+
+    # Rerunning a finished run goes straight to evaluation; evaluate and predict modes reuse the best checkpoint.
+    before = saved["test"]
+    again = train.evaluate(tiny_config(phantom_dir, mode="evaluate"), workdir)
+    assert again["test"]["accuracy"] == before["accuracy"] and again["test"]["auc_roc"] == before["auc_roc"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        PIL.Image.fromarray((np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    out = train.predict(tiny_config(phantom_dir, mode="predict", **{"predict.folder": str(folder)}), workdir)
+    assert out is not None
+
+
+class _Poisoned:
+    """A train iterator whose batch number `bad` (1-based) holds a NaN pixel."""
+
+    def __init__(self, inner, bad: int):
+        self.inner, self.bad, self.count = inner, bad, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self.inner))
+        self.count += 1
+        if self.count == self.bad:
+            batch["image"] = batch["image"].copy()
+            batch["image"][0, 0, 0, 0] = np.nan
+        return batch
+
+    def get_state(self):
+        return json.dumps(self.inner.get_state()).encode()
+
+    def set_state(self, state):
+        self.inner.set_state(json.loads(state))
+
+    def start_prefetch(self):
+        pass
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, phantom_dir):
+    from xmedjax import input_pipeline
+
+    workdir = str(tmp_path / "nan")
+    config = tiny_config(phantom_dir)
+    run = train.build_run(config, workdir)
+    inner = input_pipeline.make_train_iterator(phantom_dir, "train", global_batch_size=8, image_size=32, channels=1,
+                                               normalization="imagenet", seed=0)
+    with pytest.raises(train.NonFiniteError, match=r"step 5: loss or gradients are not finite .* the last good "
+                                                   r"checkpoint is step 4"):
+        train.fit(run, train_iterator=_Poisoned(inner, bad=5))
+    mgr = checkpointing.RunCheckpoints(workdir)
+    assert mgr.latest_step() == 4  # step 3 (every 3) and 4 (epoch end); nothing after the bad step
+    mgr.close()
+
+
+def test_train_step_is_pure_and_guards_nonfinite_values():
+    from xmedjax import mesh as mesh_lib
+    from xmedjax.models import create_model
+
+    model = create_model("resnet50", 2, in_channels=1, width=0.0625)
+    mdef, state = ts.create_train_state(model, ts.make_optimizer("adam", 1e-3))
+    mesh = mesh_lib.make_mesh()
+    state = ts.place_state(state, mesh)
+    step = ts.jit_train_step(mdef, state, mesh, class_weights=np.array([1.0, 3.0], np.float32))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 2}
+    s1, m1 = step(state, batch)
+    assert bool(m1["finite"]) and int(s1.step) == 1
+    ref = jax.device_get(s1)
+    s2, _ = step(s1, batch)
+    again = jax.device_get(s2)
+    bad = dict(batch, image=batch["image"].copy())
+    bad["image"][3, 5, 5, 0] = np.inf
+    s3, m3 = step(s2, bad)
+    assert not bool(m3["finite"]) and int(s3.step) == 2
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(jax.device_get(s3))):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(again.params)))
+    s4 = ts.set_learning_rate(s3, 1e-5)
+    assert abs(ts.learning_rate(s4) - 1e-5) < 1e-12
