@@ -34,6 +34,7 @@ import numpy as np
 from data_prep import hashing, image_io, layouts
 
 SMALL_SIDE = 32  # images with a side below this are noted as tiny
+STRICT_SIMILARITY = 0.9  # structure similarity of near-identical copies
 
 
 # ----------------------------------------------------------------------------- per file
@@ -192,9 +193,10 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
     classes = sorted({files[i].class_name for i in g})
     kind = "cross_split_near_duplicate" if len(splits) > 1 else "near_duplicate"
     extra = f"; classes {', '.join(classes)}" if len(classes) > 1 else ""
-    add(kind, g, f"{len(g)} near-identical images (dHash<={dhash_threshold}, "
-        f"pHash<={phash_threshold} bits and high-pass thumbnail correlation >= "
-        f"{structure_threshold}) in split(s) {', '.join(splits)}{extra}")
+    add(kind, g, f"{len(g)} near-duplicate images (copies, re-windowed or resized "
+        f"versions, adjacent slices: dHash<={dhash_threshold}, pHash<={phash_threshold} "
+        f"bits and high-pass thumbnail correlation >= {structure_threshold}) in split(s) "
+        f"{', '.join(splits)}{extra}")
   # Patient overlap across splits.
   by_patient: dict[str, list[int]] = collections.defaultdict(list)
   for i in ok:
@@ -210,6 +212,13 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
       add("patient_overlap", g, f"patient {pid} appears in splits {', '.join(splits)}")
 
   summary.update(_leak_summary(files, recs, ok, pairs))
+  # The same count for near-identical copies only (re-encoded, re-windowed, resized),
+  # leaving out merely similar images such as adjacent slices.
+  strict = [(a, b) for a, b in pairs if hashing.structure_similarity(
+      recs[a]["thumb"], recs[b]["thumb"]) >= STRICT_SIMILARITY]
+  for k, v in _leak_summary(files, recs, ok, strict).items():
+    if k.endswith("_with_train_near_duplicate"):
+      summary[k + "_strict"] = v
   summary["patients"] = len(by_patient)
   summary["patients_in_several_splits"] = n_overlap
   summary["files"] = len(files)
