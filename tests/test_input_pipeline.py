@@ -260,3 +260,17 @@ def test_to_global_array_on_eight_fake_devices(data_dir, tmp_path):
   r = subprocess.run([sys.executable, str(script), data_dir], capture_output=True,
                      text=True, env=env, timeout=120)
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_orbax_checkpoint_of_iterator(data_dir, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  import grain
+  it = _train(data_dir)
+  _take(it, 2)
+  mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+  mngr.save(2, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
+  mngr.wait_until_finished()
+  expected = _take(it, 2)
+  fresh = _train(data_dir)
+  mngr.restore(2, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(fresh)))
+  assert _same(expected, _take(fresh, 2))
