@@ -12,12 +12,14 @@
    "shortcut": {...}  # only with --shortcut}
 
 Problem kinds (one problem per group of files):
-  empty_file, not_an_image, undecodable, empty_class, unlabelled_file,
+  empty_file, not_an_image, undecodable, empty_class, empty_split, unlabelled_file,
   exact_duplicate / cross_split_exact_duplicate        byte-identical files,
   pixel_duplicate / cross_split_pixel_duplicate        same decoded pixels, different bytes,
   near_duplicate / cross_split_near_duplicate          perceptual hashes within a threshold,
   conflicting_label                                    identical pixels, different classes,
   patient_overlap                                      one patient id in several splits.
+Valid but unusual images (16-bit, RGBA, CMYK, palette, tiny, a format that does not match
+the file extension) are decoded and listed under ``image_stats.unusual``, not as problems.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from data_prep import hashing, image_io, layouts
 
 SMALL_SIDE = 32  # images with a side below this are noted as tiny
 STRICT_SIMILARITY = 0.9  # structure similarity of near-identical copies
+_EXT_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "jfif": "JPEG", "png": "PNG",
+               "bmp": "BMP", "gif": "GIF", "tif": "TIFF", "tiff": "TIFF", "webp": "WEBP",
+               "dcm": "DICOM", "dicom": "DICOM"}
 
 
 # ----------------------------------------------------------------------------- per file
@@ -147,6 +152,10 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
     counts[f.split][f.class_name] += 1
     ok.append(i)
   for split, classes in class_dirs.items():
+    if not classes and not any(f.split == split for f in files):
+      problems.append({"kind": "empty_split", "files": [],
+                       "detail": f"split folder {split} holds no class folder",
+                       "folder": split})
     for c in classes:
       if counts.get(split, {}).get(c, 0) == 0:
         nfiles = sum(1 for f in files if f.split == split and f.class_name == c)
@@ -306,6 +315,9 @@ def _image_stats(files, recs, ok) -> dict[str, Any]:
       notes.append(f"mode {r['mode']}")
     if min(r["width"], r["height"]) < SMALL_SIDE:
       notes.append("tiny")
+    ext = os.path.splitext(files[i].relpath)[1].lower().lstrip(".")
+    if ext and _EXT_FORMAT.get(ext, r["format"]) != r["format"]:
+      notes.append(f"a {r['format']} file named .{ext}")
     if notes:
       unusual.append({"file": files[i].relpath, "mode": r["mode"], "format": r["format"],
                       "size": [r["width"], r["height"]], "note": ", ".join(notes)})

@@ -100,6 +100,7 @@ def scan(src: str) -> tuple[list[RawFile], dict[str, list[str]]]:
     split_dirs = [(normalise_split(d), d) for d in dirs]
   for split, sdir in split_dirs:
     sroot = os.path.join(src, sdir) if sdir else src
+    classes.setdefault(split, [])  # an empty split folder still shows up
     for cname in sorted(e for e in os.listdir(sroot) if _visible(e)):
       cpath = os.path.join(sroot, cname)
       if not os.path.isdir(cpath):

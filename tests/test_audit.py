@@ -70,6 +70,8 @@ def corpus(tmp_path_factory) -> str:
   cmyk = PIL.Image.new("CMYK", (34, 34), (0, 255, 255, 0))  # red
   cmyk.save(j("train", "b", "cmyk.jpg"), format="JPEG", quality=95)
   _save(j("train", "b", "tiny.png"), _img(600, (8, 8)))
+  _save(j("train", "b", "png_named.jpg"), _img(601), format="PNG")
+  os.makedirs(j("holdout"))  # empty split folder
   return root
 
 
@@ -99,6 +101,8 @@ def test_bad_files_found(result):
   assert k["not_an_image"] == [["train/b/notes.jpg"]]
   assert any("val/b" in p["detail"] for p in result[0]["problems"]
              if p["kind"] == "empty_class")
+  assert [p["folder"] for p in result[0]["problems"] if p["kind"] == "empty_split"] == [
+      "holdout"]
 
 
 def test_cross_split_duplicates(result):
@@ -128,12 +132,13 @@ def test_unusual_images_decoded_not_broken(result):
   data, md = result
   bad = {f for p in data["problems"] if p["kind"] in ("undecodable", "not_an_image")
          for f in p["files"]}
-  for name in ("sixteen.png", "rgba.png", "cmyk.jpg", "tiny.png"):
+  for name in ("sixteen.png", "rgba.png", "cmyk.jpg", "tiny.png", "png_named.jpg"):
     assert f"train/b/{name}" not in bad
     assert name in md
   modes = data["image_stats"]["modes"]
   assert modes.get("I;16") == 1 and modes.get("RGBA") == 1 and modes.get("CMYK") == 1
-  assert data["counts"]["train"]["b"] == 6 + 1 + 4  # 6 + person7 + 4 unusual
+  assert data["counts"]["train"]["b"] == 6 + 1 + 5  # 6 + person7 + 5 unusual
+  assert "a PNG file named .jpg" in md
 
 
 def test_decode_unusual_modes(corpus):
