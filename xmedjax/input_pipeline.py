@@ -267,12 +267,15 @@ def make_train_iterator(data_dir: str, split: str, *, global_batch_size: int,
                         normalization: str = "imagenet", seed: int = 0,
                         worker_count: int = 0, shard_index: int | None = None,
                         shard_count: int | None = None,
-                        worker_buffer_size: int = 2) -> grain.DatasetIterator:
+                        worker_buffer_size: int = 2,
+                        read_threads: int | None = None) -> grain.DatasetIterator:
   """An endless iterator of per-process train batches (see the module docstring).
 
   ``augment``: a mapping with keys rotation_range, width_shift_range, height_shift_range,
   zoom_range, horizontal_flip (None or empty: no augmentation). The returned
   ``grain.DatasetIterator`` supports ``get_state()`` / ``set_state()``.
+  ``read_threads``: decode threads per process (default: min(8, CPUs) without workers,
+  2 per worker); PIL releases the GIL while decoding and warping.
   """
   _norm_consts(normalization, channels)  # validates early
   source = PreparedSource(data_dir, split)
@@ -288,7 +291,9 @@ def make_train_iterator(data_dir: str, split: str, *, global_batch_size: int,
                           steps * global_batch_size)
   ds = (grain.MapDataset.range(steps * b).repeat(None).map_with_index(element)
         .batch(b, drop_remainder=True))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if worker_count == 0 else 1,
+  if read_threads is None:
+    read_threads = max(2, min(8, os.cpu_count() or 2)) if worker_count == 0 else 2
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=2 * b))
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -336,8 +341,9 @@ class EvalIterable:
     return self._steps
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self._ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
-                                                           prefetch_buffer_size=64)))
+    opts = grain.ReadOptions(num_threads=max(2, min(8, os.cpu_count() or 2)),
+                             prefetch_buffer_size=64)
+    return iter(self._ds.to_iter_dataset(opts))
 
 
 def make_eval_iterator(data_dir: str, split: str, *, global_batch_size: int,
