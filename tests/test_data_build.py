@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from data_prep import build, builder, image_io, layouts
+from data_prep import build, image_io, layouts
 from xmedjax import input_pipeline as ip
 
 
@@ -21,7 +21,7 @@ def _img(seed: int, shape=(20, 24), colour=False) -> np.ndarray:
   return np.asarray(PIL.Image.fromarray(small).resize(shape[::-1], PIL.Image.BICUBIC))
 
 
-def _raw(ds: builder.XmedPrepared | None, data_dir: str, split: str) -> dict[str, np.ndarray]:
+def _raw(data_dir: str, split: str) -> dict[str, np.ndarray]:
   """id -> stored pixels of a prepared split."""
   src = ip.PreparedSource(data_dir, split)
   out = {}
@@ -54,7 +54,7 @@ def test_round_trip_grey(tmp_path):
   assert info["splits"]["val"] == 4 and info["splits"]["test"] == 16
   seen = {}
   for split in ("train", "val", "test"):
-    seen.update(_raw(None, out, split))
+    seen.update(_raw(out, split))
   assert set(seen) == set(pixels)
   for k, a in pixels.items():
     assert np.array_equal(seen[k], a), k
@@ -72,7 +72,7 @@ def test_round_trip_colour_and_resize(tmp_path):
   info = build.prepare("folder", raw, out, size=30, val_fraction=0.0, progress=False,
                        workers=1)
   assert info["channels"] == 3
-  seen = {**_raw(None, out, "train"), **_raw(None, out, "test")}
+  seen = {**_raw(out, "train"), **_raw(out, "test")}
   for k, a in pixels.items():
     assert np.array_equal(seen[k], a), k
   assert seen["train/cat/big.png"].shape == (30, 20, 3)  # longer side 30, aspect kept
@@ -184,7 +184,7 @@ def test_dedup_test_drops_leaked_copies(tmp_path):
   info = build.prepare("folder", raw, out, dedup_test=True, val_fraction=0.0,
                        progress=False, workers=1)
   assert info["splits"]["test"] == 10 and info["splits"]["test_dedup"] == 8
-  ids = set(_raw(None, out, "test_dedup"))
+  ids = set(_raw(out, "test_dedup"))
   assert "test/cat/leak.png" not in ids and "test/dog/person5_b.png" not in ids
   with open(os.path.join(out, "xmedjax_dataset.json")) as f:
     meta = json.load(f)
