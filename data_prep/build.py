@@ -3,6 +3,7 @@
   python -m data_prep.build --dataset=brain_tumor_mri|chest_xray|folder --src=DIR --out=DIR
       [--size=256] [--label_map=binary|multiclass] [--val_fraction=0.15] [--seed=0]
       [--skip_bad] [--dedup_test] [--channels=auto|1|3] [--keep_val]
+      [--image_format=png|jpeg] [--jpeg_quality=95]
 
 The audit runs first (its report lands in ``OUT/audit.json`` / ``OUT/audit.md``); an
 undecodable file stops the build unless ``--skip_bad``. A validation split is carved from
@@ -100,7 +101,8 @@ def _group_ids(files, recs, idx: list[int], near_pairs) -> list[int]:
 def prepare(dataset: str, src: str, out: str, *, size: int = 256,
             label_map: str | None = None, val_fraction: float = 0.15, seed: int = 0,
             skip_bad: bool = False, dedup_test: bool = False, channels: str = "auto",
-            keep_val: bool = False, workers: int = 0, progress: bool = True) -> dict:
+            keep_val: bool = False, workers: int = 0, progress: bool = True,
+            image_format: str = "png", jpeg_quality: int = 95) -> dict:
   """Audits ``src`` and writes the prepared dataset to ``out``; returns its info dict."""
   if dataset not in layouts.DATASETS:
     raise BuildError(f"--dataset must be one of {layouts.DATASETS}, got {dataset!r}")
@@ -160,7 +162,8 @@ def prepare(dataset: str, src: str, out: str, *, size: int = 256,
   spec = builder.DatasetSpec(
       name=dataset if dataset != "folder" else os.path.basename(os.path.abspath(src)),
       label_names=lmap.label_names, channels=nch, has_masks=False, size=size,
-      splits=items, to_example=_item_to_example,
+      splits=items, to_example=_item_to_example, image_format=image_format,
+      jpeg_quality=jpeg_quality,
       metadata={"dataset": dataset, "src": os.path.abspath(src), "label_map": label_map,
                 "val_fraction": val_fraction, "seed": seed,
                 "official_val_merged_into_train": bool(official_val) and not keep_val,
@@ -217,7 +220,8 @@ def main(argv: list[str]) -> None:
     info = prepare(f.dataset, f.src, f.out, size=f.size, label_map=f.label_map,
                    val_fraction=f.val_fraction, seed=f.seed, skip_bad=f.skip_bad,
                    dedup_test=f.dedup_test, channels=f.channels, keep_val=f.keep_val,
-                   workers=f.workers)
+                   workers=f.workers, image_format=f.image_format,
+                   jpeg_quality=f.jpeg_quality)
   except (BuildError, FileNotFoundError, ValueError) as e:
     sys.exit(f"data_prep.build: {e}")
   print(f"prepared {info['name']} in {f.out}: splits {info['splits']}, "
@@ -240,6 +244,9 @@ def _define_flags() -> None:
                     "stored channels (auto: 3 when most images are colour)")
   flags.DEFINE_bool("keep_val", False, "keep the official val split instead of carving")
   flags.DEFINE_integer("workers", 0, "audit decode processes (0 = number of CPUs)")
+  flags.DEFINE_enum("image_format", "png", ("png", "jpeg"),
+                    "stored encoding: png (lossless) or jpeg (~5x smaller, lossy)")
+  flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality with --image_format=jpeg")
 
 
 if __name__ == "__main__":

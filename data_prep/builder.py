@@ -63,6 +63,8 @@ class DatasetSpec:
   splits: dict[str, Sequence[Any]]
   to_example: Callable[[Any], Example]  # item -> Example (may decode lazily)
   metadata: dict[str, Any] = field(default_factory=dict)
+  image_format: str = "png"  # or "jpeg" (lossy, ~5x smaller: for carrying data around)
+  jpeg_quality: int = 95
 
 
 class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -80,7 +82,7 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     feats = {
         "image": tfds.features.Image(shape=(None, None, self._spec.channels),
-                                     encoding_format="png"),
+                                     encoding_format=self._spec.image_format),
         "label": tfds.features.ClassLabel(names=list(self._spec.label_names)),
         "label_name": tfds.features.Text(),
         "id": tfds.features.Text(),
@@ -121,7 +123,9 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not 0 <= ex.label < self._num_classes:
       raise ValueError(f"{ex.id}: label {ex.label} outside [0, {self._num_classes})")
     out = {
-        "image": image_io.encode_png(img), "label": int(ex.label),
+        "image": (image_io.encode_png(img) if self._spec.image_format == "png" else
+                  image_io.encode_jpeg(img, self._spec.jpeg_quality)),
+        "label": int(ex.label),
         "label_name": self._spec.label_names[ex.label], "id": ex.id,
         "source": ex.source, "patient_id": ex.patient_id, "pixel_hash": ex.pixel_hash,
         "bytes_hash": ex.bytes_hash, "phash": np.uint64(ex.phash),
@@ -167,10 +171,14 @@ def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> st
       "splits": {s: len(spec.splits[s]) for s in _ordered(spec.splits)},
       "has_masks": spec.has_masks,
       "size": spec.size,
+      "image_format": spec.image_format,
       "tfds_name": TFDS_NAME,
       "tfds_version": VERSION,
   }
   info.update(spec.metadata)
+  downloads = os.path.join(out_dir, "downloads")  # TFDS leaves an empty one behind
+  if os.path.isdir(downloads) and not any(f for _, _, fs in os.walk(downloads) for f in fs):
+    shutil.rmtree(downloads)
   with open(os.path.join(out_dir, INFO_FILE), "w") as f:
     json.dump(info, f, indent=1)
   return out_dir

@@ -206,6 +206,16 @@ def encode_png(pixels: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
+  """Encodes uint8 (H, W), (H, W, 1) or (H, W, 3) as JPEG (4:4:4, no chroma subsampling)."""
+  if pixels.ndim == 3 and pixels.shape[2] == 1:
+    pixels = pixels[..., 0]
+  buf = io.BytesIO()
+  PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="JPEG", quality=quality,
+                                                         subsampling=0)
+  return buf.getvalue()
+
+
 def decode_png(data: bytes) -> np.ndarray:
   """Decodes PNG (or any PIL) bytes we wrote ourselves to a uint8 array."""
   img = PIL.Image.open(io.BytesIO(data))

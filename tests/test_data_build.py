@@ -191,3 +191,17 @@ def test_dedup_test_drops_leaked_copies(tmp_path):
   assert meta["test_dedup_dropped"] == 2
   assert meta["test_dedup_dropped_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 0,
                                                   "patient_overlap": 1}
+
+
+def test_jpeg_storage_is_close(tmp_path):
+  raw = str(tmp_path / "raw")
+  pixels = _folder(raw, n=2)
+  out = str(tmp_path / "prep")
+  info = build.prepare("folder", raw, out, val_fraction=0.0, progress=False, workers=1,
+                       image_format="jpeg", jpeg_quality=95)
+  assert info["image_format"] == "jpeg"
+  assert not os.path.exists(os.path.join(out, "downloads"))
+  seen = {**_raw(out, "train"), **_raw(out, "test")}
+  for k, a in pixels.items():
+    assert seen[k].shape == a.shape
+    assert np.abs(seen[k].astype(int) - a).mean() < 3, k
