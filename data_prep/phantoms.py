@@ -8,6 +8,9 @@
 ``generate(kind, n, size, seed)`` returns arrays; ``build_phantom_dataset`` writes a
 prepared dataset (same format as the real ones, with masks); ``write_phantom_folder``
 writes a raw ``split/class/*.png`` folder (for the audit and the folder builder).
+CLI: ``python -m data_prep.phantoms --out=DIR [--kind=brain|chest] [--size=64]
+[--train=2048 --val=256 --test=512] [--shortcut=corner_marker --shortcut_strength=1]
+[--raw]``.
 
 Shortcut phantoms (issue 5): ``shortcut`` plants a nuisance correlated with the label at
 ``shortcut_strength`` s in [0, 1]: the nuisance is present with probability (1 + s) / 2 in
@@ -272,3 +275,41 @@ def write_phantom_folder(out_dir: str, kind: str = "brain",
 def info(kind: str) -> dict[str, Any]:
   """Label names of a phantom kind."""
   return {"label_names": LABEL_NAMES[kind], "num_classes": 2}
+
+
+def main(argv: list[str]) -> None:
+  """``python -m data_prep.phantoms --out=DIR [--kind=brain] [--size=64] ...``"""
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  counts = {"train": f.train, "val": f.val, "test": f.test}
+  counts = {k: v for k, v in counts.items() if v > 0}
+  if f.raw:
+    write_phantom_folder(f.out, f.kind, counts, size=f.size, seed=f.seed,
+                         shortcut=f.shortcut, shortcut_strength=f.shortcut_strength)
+    print(f"wrote a raw {f.kind} phantom folder to {f.out}: {counts}")
+  else:
+    build_phantom_dataset(f.out, f.kind, counts, size=f.size, seed=f.seed,
+                          shortcut=f.shortcut, shortcut_strength=f.shortcut_strength,
+                          progress=True)
+    print(f"prepared {f.kind} phantoms (with lesion masks) in {f.out}: {counts}")
+
+
+def _define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("out", None, "output folder", required=True)
+  flags.DEFINE_enum("kind", "brain", KINDS, "phantom kind")
+  flags.DEFINE_integer("size", 64, "image side in pixels")
+  flags.DEFINE_integer("seed", 0, "seed")
+  flags.DEFINE_integer("train", 2048, "train images")
+  flags.DEFINE_integer("val", 256, "val images")
+  flags.DEFINE_integer("test", 512, "test images")
+  flags.DEFINE_enum("shortcut", None, [s for s in SHORTCUTS if s], "planted nuisance")
+  flags.DEFINE_float("shortcut_strength", 1.0, "nuisance-label correlation in [0, 1]")
+  flags.DEFINE_bool("raw", False, "write a raw split/class/*.png folder instead")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
