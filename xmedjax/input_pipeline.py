@@ -238,14 +238,18 @@ class _TrainElement:
     self.global_batch, self.per_process, self.shard_index = (global_batch, per_process,
                                                               shard_index)
     self.epoch_len = epoch_len  # examples used per epoch (full global batches)
-    self._perm_epoch, self._perm = -1, None
+    self._perms: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch != self._perm_epoch:
-      rng = np.random.default_rng([self.seed, 0x5EED, epoch])
-      self._perm = rng.permutation(len(self.source))
-      self._perm_epoch = epoch
-    return self._perm
+    # Read threads share this cache; a permutation is a pure function of (seed, epoch),
+    # so a race only recomputes it, never mixes epochs.
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(len(self.source))
+      self._perms[epoch] = perm
+      for old in [e for e in list(self._perms) if e < epoch - 2]:
+        self._perms.pop(old, None)
+    return perm
 
   def __call__(self, position: int, _: Any) -> dict[str, Any]:
     step, j = divmod(position, self.per_process)
@@ -257,7 +261,7 @@ class _TrainElement:
 
   def __getstate__(self):
     d = dict(self.__dict__)
-    d["_perm_epoch"], d["_perm"] = -1, None
+    d["_perms"] = {}
     return d
 
 
