@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -101,6 +102,7 @@ class PreparedSource:
     self.info = read_dataset_info(data_dir)
     self._len = _check_split(self.info, data_dir, split)
     self._src = None
+    self._lock = threading.Lock()
 
   def _open(self):
     import tensorflow_datasets as tfds  # heavy import, done once per process
@@ -120,13 +122,19 @@ class PreparedSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if self._src is None:
-      self._open()
+      with self._lock:  # read threads start together
+        if self._src is None:
+          self._open()
     return self._src[int(index)]
 
   def __getstate__(self):
     d = dict(self.__dict__)
-    d["_src"] = None
+    d["_src"], d["_lock"] = None, None
     return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- decode
