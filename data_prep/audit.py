@@ -126,6 +126,8 @@ def run_audit(src: str, *, dataset: str = "auto", workers: int = 0, progress: bo
   builder does not hash twice.
   """
   src = os.path.abspath(src)
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"--src={src} is not a directory")
   if dataset == "auto":
     dataset = layouts.detect_layout(src)
   files, class_dirs = layouts.scan(src)
@@ -419,8 +421,11 @@ def main(argv: list[str]) -> None:
   del argv
   from absl import flags
   f = flags.FLAGS
-  result = run_audit(f.src, dataset=f.dataset, workers=f.workers, shortcut=f.shortcut,
-                     label_map=f.label_map)
+  try:
+    result = run_audit(f.src, dataset=f.dataset, workers=f.workers, shortcut=f.shortcut,
+                       label_map=f.label_map)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"data_prep.audit: {e}")
   jpath, mpath = write_report(result, f.out)
   s = result["summary"]
   print(f"wrote {jpath} and {mpath}")
