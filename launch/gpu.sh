@@ -21,8 +21,8 @@ fi
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   CUDA_VISIBLE_DEVICES="$i" \
-  JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$num_processes" JAX_PROCESS_ID="$i" \
-    python -m xmedjax.main --config="$config" --workdir="$workdir" --config.distributed=True "$@" \
+  XMEDJAX_COORDINATOR_ADDRESS="127.0.0.1:$port" XMEDJAX_NUM_PROCESSES="$num_processes" XMEDJAX_PROCESS_ID="$i" \
+    python -m xmedjax.main --config="$config" --workdir="$workdir" --config.runtime.distributed=on "$@" \
     > "gpu_worker_$i.log" 2>&1 &
   pids+=("$!")
 done

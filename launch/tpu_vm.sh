@@ -37,7 +37,7 @@ case "${1:-}" in
     # One process per host; jax.distributed.initialize() finds the others on TPU VMs.
     tpu_ssh "cd xmedjax && tmux new-session -d -s xmedjax \
       'python -m xmedjax.main --config=$CONFIG --workdir=$WORKDIR \
-       --config.data.data_dir=$DATA_DIR --config.distributed=True $EXTRA_FLAGS 2>&1 | tee -a train.log'"
+       --config.data.data_dir=$DATA_DIR --config.runtime.distributed=on $EXTRA_FLAGS 2>&1 | tee -a train.log'"
     echo "started $RUN_NAME on $TPU_NAME; outputs in $WORKDIR"
     ;;
   watch)
