@@ -7,6 +7,8 @@ and every method's raw map follows from its formula with numpy alone.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,20 +140,24 @@ def small_resnet():
     return graphdef, state, x
 
 
-def test_compute_methods_equals_each_registry_method_and_never_recompiles(small_resnet):
+def test_compute_methods_equals_each_registry_method_and_never_recompiles(small_resnet, caplog):
     graphdef, state, x = small_resnet
     targets = jnp.array([0, 1], jnp.int32)
-    opts = {"scorecam": {"chunk": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}}
+    opts = {"scorecam": {"chunk": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 4}}
     together = compute_methods(graphdef, state, x, targets, tuple(METHODS), opts)
-    # a second state with the same structure must reuse every compiled function
-    other_state = jax.tree.map(lambda v: v * 1.01, state)
     for name, fn in METHODS.items():
         alone = fn(graphdef, state, x, targets, **opts.get(name, {}))
         np.testing.assert_allclose(together[name].maps, alone.maps, rtol=1e-4, atol=1e-5, err_msg=name)
-        compiled = fn._cache_size()
-        fn(graphdef, other_state, x, targets, **opts.get(name, {}))
-        assert fn._cache_size() == compiled, name
         assert together[name].maps.shape == (2, 32, 32)
+    # a second state with the same structure (new values) must reuse every compiled function
+    other_state = jax.tree.map(lambda v: v * 1.01, state)
+    caplog.set_level(logging.WARNING)
+    with jax.log_compiles(True):
+        for name, fn in METHODS.items():
+            jax.block_until_ready(fn(graphdef, other_state, x, targets, **opts.get(name, {})).maps)
+        compute_methods(graphdef, other_state, x, targets, tuple(METHODS), opts)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() or "compil" in r.getMessage().lower()]
+    assert not compiles, compiles
 
 
 def test_layer_option_targets_an_earlier_feature_map(small_resnet):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xmedjax.explain.capture import capture_target_gradients, eval_model, forward_with_activation
+from xmedjax.explain.capture import capture_target_gradients, eval_model, forward_fn, forward_with_activation
 from xmedjax.explain.gradcam import CamResult
 from xmedjax.explain.maps import to_input_size
 
@@ -145,14 +145,54 @@ def scorecam_fn(
     return CamResult(raw, to_input_size(raw, size), logits, chosen)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def uniform_maps(batch: int, height: int, width: int, seed: jax.Array) -> jax.Array:
+    """(batch, height, width) seeded uniform maps in [0, 1); map b uses key fold_in(seed, b)."""
+    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.PRNGKey(seed), b))(jnp.arange(batch))
+    return jax.vmap(lambda k: jax.random.uniform(k, (height, width)))(keys)
+
+
 def random_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, seed: int = 0) -> CamResult:
-    """The `random` baseline: seeded uniform maps at the input size (image b uses key fold_in(seed, b))."""
-    logits, _ = forward_with_activation(graphdef, state, images)
-    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets.astype(jnp.int32)
-    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.PRNGKey(seed), b))(jnp.arange(images.shape[0]))
-    raw = jax.vmap(lambda k: jax.random.uniform(k, images.shape[1:3]))(keys)
+    """The `random` baseline: seeded uniform maps at the input size, independent of the model.
+
+    Built from two jitted pieces (the shared `capture.forward_fn` for the logits, and
+    `uniform_maps`), so it adds no compile of the model of its own.
+    """
+    logits, _ = forward_fn(graphdef, state, images, None)
+    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else jnp.asarray(targets, jnp.int32)
+    raw = uniform_maps(images.shape[0], images.shape[1], images.shape[2], seed)
     return CamResult(raw, raw, logits, chosen)
+
+
+# Earlier CAM targets, deepest first, per architecture (recognised by their parameter names).
+CAM_LAYER_CANDIDATES = {
+    "layer4": ("layer3", "layer2", "layer1"),
+    "features": ("features.denseblock3", "features.denseblock2", "features.denseblock1"),
+}
+
+
+def auto_cam_layer(graphdef: nnx.GraphDef, state: nnx.State, image_shape: tuple[int, ...], min_grid: int = 7) -> str | None:
+    """The CAM target layer for an input shape (H, W, C): None (the model's own) when its grid
+    is at least `min_grid` on each side (ResNet50 at 224 px: 7x7), else the deepest earlier
+    stage that is (at 64 px: ResNet50 `layer2`, DenseNet121 `features.denseblock2`, 8x8).
+
+    A 2x2 grid (either model at 64 px) cannot place a small lesion: its upsampled maps
+    peak in a quadrant, and on the phantoms they localise no better than random maps.
+    """
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+
+    def grid(layer):
+        _, act = jax.eval_shape(lambda s, x: forward_with_activation(graphdef, s, x, layer), state, images)
+        return min(act.shape[1:3])
+
+    if grid(None) >= min_grid:
+        return None
+    top = {path[0] for path, _ in nnx.to_flat_state(state)}
+    candidates = next((c for key, c in CAM_LAYER_CANDIDATES.items() if key in top), ())
+    for layer in candidates:
+        if grid(layer) >= min_grid:
+            return layer
+    return candidates[-1] if candidates else None
 
 
 def _gradient_rules() -> dict:
@@ -212,7 +252,8 @@ def compute_methods(
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown saliency methods {unknown}; choose from {sorted(METHODS)}")
-    grouped = tuple(n for n in names if n in GRADIENT_RULES)
+    # all five at once whenever one is asked for: one compile serves every call
+    grouped = tuple(GRADIENT_RULES) if any(n in GRADIENT_RULES for n in names) else ()
     out = dict(gradient_cams_fn(graphdef, state, images, targets, names=grouped, layer=layer)) if grouped else {}
     for name in names:
         if name not in out:
@@ -243,7 +284,9 @@ CAM_METHODS = ("gradcam", "gradcampp", "hirescam", "layercam", "xgradcam", "scor
 
 
 __all__ = [
+    "CAM_LAYER_CANDIDATES",
     "CAM_METHODS",
+    "auto_cam_layer",
     "GRADIENT_RULES",
     "METHODS",
     "compute_methods",
@@ -258,6 +301,7 @@ __all__ = [
     "layercam_raw",
     "scorecam_fn",
     "scorecam_masks",
+    "uniform_maps",
     "xgradcam_fn",
     "xgradcam_raw",
 ]

@@ -99,6 +99,10 @@ def forward_with_activation(graphdef: nnx.GraphDef, state: nnx.State, images: ja
     return logits.astype(jnp.float32), _find(captured, name).astype(jnp.float32)
 
 
+# One compiled forward shared by predictions, the random baseline and the label check.
+forward_fn = jax.jit(forward_with_activation, static_argnums=(0, 3))
+
+
 def select_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """logits[b, targets[b]] for each image b."""
     return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=1)[:, 0]

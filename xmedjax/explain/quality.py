@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from scipy import ndimage, stats
 
-from xmedjax.explain.capture import eval_model, forward_with_activation
+from xmedjax.explain.capture import eval_model, forward_fn
 
 # ----------------------------------------------------------------------------- localisation
 
@@ -148,16 +148,22 @@ def deletion_insertion_fn(
 
 
 def spearman(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
-    """Per-image Spearman rank correlation (average ranks for ties); NaN where a map is constant."""
+    """Per-image Spearman rank correlation (average ranks for ties).
+
+    A constant map has no ranking: against a non-constant map it scores 0 (it shares no
+    ordering with it), against another constant map 1.
+    """
     a = np.asarray(maps_a, np.float64).reshape(len(maps_a), -1)
     b = np.asarray(maps_b, np.float64).reshape(len(maps_b), -1)
     ra = stats.rankdata(a, axis=1)
     rb = stats.rankdata(b, axis=1)
     ra -= ra.mean(axis=1, keepdims=True)
     rb -= rb.mean(axis=1, keepdims=True)
-    denom = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    sa, sb = (ra**2).sum(axis=1), (rb**2).sum(axis=1)
+    denom = np.sqrt(sa * sb)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (ra * rb).sum(axis=1) / denom, np.nan)
+        rho = (ra * rb).sum(axis=1) / np.where(denom > 0, denom, 1.0)
+    return np.where(denom > 0, rho, np.where((sa == 0) & (sb == 0), 1.0, 0.0))
 
 
 def ssim(maps_a: np.ndarray, maps_b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
@@ -279,7 +285,7 @@ def shuffled_label_head(
     *,
     seed: int = 0,
     l2: float = 1e-3,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> nnx.State:
     """A cheap label-randomisation model: the head refit on shuffled labels, features kept.
 
@@ -293,9 +299,8 @@ def shuffled_label_head(
     flat = {path: var for path, var in nnx.to_flat_state(state)}
     num_classes = flat[kernel_path].get_value().shape[-1]
     feats = []
-    fwd = jax.jit(forward_with_activation, static_argnums=0)
     for start in range(0, len(images), batch_size):
-        _, act = fwd(graphdef, state, jnp.asarray(images[start : start + batch_size]))
+        _, act = forward_fn(graphdef, state, jnp.asarray(images[start : start + batch_size]), None)
         feats.append(np.asarray(jnp.mean(act, axis=(1, 2)), np.float64))
     feats = np.concatenate(feats)
     shuffled = np.random.default_rng(seed).permutation(np.asarray(labels))

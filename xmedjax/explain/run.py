@@ -36,8 +36,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from xmedjax.explain import export, quality as quality_lib
-from xmedjax.explain.capture import eval_model
-from xmedjax.explain.cams import compute_methods
+from xmedjax.explain.capture import forward_fn
+from xmedjax.explain.cams import auto_cam_layer, compute_methods
 
 QUALITY_METHODS = (
     "gradcam",
@@ -53,15 +53,14 @@ QUALITY_METHODS = (
 # Options that keep the quality stage cheap on CPU; callers may override per method.
 FAST_OPTS: dict[str, dict] = {
     "scorecam": {"chunk": 32},
-    "integrated_gradients": {"steps": 16},
-    "smoothgrad": {"samples": 8},
+    "integrated_gradients": {"steps": 8},
+    "smoothgrad": {"samples": 8},  # the same stack length as IG: one compile serves both
 }
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def predict_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(float32 logits, softmax probabilities) of a batch in eval mode."""
-    logits = eval_model(graphdef, state)(images).astype(jnp.float32)
+    """(float32 logits, softmax probabilities) of a batch in eval mode (the shared jitted forward)."""
+    logits, _ = forward_fn(graphdef, state, images, None)
     return logits, jax.nn.softmax(logits, axis=-1)
 
 
@@ -104,20 +103,28 @@ def explain_split(
     batch_size: int = 32,
     quality: bool = True,
     quality_images: int = 32,
+    quality_steps: int = 10,
     quality_methods: Sequence[str] = QUALITY_METHODS,
     method_opts: dict[str, dict] | None = None,
     label_state: nnx.State | None = None,
     grid_per_group: int = 2,
+    cam_layer: str | None = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Saliency maps of a prepared split for `methods`, plus the quality scores.
+
+    `cam_layer` is the CAM target layer: "auto" (the model's own unless its grid is under
+    7x7, else the deepest finer stage: `cams.auto_cam_layer`), None (the model's own) or a
+    dotted path such as "layer3".
 
     Returns {"heatmaps": {method: npz path}, "grid": path, "quality": scores or None,
     "quality_path": path or None, "seconds": {"maps": s, "quality": s}}.
     """
     methods = tuple(methods)
     opts = _merge_opts(method_opts)
+    if cam_layer == "auto":
+        cam_layer = auto_cam_layer(graphdef, state, (image_size, image_size, channels))
     started = time.time()
     collected: dict[str, list] = {k: [] for k in ("ids", "index", "labels", "logits", "probs")}
     per_method: dict[str, dict[str, list]] = {m: {"raw": [], "maps": [], "targets": []} for m in methods}
@@ -128,7 +135,9 @@ def explain_split(
         valid = np.asarray(batch["valid"], bool)
         images = jnp.asarray(batch["image"], jnp.float32)
         logits, probs = predict_fn(graphdef, state, images)
-        results = compute_methods(graphdef, state, images, None, methods, opts) if methods else {}
+        # explicit targets (the argmax) so that the quality stage reuses these compiles
+        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        results = compute_methods(graphdef, state, images, predicted, methods, opts, cam_layer) if methods else {}
         collected["ids"].append(np.asarray(batch["id"]).astype(str)[valid])
         collected["index"].append(np.asarray(batch["index"])[valid])
         collected["labels"].append(np.asarray(batch["label"])[valid])
@@ -143,7 +152,7 @@ def explain_split(
             has_masks = has_masks or "mask" in batch
     arrays = {k: np.concatenate(v) for k, v in collected.items()}
     predictions = np.argmax(arrays["probs"], axis=1).astype(np.int32)
-    out: dict[str, Any] = {"heatmaps": {}, "grid": None, "quality": None, "quality_path": None, "seconds": {}}
+    out: dict[str, Any] = {"heatmaps": {}, "grid": None, "quality": None, "quality_path": None, "seconds": {}, "cam_layer": cam_layer}
     maps_by_method = {}
     for name in methods:
         stacked = {k: np.concatenate(v) for k, v in per_method[name].items()}
@@ -170,13 +179,13 @@ def explain_split(
             label_state = quality_lib.shuffled_label_head(graphdef, state, images, labels, seed=seed)
             label_model = "linear head refit on shuffled labels (ridge), features kept"
         scores = quality_lib.score_methods(
-            graphdef, state, images, labels, masks, tuple(quality_methods), method_opts=opts, cascade="ends",
-            label_state=label_state, label_model=label_model, seed=seed,
+            graphdef, state, images, labels, masks, tuple(quality_methods), method_opts=opts, cascade="ends", steps=quality_steps,
+            label_state=label_state, label_model=label_model, layer=cam_layer, seed=seed,
         )
         scores["_meta"] = {
             "split": split, "n_images": int(len(images)), "targets": "true label", "label_model": label_model,
             "subset": "first images with a non-empty mask" if masks is not None else "first images",
-            "method_opts": opts, "seconds": round(time.time() - started, 2),
+            "method_opts": opts, "cam_layer": cam_layer or "model target", "seconds": round(time.time() - started, 2),
         }
         path = os.path.join(workdir, "explain_quality.json")
         os.makedirs(workdir, exist_ok=True)
@@ -358,6 +367,7 @@ def explain_folder(
     threshold: float | None = None,
     method_opts: dict[str, dict] | None = None,
     overlays: bool = True,
+    cam_layer: str | None = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Maps (of the argmax class) for every PNG/JPEG/DICOM file under `folder`.
@@ -369,6 +379,8 @@ def explain_folder(
 
     methods = tuple(methods)
     opts = _merge_opts(method_opts)
+    if cam_layer == "auto":
+        cam_layer = auto_cam_layer(graphdef, state, (image_size, image_size, channels))
     files = input_pipeline.list_image_files(folder)
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
@@ -378,8 +390,9 @@ def explain_folder(
         files, batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization, desc="explain", progress=progress
     ):
         images_j = jnp.asarray(images)
-        _, probs = predict_fn(graphdef, state, images_j)
-        results = compute_methods(graphdef, state, images_j, None, methods, opts)
+        logits, probs = predict_fn(graphdef, state, images_j)
+        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        results = compute_methods(graphdef, state, images_j, predicted, methods, opts, cam_layer)
         rel = [os.path.relpath(p, folder) for p in paths]
         ids.extend(rel)
         probs_all.append(np.asarray(probs)[:n])
