@@ -1,0 +1,211 @@
+"""Saliency quality metrics: hand-checked pieces, then validation on the phantoms.
+
+The phantom test trains a narrow ResNet50 (width 0.125, 64 px) on brain phantoms, whose
+lesion masks are known, for a few hundred Adam steps, and checks that the CAMs localise
+the lesion far better than seeded random maps and that randomising the weights destroys
+their maps (Adebayo et al.'s sanity check).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from scipy import stats
+
+from data_prep import phantoms
+from test_cams import TinyCam
+from xmedjax.explain import quality
+from xmedjax.explain.cams import CAM_METHODS, METHODS, auto_cam_layer
+from xmedjax.models import create_model
+
+# ----------------------------------------------------------------------------- by hand
+
+
+def test_localisation_scores_by_hand():
+    maps = np.zeros((2, 4, 4))
+    maps[0, 1, 1] = 1.0  # peak inside the mask
+    maps[0, 3, 3] = 0.5
+    maps[1, 0, 0] = 1.0  # peak outside
+    maps[1, 1, 2] = 1.0 - 1e-6
+    masks = np.zeros((2, 4, 4), bool)
+    masks[:, 1:3, 1:3] = True
+    np.testing.assert_array_equal(quality.pointing_game(maps, masks), [1.0, 0.0])
+    np.testing.assert_allclose(quality.energy_in_mask(maps, masks), [1.0 / 1.5, (1 - 1e-6) / (2 - 1e-6)])
+    # threshold 0.5: image 0 predicts {(1,1), (3,3)}: IoU 1 / 5; image 1 {(0,0), (1,2)}: 1 / 5
+    np.testing.assert_allclose(quality.iou(maps, masks, 0.5), [0.2, 0.2])
+    # one pixel of tolerance brings (0, 0) next to the mask (diagonal neighbours don't count)
+    assert quality.pointing_game(maps[1:], masks[1:], tolerance=1)[0] == 0.0
+    assert quality.pointing_game(maps[1:], masks[1:], tolerance=2)[0] == 1.0
+    empty = quality.localisation_scores(maps, np.zeros_like(masks))
+    assert empty["n_localisation"] == 0
+
+
+def test_masks_from_boxes_and_uint8():
+    masks = quality.boxes_to_masks(np.array([[1, 0, 3, 2]]), (4, 4))
+    assert masks[0].sum() == 4 and masks[0, 0, 1] and masks[0, 1, 2] and not masks[0, 2, 1]
+    np.testing.assert_array_equal(quality.binarize_masks((masks * 255).astype(np.uint8)[..., None]), masks)
+    np.testing.assert_array_equal(quality.binarize_masks(masks.astype(np.float32)), masks)
+
+
+def test_spearman_and_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 8, 8))
+    b = a + 0.3 * rng.random((3, 8, 8))
+    want = [stats.spearmanr(x.ravel(), y.ravel())[0] for x, y in zip(a, b)]
+    np.testing.assert_allclose(quality.spearman(a, b), want, rtol=1e-10)
+    np.testing.assert_allclose(quality.spearman(a, a), 1.0)
+    np.testing.assert_allclose(quality.spearman(a, -a), -1.0)
+    # a constant map shares no ranking with a real one, and all of it with another constant one
+    np.testing.assert_array_equal(quality.spearman(np.zeros((1, 4, 4)), a[:1, :4, :4]), [0.0])
+    np.testing.assert_array_equal(quality.spearman(np.zeros((1, 4, 4)), np.ones((1, 4, 4))), [1.0])
+    np.testing.assert_allclose(quality.ssim(a, a), 1.0)
+    assert np.all(quality.ssim(a, rng.random((3, 8, 8))) < 0.5)
+    summary = quality.compare_maps(a, b)
+    assert summary["spearman"] == pytest.approx(np.mean(want))
+
+
+def test_deletion_insertion_curves_by_hand():
+    # logits = mean(A^2) W + b with A = relu(x): a brighter image scores higher for class 0
+    graphdef, state = nnx.split(TinyCam(np.ones(1), np.array([[4.0, 0.0]]), np.zeros(2)))
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    x[0, 2:4, 2:4] = 3.0
+    maps = np.zeros((1, 8, 8), np.float32)
+    maps[0, 2:4, 2:4] = 1.0  # the bright square first
+    targets = jnp.zeros(1, jnp.int32)
+    d_auc, i_auc, d_curve, i_curve = quality.deletion_insertion_fn(graphdef, state, jnp.asarray(x), jnp.asarray(maps), targets, steps=4)
+    d_curve, i_curve = np.asarray(d_curve)[:, 0], np.asarray(i_curve)[:, 0]
+    blurred = np.asarray(quality.gaussian_blur(jnp.asarray(x), 1.0))
+
+    def prob(img):
+        s0 = 4.0 * np.mean(np.maximum(img, 0) ** 2)
+        return 1.0 / (1.0 + np.exp(-s0))
+
+    assert d_curve[0] == pytest.approx(prob(x), rel=1e-5)  # nothing deleted yet
+    assert d_curve[-1] == pytest.approx(prob(blurred), rel=1e-5)  # all blurred
+    assert i_curve[0] == pytest.approx(prob(blurred), rel=1e-5)
+    assert i_curve[-1] == pytest.approx(prob(x), rel=1e-5)
+    # after the first quarter: 16 pixels, the 4 bright ones first, then ties in raster order
+    top = np.zeros(64, bool)
+    top[np.argsort(-maps[0].ravel(), kind="stable")[:16]] = True
+    first = np.where(top.reshape(8, 8, 1), blurred[0], x[0])
+    assert d_curve[1] == pytest.approx(prob(first[None]), rel=1e-5)
+    trapezoid = (d_curve.sum() - 0.5 * (d_curve[0] + d_curve[-1])) / 4
+    assert float(d_auc[0]) == pytest.approx(trapezoid, rel=1e-6)
+    assert float(i_auc[0]) > float(d_auc[0])
+
+
+def test_randomization_stages_go_from_the_head_down():
+    _, state = nnx.split(create_model("resnet50", 2, width=0.0625))
+    assert quality.randomization_stages(state) == ["fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+    dstate = nnx.state(nnx.eval_shape(lambda: create_model("densenet121", 2, width=0.0625)))  # paths only
+    stages = quality.randomization_stages(dstate)
+    assert stages[:4] == ["classifier", "features.norm5", "features.denseblock4", "features.transition3"]
+    assert set(stages[-2:]) == {"features.conv0", "features.norm0"}
+    randomized = quality.randomize_stages(state, ["fc", "layer4"], seed=0)
+    before, after = dict(nnx.to_flat_state(state)), dict(nnx.to_flat_state(randomized))
+    for path, var in before.items():
+        same = np.array_equal(var.get_value(), after[path].get_value())
+        changed_kernel = path[0] in ("fc", "layer4") and var.get_value().ndim >= 2
+        assert same != changed_kernel, path
+
+
+def test_random_baseline_is_seeded_and_model_free():
+    graphdef, state = nnx.split(TinyCam(np.ones(1), np.ones((1, 2)), np.zeros(2)))
+    x = jnp.zeros((3, 8, 8, 1))
+    one = METHODS["random"](graphdef, state, x, None, seed=1)
+    again = METHODS["random"](graphdef, quality.randomize_stages(state, ["w"], seed=5), x, None, seed=1)
+    np.testing.assert_array_equal(one.maps, again.maps)
+    assert not np.allclose(one.maps[0], one.maps[1])
+    assert not np.allclose(one.maps, METHODS["random"](graphdef, state, x, None, seed=2).maps)
+
+
+# ----------------------------------------------------------------------------- phantoms
+
+
+@pytest.fixture(scope="module")
+def phantom_model():
+    """A narrow ResNet50 trained on brain phantoms (64 px, unit-scaled), ~20-30 s on 2 cores."""
+    train = phantoms.generate("brain", 512, 64, seed=11)
+    test = phantoms.generate("brain", 96, 64, seed=12)
+    x = train["images"][..., None].astype(np.float32) / 255.0
+    y = train["labels"]
+    model = create_model("resnet50", 2, in_channels=1, width=0.125, seed=0)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, xb, yb):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        idx = rng.integers(0, len(x), 32)
+        step(model, optimizer, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    xt = test["images"][..., None].astype(np.float32) / 255.0
+    logits = np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, xt))
+    lesion = test["labels"] == 1
+    return dict(
+        graphdef=graphdef, state=state, accuracy=float(np.mean(np.argmax(logits, 1) == test["labels"])),
+        images=xt[lesion][:32], labels=test["labels"][lesion][:32], masks=test["masks"][lesion][:32],
+    )
+
+
+def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_randomised(phantom_model):
+    m = phantom_model
+    assert m["accuracy"] > 0.85, m["accuracy"]
+    layer = auto_cam_layer(m["graphdef"], m["state"], (64, 64, 1))
+    assert layer == "layer2"  # layer4 is 2x2 at 64 px
+    names = (*CAM_METHODS, "random")
+    scores = quality.score_methods(
+        m["graphdef"], m["state"], m["images"], m["labels"], m["masks"], names,
+        method_opts={"scorecam": {"chunk": 32}}, faithfulness=True, steps=8, cascade="ends", layer=layer,
+    )
+    rnd = scores["random"]
+    keys = ("pointing_game", "energy_in_mask", "sanity_randomization_spearman", "deletion_auc")
+    summary = "\n".join(f"{k}: {[round(v[s], 3) for s in keys]}" for k, v in scores.items())
+    for name in CAM_METHODS:
+        s = scores[name]
+        assert s["pointing_game"] >= rnd["pointing_game"] + 0.15, summary
+        assert s["energy_in_mask"] >= 1.5 * rnd["energy_in_mask"], summary
+        # randomising every layer destroys the map (in part: at layer2 a random network's
+        # features still follow the image, as Adebayo et al. found); a model-free map keeps 1
+        assert s["sanity_randomization_spearman"] < 0.8, summary
+        assert s["deletion_auc"] < rnd["deletion_auc"], summary
+    assert rnd["sanity_randomization_spearman"] == pytest.approx(1.0)
+    assert np.mean([scores[n]["sanity_randomization_spearman"] for n in CAM_METHODS]) < 0.6, summary
+
+
+def test_input_attributions_on_phantoms(phantom_model):
+    m = phantom_model
+    names = ("integrated_gradients", "smoothgrad", "random")
+    scores = quality.score_methods(
+        m["graphdef"], m["state"], m["images"], m["labels"], m["masks"], names,
+        method_opts={"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 8}}, faithfulness=False, sanity=False,
+    )
+    for name in names[:2]:
+        assert scores[name]["pointing_game"] >= scores["random"]["pointing_game"] + 0.3, scores
+
+
+def test_label_randomisation_with_a_head_refit(phantom_model):
+    m = phantom_model
+    shuffled = quality.shuffled_label_head(m["graphdef"], m["state"], m["images"], m["labels"], seed=0)
+    before, after = dict(nnx.to_flat_state(m["state"])), dict(nnx.to_flat_state(shuffled))
+    changed = {p for p in before if not np.array_equal(before[p].get_value(), after[p].get_value())}
+    assert changed == {("fc", "kernel"), ("fc", "bias")}
+    scores = quality.score_methods(
+        m["graphdef"], m["state"], m["images"], m["labels"], None, ("hirescam", "random"),
+        faithfulness=False, sanity=False, label_state=shuffled, label_model="head refit", layer="layer2",
+    )
+    assert scores["random"]["sanity_label_spearman"] == pytest.approx(1.0)
+    assert scores["hirescam"]["sanity_label_spearman"] < 0.9
+    assert scores["hirescam"]["sanity_label_model"] == "head refit"
