@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one script a device call runs (issue 8): wheels, then benchmarks/gpu.py and/or
+# benchmarks/replicate.py within a time budget; everything worth keeping lands in $OUT.
+#
+#   bash benchmarks/run_on_gpu.sh PHASE [CALL_SECONDS] [MODELS]
+#
+# PHASE         what                                              carry (besides .whl)
+# bench_brain   gpu.py (~270 s), then brain_densenet121 +         prepared/brain_binary
+#               brain_resnet50 in the time left
+# bench         gpu.py only                                       prepared/brain_binary (input bench)
+# brain         brain_densenet121 + brain_resnet50                prepared/brain_binary
+# chest         chest_densenet121 + chest_resnet50                prepared/chest_xray
+# brain4        brain4_densenet121                                prepared/brain_4class
+# CALL_SECONDS: what this call may use (default 570, for timeout_s=600); the replication gets
+# whatever the benchmark leaves, minus a 25 s margin. MODELS overrides the phase's models.
+#
+# Device call (one dataset per call: working tree ~2.6 + .whl ~10.2 + dataset <= 47.1 MiB < 64):
+#   run(command="bash benchmarks/run_on_gpu.sh bench_brain 570", timeout_s=600,
+#       carry=[".whl", "prepared/brain_binary"])
+# then copy <files_at>/results.json to docs/results.json here (so the next call merges into it).
+# A later call on the still-warm machine (within 30 s) reuses /tmp/site, .jax_cache and runs/,
+# so a run cut by the budget resumes: `bash benchmarks/run_on_gpu.sh brain 570`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PHASE=${1:-bench_brain}
+CALL_S=${2:-570}
+MODELS=${3:-}
+OUT=${OUT:-/tmp/xmedjax_out}
+mkdir -p "$OUT"
+T0=$SECONDS
+say() { echo "[run_on_gpu $(date -u +%H:%M:%S) +$((SECONDS - T0))s] $*"; }
+
+# 1. wheels (grain, tensorflow-datasets, array-record, ml-collections + deps, grad-cam 1.5.7, ttach)
+if ! PYTHONPATH=/tmp/site python3 -c "import grain, tensorflow_datasets, ml_collections, array_record, pytorch_grad_cam" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { say "wheel install failed"; exit 3; }
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1
+{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import jax, flax, optax, torch, torchvision, cv2, grain; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'cv2', cv2.__version__, 'grain', grain.__version__ if hasattr(grain, '__version__') else '?')"
+  nproc; free -g | head -2; du -sh prepared/* 2>/dev/null; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+say "wheels ready"
+
+CACHE=$PWD/.jax_cache   # ignored; kept between calls on a warm machine
+BENCH_JSON=$OUT/benchmarks.json
+
+run_bench() {
+  local budget=$1 data=""
+  for d in prepared/brain_binary prepared/chest_xray prepared/brain_4class; do
+    [[ -f $d/xmedjax_dataset.json ]] && { data=$d; break; }
+  done
+  say "gpu.py (budget ${budget} s, input data '${data}')"
+  python3 benchmarks/gpu.py --out="$BENCH_JSON" --data_dir="$data" --cache_dir="$CACHE" \
+    --budget_s="$budget" 2>&1 | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/gpu_log.txt"
+  say "gpu.py done"
+}
+
+run_repl() {
+  local models=$1 budget=$((CALL_S - (SECONDS - T0) - 25))
+  if (( budget < 60 )); then say "no time left for the replication ($budget s)"; return; fi
+  local bench=()
+  [[ -f $BENCH_JSON ]] && bench=(--bench_json="$BENCH_JSON")
+  say "replicate.py $models (budget ${budget} s, 2 at once)"
+  python3 benchmarks/replicate.py --data_root=prepared --models="$models" --parallel=2 \
+    --budget_s="$budget" --cache_dir="$CACHE" --out=docs/results.json "${bench[@]}" 2>&1 \
+    | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/replicate_log.txt"
+  cp docs/results.json "$OUT/results.json"
+  # each run's log tail, metrics, figures and report in one archive (the $OUT file limit is 8)
+  for m in ${models//,/ }; do
+    [[ -f runs/replicate/$m/replicate_log.txt ]] || continue
+    { echo "=== $m"; grep -v -E "^(W|I)[0-9]{4} " "runs/replicate/$m/replicate_log.txt" | tail -c 20000; } >> "$OUT/runs.log"
+  done
+  tar czf "$OUT/runs_${PHASE}.tar.gz" --exclude='checkpoints' --exclude='heatmaps' --exclude='predictions' \
+    --exclude='tensorboard' runs/replicate 2>/dev/null
+  say "replicate.py done"
+}
+
+case $PHASE in
+  bench_brain) run_bench 270; run_repl "${MODELS:-brain_densenet121,brain_resnet50}" ;;
+  bench)       run_bench $((CALL_S - 30)) ;;
+  brain)       run_repl "${MODELS:-brain_densenet121,brain_resnet50}" ;;
+  chest)       run_repl "${MODELS:-chest_densenet121,chest_resnet50}" ;;
+  brain4)      run_repl "${MODELS:-brain4_densenet121}" ;;
+  *) echo "unknown phase $PHASE (bench_brain | bench | brain | chest | brain4)"; exit 2 ;;
+esac
+if [[ -f $BENCH_JSON && ! -f $OUT/results.json ]]; then
+  python3 - "$BENCH_JSON" "$OUT/results.json" <<'EOF'
+import json, sys
+b = json.load(open(sys.argv[1]))
+try:
+    r = json.load(open("docs/results.json"))
+except Exception:
+    r = {}
+r["benchmarks"], r["benchmarks_meta"] = b.get("benchmarks", {}), b.get("meta", {})
+r.setdefault("replication", {})
+json.dump(r, open(sys.argv[2], "w"), indent=2)
+EOF
+fi
+say "phase $PHASE done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
