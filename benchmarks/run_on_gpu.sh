@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# The one script a device call runs (issue 8): wheels, then benchmarks/gpu.py and/or
+# The one script a device call runs (issue 8): wheels, then benchmarks/gpu.py or
 # benchmarks/replicate.py within a time budget; everything worth keeping lands in $OUT.
 #
 #   bash benchmarks/run_on_gpu.sh PHASE [CALL_SECONDS] [MODELS]
 #
-# PHASE         what                                              carry (besides .whl)
-# bench_brain   gpu.py (~270 s), then brain_densenet121 +         prepared/brain_binary
-#               brain_resnet50 in the time left
-# bench         gpu.py only                                       prepared/brain_binary (input bench)
-# brain         brain_densenet121 + brain_resnet50                prepared/brain_binary
-# chest         chest_densenet121 + chest_resnet50                prepared/chest_xray
-# brain4        brain4_densenet121                                prepared/brain_4class
-# CALL_SECONDS: what this call may use (default 570, for timeout_s=600); the replication gets
-# whatever the benchmark leaves, minus a 25 s margin. MODELS overrides the phase's models.
+# PHASE    what                                                   carry (besides .whl)
+# bench    gpu.py: ours vs torch eager / pytorch-grad-cam (~400 s) prepared/brain_binary (input bench)
+# brain    brain_densenet121 + brain_resnet50                     prepared/brain_binary
+# chest    chest_densenet121 + chest_resnet50                     prepared/chest_xray
+# brain4   brain4_densenet121                                     prepared/brain_4class
+# four     the paper's four models in one command (the wall-time  prepared/chest_xray, with
+#          target); needs brain_binary already on the warm box     brain_binary left by `upload`
+# upload   nothing: leaves the carried dataset on the warm box    the dataset to leave there
+# CALL_SECONDS: what this call may use (default 570, for timeout_s=600); runs still going at
+# CALL_SECONDS - 25 - 60 get SIGTERM (they checkpoint), and their best checkpoint so far is
+# evaluated and marked "preempted". MODELS overrides the phase's models; PARALLEL (default 2)
+# sets how many train at once on the one GPU; TORCH_COMPILE=1 adds torch.compile to bench.
 #
-# Device call (one dataset per call: working tree ~2.6 + .whl ~10.2 + dataset <= 47.1 MiB < 64):
-#   run(command="bash benchmarks/run_on_gpu.sh bench_brain 570", timeout_s=600,
-#       carry=[".whl", "prepared/brain_binary"])
-# then copy <files_at>/results.json to docs/results.json here (so the next call merges into it).
-# A later call on the still-warm machine (within 30 s) reuses /tmp/site, .jax_cache and runs/,
-# so a run cut by the budget resumes: `bash benchmarks/run_on_gpu.sh brain 570`.
+# One dataset per call: working tree ~2.6 + .whl ~10.2 + dataset <= 47.1 MiB < 64 MiB; two
+# datasets never fit. Ignored paths left by an earlier call on a warm machine stay there
+# (/tmp/site, .jax_cache/, runs/, prepared/<other>), which `four` relies on: call `upload`
+# with prepared/brain_binary, then `four` with prepared/chest_xray, within 30 s of each other.
+# After each call copy <files_at>/results.json to docs/results.json here (the next call
+# carries it and merges into it).
+#
+# Session plan (15 min of device time, machine start ~2-3 min):
+#   1. run(command="bash benchmarks/run_on_gpu.sh bench 570", timeout_s=600,
+#          carry=[".whl", "prepared/brain_binary"])                          ~7 min with transfer
+#   2. at once: run(command="bash benchmarks/run_on_gpu.sh brain 270 brain_resnet50",
+#          timeout_s=300, carry=[".whl", "prepared/brain_binary"])           ~5 min
+#   then give_back. Later sessions: upload + four (the four-model wall time), then brain4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE=${1:-bench_brain}
@@ -52,8 +62,10 @@ run_bench() {
     [[ -f $d/xmedjax_dataset.json ]] && { data=$d; break; }
   done
   say "gpu.py (budget ${budget} s, input data '${data}')"
+  local tc=()
+  [[ ${TORCH_COMPILE:-0} == 1 ]] && tc=(--torch_compile)
   python3 benchmarks/gpu.py --out="$BENCH_JSON" --data_dir="$data" --cache_dir="$CACHE" \
-    --budget_s="$budget" 2>&1 | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/gpu_log.txt"
+    --budget_s="$budget" "${tc[@]}" 2>&1 | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/gpu_log.txt"
   say "gpu.py done"
 }
 
@@ -62,8 +74,8 @@ run_repl() {
   if (( budget < 60 )); then say "no time left for the replication ($budget s)"; return; fi
   local bench=()
   [[ -f $BENCH_JSON ]] && bench=(--bench_json="$BENCH_JSON")
-  say "replicate.py $models (budget ${budget} s, 2 at once)"
-  python3 benchmarks/replicate.py --data_root=prepared --models="$models" --parallel=2 \
+  say "replicate.py $models (budget ${budget} s, ${PARALLEL:-2} at once)"
+  python3 benchmarks/replicate.py --data_root=prepared --models="$models" --parallel="${PARALLEL:-2}" \
     --budget_s="$budget" --cache_dir="$CACHE" --out=docs/results.json "${bench[@]}" 2>&1 \
     | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/replicate_log.txt"
   cp docs/results.json "$OUT/results.json"
@@ -78,12 +90,13 @@ run_repl() {
 }
 
 case $PHASE in
-  bench_brain) run_bench 270; run_repl "${MODELS:-brain_densenet121,brain_resnet50}" ;;
-  bench)       run_bench $((CALL_S - 30)) ;;
-  brain)       run_repl "${MODELS:-brain_densenet121,brain_resnet50}" ;;
-  chest)       run_repl "${MODELS:-chest_densenet121,chest_resnet50}" ;;
-  brain4)      run_repl "${MODELS:-brain4_densenet121}" ;;
-  *) echo "unknown phase $PHASE (bench_brain | bench | brain | chest | brain4)"; exit 2 ;;
+  bench)  run_bench $((CALL_S - 60)) ;;
+  brain)  run_repl "${MODELS:-brain_densenet121,brain_resnet50}" ;;
+  chest)  run_repl "${MODELS:-chest_densenet121,chest_resnet50}" ;;
+  brain4) run_repl "${MODELS:-brain4_densenet121}" ;;
+  four)   run_repl "${MODELS:-brain_densenet121,chest_densenet121,brain_resnet50,chest_resnet50}" ;;
+  upload) say "left on this machine: $(ls prepared)" ;;
+  *) echo "unknown phase $PHASE (bench | brain | chest | brain4 | four | upload)"; exit 2 ;;
 esac
 if [[ -f $BENCH_JSON && ! -f $OUT/results.json ]]; then
   python3 - "$BENCH_JSON" "$OUT/results.json" <<'EOF'
