@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.explain.batch_size = 32
   c.explain.quality = True  # explain_quality.json: localisation, faithfulness, sanity checks
   c.explain.quality_images = 32  # images of the split the quality scores use
+  c.explain.quality_methods = ()  # methods the quality scores compare; () = all the explain package offers
 
   c.predict = ml_collections.ConfigDict()
   c.predict.folder = ""  # images/DICOMs to classify (and explain) in predict mode

@@ -202,7 +202,7 @@ def check_values(c) -> None:
 
     _cmp(c, "explain.methods", lambda v: len(v) > 0, "a non-empty list")
     known = explain_methods()
-    for method in c.explain.methods:
+    for method in tuple(c.explain.methods) + tuple(c.explain.quality_methods):
         _require(method in known, f"config.explain.methods: unknown method {method!r}; "
                  f"choose from {', '.join(known)}")
     _cmp(c, "explain.batch_size", lambda v: v > 0, "> 0")

@@ -103,8 +103,13 @@ def prepare_data(config, workdir: str) -> str:
     return data_dir
 
 
+# Initialisation runs once: compile it fast rather than well (ResNet50 1/8 on 2 CPU cores,
+# cold cache: 4 s, against 11 s at the default level and 9 s eagerly).
+_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def build_model(config, num_classes: int) -> nnx.Module:
-    """The config's model (jit-initialised: one compile instead of one per variable shape)."""
+    """The config's model, initialised by one quickly compiled XLA program."""
     from xmedjax.models import create_model  # noqa: PLC0415
 
     dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[config.model.dtype]
@@ -113,7 +118,13 @@ def build_model(config, num_classes: int) -> nnx.Module:
         return create_model(config.model.arch, num_classes, in_channels=config.data.channels, dtype=dtype,
                             seed=config.training.seed, width=config.model.width)
 
-    model = nnx.jit(make)()
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    init = jax.jit(lambda: nnx.split(make())[1])
+    try:
+        compiled = init.lower().compile(compiler_options=_INIT_COMPILER_OPTIONS)
+    except Exception:  # noqa: BLE001 - an unknown option on another backend: default compile
+        compiled = init.lower().compile()
+    model = nnx.merge(graphdef, compiled())
     if config.init.checkpoint:
         from xmedjax.models.weights_io import load_weights  # noqa: PLC0415
 
@@ -410,7 +421,9 @@ def explain_split(run: Run, state: ts.TrainState, split: str, *, predictions: np
                                      image_size=c.data.image_size, channels=c.data.channels,
                                      normalization=c.data.normalization, methods=tuple(c.explain.methods),
                                      batch_size=c.explain.batch_size, quality=c.explain.quality,
-                                     quality_images=c.explain.quality_images)
+                                     quality_images=c.explain.quality_images,
+                                     **({"quality_methods": tuple(c.explain.quality_methods)}
+                                        if c.explain.quality_methods else {}))
             return dict(result or {})
         except Exception as exc:  # noqa: BLE001 - keep the run's Grad-CAM and report
             logging_utils.log(f"warning: xmedjax.explain.run.explain_split failed ({type(exc).__name__}: {exc}); "
