@@ -157,6 +157,7 @@ def phantom_model():
     return dict(
         graphdef=graphdef, state=state, accuracy=float(np.mean(np.argmax(logits, 1) == test["labels"])),
         images=xt[lesion][:32], labels=test["labels"][lesion][:32], masks=test["masks"][lesion][:32],
+        all_images=xt[:64], all_labels=test["labels"][:64],
     )
 
 
@@ -198,7 +199,9 @@ def test_input_attributions_on_phantoms(phantom_model):
 
 def test_label_randomisation_with_a_head_refit(phantom_model):
     m = phantom_model
-    shuffled = quality.shuffled_label_head(m["graphdef"], m["state"], m["images"], m["labels"], seed=0)
+    with pytest.raises(ValueError):  # one class only: shuffling changes nothing
+        quality.shuffled_label_head(m["graphdef"], m["state"], m["images"], m["labels"], seed=0)
+    shuffled = quality.shuffled_label_head(m["graphdef"], m["state"], m["all_images"], m["all_labels"], seed=0)
     before, after = dict(nnx.to_flat_state(m["state"])), dict(nnx.to_flat_state(shuffled))
     changed = {p for p in before if not np.array_equal(before[p].get_value(), after[p].get_value())}
     assert changed == {("fc", "kernel"), ("fc", "bias")}

@@ -23,7 +23,6 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from flax import nnx
 
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer
@@ -101,12 +100,14 @@ def _fmt(value) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
-def markdown_table(results: dict[str, dict], *, title: str = "Saliency methods compared") -> str:
+def markdown_table(results: dict[str, dict], *, title: str = "Saliency methods compared", command: str | None = None) -> str:
     """Methods as rows; per model, pointing game, energy in mask, deletion/insertion AUC, rand-weights Spearman."""
     labels = list(results)
     methods = list(next(iter(results.values()))["scores"]) if results else []
     head = ["method"] + [f"{label} {short}" for label in labels for _, short in COLUMNS]
     lines = [f"## {title}", ""]
+    if command:
+        lines += [f"Made by `{command}`.", ""]
     for label in labels:
         meta = results[label]["meta"]
         lines.append(
@@ -196,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries.append(entry)
     layer = None if args.cam_layer == "model" else args.cam_layer
     results = compare_models(entries, split=args.split, n_images=args.images, cam_layer=layer)
-    text = markdown_table(results)
+    command = "python -m xmedjax.explain.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown_table(results, command=command)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)

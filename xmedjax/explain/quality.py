@@ -295,13 +295,20 @@ def shuffled_label_head(
     pooled target activation of `images`, so only what the head learned is randomised; it
     is a lower bound on how much a method depends on the labels.
     """
+    if len(np.unique(np.asarray(labels))) < 2:
+        raise ValueError("shuffled_label_head needs images of at least two classes (shuffling one class changes nothing)")
     kernel_path, bias_path = _head_paths(state)
     flat = {path: var for path, var in nnx.to_flat_state(state)}
     num_classes = flat[kernel_path].get_value().shape[-1]
     feats = []
+    images = np.asarray(images, np.float32)
     for start in range(0, len(images), batch_size):
-        _, act = forward_fn(graphdef, state, jnp.asarray(images[start : start + batch_size]), None)
-        feats.append(np.asarray(jnp.mean(act, axis=(1, 2)), np.float64))
+        chunk = images[start : start + batch_size]
+        n = len(chunk)
+        if n < batch_size:  # pad: every call has the same shape, one compile
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+        _, act = forward_fn(graphdef, state, jnp.asarray(chunk), None)
+        feats.append(np.asarray(jnp.mean(act, axis=(1, 2)), np.float64)[:n])
     feats = np.concatenate(feats)
     shuffled = np.random.default_rng(seed).permutation(np.asarray(labels))
     onehot = 2.0 * np.eye(num_classes)[shuffled] - 1.0

@@ -23,7 +23,6 @@ functions of (graphdef, state, inputs).
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
 import time
@@ -129,6 +128,7 @@ def explain_split(
     collected: dict[str, list] = {k: [] for k in ("ids", "index", "labels", "logits", "probs")}
     per_method: dict[str, dict[str, list]] = {m: {"raw": [], "maps": [], "targets": []} for m in methods}
     subset: dict[str, list] = {"images": [], "labels": [], "masks": []}
+    label_fit: dict[str, list] = {"images": [], "labels": []}  # any class, for the shuffled-label head
     has_masks = False
     batches = _batches(data_dir, split, batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization)
     for batch in tqdm(batches, desc=f"explain {split}", unit="batch", disable=not progress, leave=False):
@@ -150,6 +150,9 @@ def explain_split(
         if quality and sum(len(x) for x in subset["images"]) < quality_images:
             _collect_subset(subset, batch, valid, quality_images)
             has_masks = has_masks or "mask" in batch
+        if quality and label_state is None and sum(len(x) for x in label_fit["images"]) < 2 * quality_images:
+            label_fit["images"].append(np.asarray(batch["image"], np.float32)[valid])
+            label_fit["labels"].append(np.asarray(batch["label"])[valid])
     arrays = {k: np.concatenate(v) for k, v in collected.items()}
     predictions = np.argmax(arrays["probs"], axis=1).astype(np.int32)
     out: dict[str, Any] = {"heatmaps": {}, "grid": None, "quality": None, "quality_path": None, "seconds": {}, "cam_layer": cam_layer}
@@ -175,9 +178,13 @@ def explain_split(
         labels = np.concatenate(subset["labels"])[:quality_images].astype(np.int32)
         masks = np.concatenate(subset["masks"])[:quality_images] if has_masks and subset["masks"] else None
         label_model = "caller-supplied model trained on shuffled labels"
-        if label_state is None:
-            label_state = quality_lib.shuffled_label_head(graphdef, state, images, labels, seed=seed)
-            label_model = "linear head refit on shuffled labels (ridge), features kept"
+        fit_labels = np.concatenate(label_fit["labels"]) if label_fit["labels"] else np.zeros(0)
+        if label_state is None and len(np.unique(fit_labels)) >= 2:
+            fit_images = np.concatenate(label_fit["images"])
+            label_state = quality_lib.shuffled_label_head(graphdef, state, fit_images, fit_labels, seed=seed, batch_size=batch_size)
+            label_model = f"linear head refit by ridge on {len(fit_labels)} images with shuffled labels, features kept"
+        elif label_state is None:
+            label_model = "none (the split has a single class)"
         scores = quality_lib.score_methods(
             graphdef, state, images, labels, masks, tuple(quality_methods), method_opts=opts, cascade="ends", steps=quality_steps,
             label_state=label_state, label_model=label_model, layer=cam_layer, seed=seed,
@@ -234,9 +241,9 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
-        return x.item()
+        x = x.item()
     if isinstance(x, float) and not np.isfinite(x):
-        return None
+        return None  # strict JSON: NaN (an undefined score) becomes null
     return x
 
 
