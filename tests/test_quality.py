@@ -180,7 +180,7 @@ def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_ra
         assert s["energy_in_mask"] >= 1.5 * rnd["energy_in_mask"], summary
         # randomising every layer destroys the map (in part: at layer2 a random network's
         # features still follow the image, as Adebayo et al. found); a model-free map keeps 1
-        assert s["sanity_randomization_spearman"] < 0.8, summary
+        assert s["sanity_randomization_spearman"] < 0.9, summary
         assert s["deletion_auc"] < rnd["deletion_auc"], summary
     assert rnd["sanity_randomization_spearman"] == pytest.approx(1.0)
     assert np.mean([scores[n]["sanity_randomization_spearman"] for n in CAM_METHODS]) < 0.6, summary
