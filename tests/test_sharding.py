@@ -90,3 +90,41 @@ def test_eight_devices_match_one():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "float64: 8 devices == 1 device" in res.stdout and "float32: 8 devices == 1 device" in res.stdout
+
+
+def test_two_processes_train_end_to_end(tmp_path):
+    """`jax.distributed` over 2 CPU processes x 2 devices: the CLI trains, checkpoints (one Grain
+    state per process) and process 0 alone writes the outputs. ~2 minutes on 2 cores, so it
+    runs only with XMEDJAX_SLOW_TESTS=1."""
+    import pytest
+
+    if not os.environ.get("XMEDJAX_SLOW_TESTS"):
+        pytest.skip("set XMEDJAX_SLOW_TESTS=1 (two processes compile and train for ~2 minutes)")
+    import socket
+
+    import jax
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(HERE)
+    work = tmp_path / "w"
+    args = [f"--config={root}/configs/demo.py", f"--workdir={work}", "--config.data.phantom_counts.train=32",
+            "--config.data.phantom_counts.val=16", "--config.data.phantom_counts.test=16", "--config.data.image_size=32",
+            "--config.model.width=0.0625", "--config.training.batch_size=8", "--config.training.eval_batch_size=16",
+            "--config.training.max_epochs=2", "--config.training.checkpoint_every_steps=3",
+            "--config.evaluate.bootstrap_samples=20", "--config.explain.quality=False",
+            "--config.runtime.progress_bar=False",
+            f"--config.runtime.compilation_cache_dir={jax.config.jax_compilation_cache_dir or ''}"]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   XMEDJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", XMEDJAX_NUM_PROCESSES="2", XMEDJAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-m", "xmedjax.main", *args], cwd=root, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "4 device(s), 2 process(es)" in outs[0] and "report:" in outs[0] and "report:" not in outs[1]
+    assert (work / "metrics.json").is_file() and (work / "heatmaps" / "test_gradcam.npz").is_file()
+    assert sorted(os.listdir(work / "checkpoints" / "latest" / "8" / "data_iter")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]

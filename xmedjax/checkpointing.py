@@ -32,8 +32,12 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def _manager(directory: str, max_to_keep: int, name: str = LATEST) -> ocp.CheckpointManager:
+    # Each manager gets its own barrier names: latest and best may save the same step, and
+    # with several processes identical names collide ("Barrier ... is already ongoing").
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"xmedjax_{name}"))
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -42,8 +46,8 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, *, keep_latest: int = 2):
         self.workdir = workdir
-        self.latest = _manager(checkpoint_dir(workdir, LATEST), keep_latest)
-        self.best = _manager(checkpoint_dir(workdir, BEST), 1)
+        self.latest = _manager(checkpoint_dir(workdir, LATEST), keep_latest, LATEST)
+        self.best = _manager(checkpoint_dir(workdir, BEST), 1, BEST)
 
     # ------------------------------------------------------------------ save
     def save_latest(self, step: int, state: Any, iterator: Any, loop: dict) -> None:
@@ -100,7 +104,7 @@ class RunCheckpoints:
 
 def read_params(workdir: str, which: str = LATEST, step: int | None = None) -> dict:
     """The raw saved state tree (numpy, no target structure): for tests and inspection."""
-    manager = _manager(checkpoint_dir(workdir, which), 2)
+    manager = _manager(checkpoint_dir(workdir, which), 2, which)
     step = manager.latest_step() if step is None else step
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()
