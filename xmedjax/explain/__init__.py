@@ -11,6 +11,7 @@ from xmedjax.explain.attribution import integrated_gradients_fn, smoothgrad_fn
 from xmedjax.explain.cams import (
     CAM_METHODS,
     METHODS,
+    auto_cam_layer,
     compute_methods,
     gradcampp_fn,
     hirescam_fn,
@@ -28,6 +29,7 @@ __all__ = [
     "CamResult",
     "METHODS",
     "TargetCapture",
+    "auto_cam_layer",
     "capture_target_gradients",
     "compute_methods",
     "forward_with_activation",
