@@ -60,6 +60,18 @@ def test_explain_split_writes_heatmaps_grid_and_quality(model, dataset, tmp_path
     assert html.count("<img") == 2 and "<table" in html
 
 
+def test_explain_split_with_given_predictions(model, dataset, tmp_path):
+    graphdef, state = model
+    given = np.arange(21) % 2
+    out = run.explain_split(
+        graphdef, state, data_dir=dataset, split="test", workdir=str(tmp_path), image_size=SIZE, channels=1,
+        normalization="unit", methods=("gradcam",), batch_size=8, quality=False, predictions=given, progress=False,
+    )
+    data = export.read_heatmaps(out["heatmaps"]["gradcam"])
+    np.testing.assert_array_equal(data["predictions"], given[data["index"]])
+    np.testing.assert_array_equal(data["targets"], given[data["index"]])
+
+
 def test_predict_split(model, dataset, tmp_path):
     graphdef, state = model
     paths = run.predict_split(

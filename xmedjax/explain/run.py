@@ -108,10 +108,15 @@ def explain_split(
     label_state: nnx.State | None = None,
     grid_per_group: int = 2,
     cam_layer: str | None = "auto",
+    predictions: np.ndarray | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Saliency maps of a prepared split for `methods`, plus the quality scores.
+
+    `predictions` (optional, one class per example of the split, by index, e.g. from a
+    tuned decision threshold) replaces the argmax as the explained class and as the npz's
+    `predictions`.
 
     `cam_layer` is the CAM target layer: "auto" (the model's own unless its grid is under
     7x7, else the deepest finer stage: `cams.auto_cam_layer`), None (the model's own) or a
@@ -136,7 +141,10 @@ def explain_split(
         images = jnp.asarray(batch["image"], jnp.float32)
         logits, probs = predict_fn(graphdef, state, images)
         # explicit targets (the argmax) so that the quality stage reuses these compiles
-        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if predictions is None:
+            predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            predicted = jnp.asarray(np.asarray(predictions)[np.where(valid, batch["index"], 0)], jnp.int32)
         results = compute_methods(graphdef, state, images, predicted, methods, opts, cam_layer) if methods else {}
         collected["ids"].append(np.asarray(batch["id"]).astype(str)[valid])
         collected["index"].append(np.asarray(batch["index"])[valid])
@@ -154,7 +162,10 @@ def explain_split(
             label_fit["images"].append(np.asarray(batch["image"], np.float32)[valid])
             label_fit["labels"].append(np.asarray(batch["label"])[valid])
     arrays = {k: np.concatenate(v) for k, v in collected.items()}
-    predictions = np.argmax(arrays["probs"], axis=1).astype(np.int32)
+    if predictions is None:
+        predictions = np.argmax(arrays["probs"], axis=1).astype(np.int32)
+    else:
+        predictions = np.asarray(predictions, np.int32)[arrays["index"]]
     out: dict[str, Any] = {"heatmaps": {}, "grid": None, "quality": None, "quality_path": None, "seconds": {}, "cam_layer": cam_layer}
     maps_by_method = {}
     for name in methods:
