@@ -37,7 +37,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.3f}"
     return html.escape(str(value))
 
 

@@ -530,7 +530,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     results = evaluate_run(run, state, step=step, explain_too=True, extra_info={
         "stopped": loop.get("finished"), "best checkpoint step": step,
         f"best {config.training.best_metric}": loop.get("best_value"),
-        "epochs": loop.get("epoch"), "wall time of this command (s)": round(time.time() - t0, 1)})
+        "epochs": loop.get("epoch"), "set-up and training time of this command (s)": round(time.time() - t0, 1)})
     _print_outputs(run, results)
     return results
 
