@@ -34,7 +34,7 @@ def _cache() -> str:
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("bench") / "benchmarks.json")
-    _run(["benchmarks/gpu.py", "--dry_run", "--only=resnet50", "--programs=gradcam_bf16_small",
+    _run(["benchmarks/gpu.py", "--dry_run", "--only=resnet50,ours", "--programs=gradcam_bf16_small",
           f"--cache_dir={_cache()}", f"--out={out}"])
     return out
 
