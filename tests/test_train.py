@@ -163,3 +163,20 @@ def test_train_step_is_pure_and_guards_nonfinite_values():
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(again.params)))
     s4 = ts.set_learning_rate(s3, 1e-5)
     assert abs(ts.learning_rate(s4) - 1e-5) < 1e-12
+
+
+def test_init_checkpoint_loads_converted_weights(tmp_path, phantom_dir):
+    from flax import nnx
+
+    from xmedjax.models import create_model
+    from xmedjax.models.weights_io import save_weights
+
+    source = create_model("resnet50", 2, in_channels=1, width=0.0625, seed=7)
+    weights = save_weights(source, str(tmp_path / "weights"), {"arch": "resnet50", "num_classes": 2, "in_channels": 1})
+    config = tiny_config(phantom_dir, **{"init.checkpoint": weights, "init.head": "strict"})
+    model = train.build_model(config, 2)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(source)), nnx.to_flat_state(nnx.state(model)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    fresh = train.build_model(tiny_config(phantom_dir), 2)
+    assert not np.array_equal(np.asarray(nnx.state(fresh)["fc"]["kernel"].get_value()),
+                              np.asarray(nnx.state(source)["fc"]["kernel"].get_value()))

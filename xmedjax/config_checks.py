@@ -194,8 +194,6 @@ def check_values(c) -> None:
         _require(os.path.isdir(os.path.expanduser(c.init.checkpoint)),
                  f"config.init.checkpoint must be a folder written by python -m xmedjax.convert, "
                  f"got {c.init.checkpoint!r} (not found)")
-        if c.init.checkpoint and c.model.width != 1.0:
-            raise ConfigError(f"config.model.width must be 1.0 to load config.init.checkpoint, got {c.model.width}")
 
     _cmp(c, "evaluate.bootstrap_samples", lambda v: v >= 0, ">= 0 (0 = no intervals)")
     _choice(c, "evaluate.threshold", THRESHOLDS)

@@ -30,6 +30,8 @@ def main(argv: list[str]) -> None:
 
     try:
         train.MODES[config.mode](config, _WORKDIR.value)
+    except config_checks.ConfigError as err:  # a value that does not fit the data or devices
+        sys.exit(f"config error: {err}")
     except (train.NonFiniteError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     except train.Preempted as err:

@@ -96,5 +96,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, key: str = "config.trai
     """The global batch must split evenly over devices and processes."""
     devices = mesh.devices.size
     if global_batch_size % devices or global_batch_size % jax.process_count():
-        raise ValueError(f"{key} must be a multiple of the device count ({devices}) and process count "
+        from xmedjax.config_checks import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"{key} must be a multiple of the device count ({devices}) and process count "
                          f"({jax.process_count()}), got {global_batch_size}")

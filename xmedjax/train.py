@@ -32,6 +32,7 @@ from flax import nnx
 
 from xmedjax import checkpointing, evaluate as evaluate_lib, input_pipeline, logging_utils
 from xmedjax import mesh as mesh_lib
+from xmedjax.config_checks import ConfigError
 from xmedjax import report as report_lib
 from xmedjax import train_state as ts
 
@@ -141,7 +142,10 @@ def build_run(config, workdir: str) -> Run:
     for key in ("train_split", "val_split", "test_split"):
         split = config.data[key]
         if split not in info.splits:
-            raise ValueError(f"config.data.{key}={split!r} is not a split of {data_dir} (has {sorted(info.splits)})")
+            raise ConfigError(f"config.data.{key}={split!r} is not a split of {data_dir} (has {sorted(info.splits)})")
+    if info.splits[config.data.train_split] < config.training.batch_size:
+        raise ConfigError(f"config.training.batch_size={config.training.batch_size} exceeds the "
+                          f"{info.splits[config.data.train_split]} examples of split {config.data.train_split!r}")
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_batch_size(config.training.batch_size, mesh)
     model = build_model(config, info.num_classes)
@@ -210,7 +214,7 @@ def fit(run: Run, *, train_iterator=None) -> dict:
     t = c.training
     spe = input_pipeline.steps_per_epoch(run.data_dir, c.data.train_split, t.batch_size)
     if spe == 0:
-        raise ValueError(f"config.training.batch_size={t.batch_size} exceeds the {c.data.train_split} split")
+        raise ConfigError(f"config.training.batch_size={t.batch_size} exceeds the {c.data.train_split} split")
     total = spe * t.max_epochs
     if t.max_steps:
         total = min(total, t.max_steps)
