@@ -655,6 +655,7 @@ def main(argv):
             if budget.spent():
                 notes[arch] = "skipped: time budget"
                 continue
+            write_json(ours, peers, notes, sz, archs, t_start, final=False)
             run_ours(arch, sz, budget, ours, notes)
             # the warm-cache compile is one of the issue's figures: measured even just past the budget
             probe = compile_probe_in_child(arch, cache_dir)
@@ -664,10 +665,22 @@ def main(argv):
                     f"second process: trace+lower {probe['lower_s']:.1f} s, compile (cache) {probe['compile_s']:.1f} s")
                 log(f"ours {arch}: warm-cache compile {probe['total_s']:.1f} s in a second process")
             jax.clear_caches()
+            write_json(ours, peers, notes, sz, archs, t_start, final=False)
+    write_json(ours, peers, notes, sz, archs, t_start, final=True)
+
+
+def write_json(ours: dict, peers: dict, notes: dict, sz: dict, archs: tuple[str, ...], t_start: float,
+               final: bool) -> None:
+    """The table (final only) and the JSON; also called after each phase, so a run killed by
+    the device call's limit still leaves what it measured."""
+    import jax
+
     rows = assemble(ours, peers, sz, archs)
-    print_table(rows)
+    if final:
+        print_table(rows)
     dev = jax.devices()[0]
     meta = {
+        "complete": final,
         "dry_run": FLAGS.dry_run,
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}",
         "device_count": jax.device_count(),
@@ -689,13 +702,14 @@ def main(argv):
         meta["flax"] = flax.__version__
     except ImportError:
         pass
-    out = {"meta": meta, "benchmarks": rows}
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(out, f, indent=2)
-        log(f"wrote {FLAGS.out} ({meta['wall_s']:.0f} s)")
-
+        tmp = FLAGS.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "benchmarks": rows}, f, indent=2)
+        os.replace(tmp, FLAGS.out)
+        if final:
+            log(f"wrote {FLAGS.out} ({meta['wall_s']:.0f} s)")
 
 if __name__ == "__main__":
     app.run(main)

@@ -12,6 +12,8 @@
 # four     the paper's four models in one command (the wall-time  prepared/chest_xray, with
 #          target); needs brain_binary already on the warm box     brain_binary left by `upload`
 # upload   nothing: leaves the carried dataset on the warm box    the dataset to leave there
+# cams     xmedjax.explain.compare (every saliency method) on the  prepared/brain_binary
+#          brain runs a `brain` call left on the warm box
 # CALL_SECONDS: what this call may use (default 570, for timeout_s=600); runs still going at
 # CALL_SECONDS - 25 - 60 get SIGTERM (they checkpoint), and their best checkpoint so far is
 # evaluated and marked "preempted". MODELS overrides the phase's models; PARALLEL (default 2)
@@ -40,12 +42,21 @@ mkdir -p "$OUT"
 T0=$SECONDS
 say() { echo "[run_on_gpu $(date -u +%H:%M:%S) +$((SECONDS - T0))s] $*"; }
 
+# DRY=1: check this script on a CPU host (no wheels, tiny --dry_run of both scripts)
+DRYARGS=()
+if [[ ${DRY:-0} == 1 ]]; then
+  DRYARGS=(--dry_run)
+  python3() { "${PY:-python}" "$@"; }
+  nvidia-smi() { echo "(no nvidia-smi: DRY=1)"; }
+fi
+
 # 1. wheels (grain, tensorflow-datasets, array-record, ml-collections + deps, grad-cam 1.5.7, ttach)
-if ! PYTHONPATH=/tmp/site python3 -c "import grain, tensorflow_datasets, ml_collections, array_record, pytorch_grad_cam" 2>/dev/null; then
+if [[ ${DRY:-0} == 1 ]]; then :
+elif ! PYTHONPATH=/tmp/site python3 -c "import grain, tensorflow_datasets, ml_collections, array_record, pytorch_grad_cam" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { say "wheel install failed"; exit 3; }
 fi
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import jax, flax, optax, torch, torchvision, cv2, grain; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'cv2', cv2.__version__, 'grain', grain.__version__ if hasattr(grain, '__version__') else '?')"
@@ -54,6 +65,7 @@ cat "$OUT/env.txt"
 say "wheels ready"
 
 CACHE=$PWD/.jax_cache   # ignored; kept between calls on a warm machine
+RESULTS=${RESULTS:-docs/results.json}
 BENCH_JSON=$OUT/benchmarks.json
 
 run_bench() {
@@ -65,7 +77,7 @@ run_bench() {
   local tc=()
   [[ ${TORCH_COMPILE:-0} == 1 ]] && tc=(--torch_compile)
   python3 benchmarks/gpu.py --out="$BENCH_JSON" --data_dir="$data" --cache_dir="$CACHE" \
-    --budget_s="$budget" "${tc[@]}" 2>&1 | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/gpu_log.txt"
+    --budget_s="$budget" "${tc[@]}" "${DRYARGS[@]}" ${DRY_BENCH_ARGS:-} 2>&1 | grep --line-buffered -v -E "^(W|I)[0-9]{4} " | tee "$OUT/gpu_log.txt"
   say "gpu.py done"
 }
 
@@ -76,9 +88,9 @@ run_repl() {
   [[ -f $BENCH_JSON ]] && bench=(--bench_json="$BENCH_JSON")
   say "replicate.py $models (budget ${budget} s, ${PARALLEL:-2} at once)"
   python3 benchmarks/replicate.py --data_root=prepared --models="$models" --parallel="${PARALLEL:-2}" \
-    --budget_s="$budget" --cache_dir="$CACHE" --out=docs/results.json "${bench[@]}" 2>&1 \
-    | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/replicate_log.txt"
-  cp docs/results.json "$OUT/results.json"
+    --budget_s="$budget" --cache_dir="$CACHE" --out="$RESULTS" "${bench[@]}" "${DRYARGS[@]}" ${DRY_REPL_ARGS:-} 2>&1 \
+    | grep --line-buffered -v -E "^(W|I)[0-9]{4} " | tee "$OUT/replicate_log.txt"
+  cp "$RESULTS" "$OUT/results.json"
   # each run's log tail, metrics, figures and report in one archive (the $OUT file limit is 8)
   for m in ${models//,/ }; do
     [[ -f runs/replicate/$m/replicate_log.txt ]] || continue
@@ -96,14 +108,22 @@ case $PHASE in
   brain4) run_repl "${MODELS:-brain4_densenet121}" ;;
   four)   run_repl "${MODELS:-brain_densenet121,chest_densenet121,brain_resnet50,chest_resnet50}" ;;
   upload) say "left on this machine: $(ls prepared)" ;;
-  *) echo "unknown phase $PHASE (bench | brain | chest | brain4 | four | upload)"; exit 2 ;;
+  cams)   # the CAM-method comparison on the brain test set, from the brain runs left on the warm box
+    wds=$(ls -d runs/replicate/brain_resnet50 runs/replicate/brain_densenet121 2>/dev/null | paste -sd, -)
+    if [[ -z $wds ]]; then say "no brain runs on this machine: run the brain phase first"; else
+      say "xmedjax.explain.compare on $wds"
+      timeout $((CALL_S - (SECONDS - T0) - 15)) python3 -m xmedjax.explain.compare --workdirs="$wds" \
+        --split=test --images="${CAM_IMAGES:-64}" --out="$OUT/cam_comparison_brain.md" 2>&1 \
+        | grep --line-buffered -v -E "^(W|I)[0-9]{4} " | tee "$OUT/cams_log.txt"
+    fi ;;
+  *) echo "unknown phase $PHASE (bench | brain | chest | brain4 | four | upload | cams)"; exit 2 ;;
 esac
 if [[ -f $BENCH_JSON && ! -f $OUT/results.json ]]; then
-  python3 - "$BENCH_JSON" "$OUT/results.json" <<'EOF'
+  python3 - "$BENCH_JSON" "$OUT/results.json" "$RESULTS" <<'EOF'
 import json, sys
 b = json.load(open(sys.argv[1]))
 try:
-    r = json.load(open("docs/results.json"))
+    r = json.load(open(sys.argv[3]))
 except Exception:
     r = {}
 r["benchmarks"], r["benchmarks_meta"] = b.get("benchmarks", {}), b.get("meta", {})
