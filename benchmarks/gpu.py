@@ -69,6 +69,10 @@ flags.DEFINE_float("input_seconds", 8.0, "seconds per input-pipeline setting")
 flags.DEFINE_list("programs", [], "subset of our programs besides the cold-compiled train step: train_fp32_small, "
                   "train_bf16_small, infer, gradcam_fp32_small, gradcam_fp32_large, gradcam_bf16_small, "
                   "gradcam_bf16_large (empty = all)")
+flags.DEFINE_bool("cold_compile", True, "time the cold compile of the bs256 bf16 train step first (false: only "
+                  "--programs, e.g. for a profile)")
+flags.DEFINE_string("profile_dir", "", "after timing, trace 3 more calls of each program with jax.profiler here "
+                    "(view with TensorBoard/XProf)")
 # internal: child-process modes
 flags.DEFINE_string("_peer_out", "", "internal: run the peers only and write their JSON here")
 flags.DEFINE_string("_compile_probe", "", "internal: compile one train step in this process, print JSON")
@@ -351,6 +355,45 @@ def compile_probe_in_child(arch: str, cache_dir: str) -> dict | None:
     return None
 
 
+def trace_summary(folder: str, top: int = 40) -> list[dict]:
+    """Total time per op name on the device (or all) lanes of the newest *.trace.json.gz under folder."""
+    import glob
+    import gzip
+
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return []
+    try:
+        with gzip.open(files[-1], "rt") as f:
+            trace = json.load(f)
+    except Exception:  # noqa: BLE001
+        return []
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    pid_names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {p for p, n in pid_names.items() if "gpu" in n.lower() or "device" in n.lower()}
+    totals: dict[str, list] = {}
+    for e in events:
+        if e.get("ph") != "X" or (device_pids and e.get("pid") not in device_pids):
+            continue
+        t = totals.setdefault(str(e.get("name")), [0.0, 0])
+        t[0] += float(e.get("dur", 0.0)) / 1000.0
+        t[1] += 1
+    rows = sorted(({"name": k, "ms": v[0], "count": v[1]} for k, v in totals.items()), key=lambda r: -r["ms"])
+    return rows[:top]
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program ({} if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
 def _time_jax(fn: Callable[[], Any], batch: int, warmup: int, steps: int) -> float:
     import jax
 
@@ -384,18 +427,20 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
 
     # 1. cold compile of the bs-large bf16 train step, alone (the cache folder is fresh)
     programs: dict[str, dict] = {}
-    fn, state, data = build_train(arch, "bfloat16", large, sz, mesh)
-    t0 = time.perf_counter()
-    lowered = fn.lower(state, data)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    results[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = t2 - t0
-    notes[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = f"trace+lower {t1 - t0:.1f} s, XLA compile {t2 - t1:.1f} s"
-    log(f"ours {arch}: cold compile of train bs{large} bf16 {t2 - t0:.1f} s (lower {t1 - t0:.1f} s)")
-    programs[f"{arch}_train_bs{large}_bf16"] = {"compiled": compiled, "args": [state, data], "batch": large,
-                                                "kind": "train"}
-    if FLAGS.only == ["compile"]:
+    if FLAGS.cold_compile:
+        fn, state, data = build_train(arch, "bfloat16", large, sz, mesh)
+        t0 = time.perf_counter()
+        lowered = fn.lower(state, data)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        results[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = t2 - t0
+        notes[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = (f"trace+lower {t1 - t0:.1f} s, "
+                                                               f"XLA compile {t2 - t1:.1f} s")
+        log(f"ours {arch}: cold compile of train bs{large} bf16 {t2 - t0:.1f} s (lower {t1 - t0:.1f} s)")
+        programs[f"{arch}_train_bs{large}_bf16"] = {"compiled": compiled, "args": [state, data], "batch": large,
+                                                    "kind": "train"}
+    if "compile" in FLAGS.only:
         return
 
     # 2. every other program of this architecture, compiled in parallel threads
@@ -433,10 +478,12 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
 
     named_jobs = {"train_fp32_small": lambda: lower_train(*specs[0]), "train_bf16_small": lambda: lower_train(*specs[1]),
                   "infer": lower_infer}
+    if not FLAGS.cold_compile:
+        named_jobs["train_bf16_large"] = lambda: lower_train(f"{arch}_train_bs{large}_bf16", "bfloat16", large)
     for tag, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         for size_name, b in (("small", small), ("large", large)):
             named_jobs[f"gradcam_{tag}_{size_name}"] = lambda b=b, dtype=dtype, tag=tag: lower_cam(b, dtype, tag)
-    chosen = [p.strip() for p in FLAGS.programs if p.strip()] or list(named_jobs)
+    chosen = [p.strip() for p in FLAGS.programs if p.strip()] or [k for k in named_jobs if k != "train_bf16_large"]
     unknown = sorted(set(chosen) - set(named_jobs))
     if unknown:
         raise ValueError(f"--programs: unknown {unknown}; choose from {sorted(named_jobs)}")
@@ -492,7 +539,28 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
 
                 rate = _time_jax(cam, batch, min(2, sz["warmup"]), steps)
             results[name] = rate
-            log(f"ours {name}: {rate:.1f} img/s")
+            cost = _cost(c)
+            if cost:  # XLA's own count: achieved FLOP/s and bytes/s against the card's roofline
+                results[f"{name}_gflop_per_img"] = cost.get("flops", 0.0) / batch / 1e9
+                results[f"{name}_mbytes_per_img"] = cost.get("bytes accessed", 0.0) / batch / 1e6
+                notes[f"{name}_achieved"] = (f"{cost.get('flops', 0.0) / batch * rate / 1e12:.1f} TFLOP/s, "
+                                             f"{cost.get('bytes accessed', 0.0) / batch * rate / 1e9:.0f} GB/s (XLA cost "
+                                             "analysis x measured rate)")
+            log(f"ours {name}: {rate:.1f} img/s" + (f" ({notes.get(name + '_achieved')})" if cost else ""))
+            if FLAGS.profile_dir:
+                fn_once = {"train": lambda: step(), "infer": lambda c=c, a=args: c(*a)["logits"]}.get(
+                    kind, lambda c=c, a=args: c(*a).maps)
+                with jax.profiler.trace(os.path.join(FLAGS.profile_dir, name)):
+                    out = None
+                    for _ in range(3):
+                        out = fn_once()
+                    jax.block_until_ready(out)
+                log(f"ours {name}: profile in {os.path.join(FLAGS.profile_dir, name)}")
+                top = trace_summary(os.path.join(FLAGS.profile_dir, name))
+                if top:
+                    notes[f"{name}_profile_top"] = top
+                    print("\n".join(f"    {t['ms']:9.3f} ms {t['count']:5d}x  {t['name'][:100]}" for t in top[:25]),
+                          flush=True)
         except Exception as exc:  # noqa: BLE001
             notes[name] = f"run failed: {type(exc).__name__}: {exc}"
             log(f"ours {name}: failed: {exc}")
@@ -657,6 +725,9 @@ def main(argv):
                 continue
             write_json(ours, peers, notes, sz, archs, t_start, final=False)
             run_ours(arch, sz, budget, ours, notes)
+            if not FLAGS.cold_compile:
+                jax.clear_caches()
+                continue
             # the warm-cache compile is one of the issue's figures: measured even just past the budget
             probe = compile_probe_in_child(arch, cache_dir)
             if probe is not None:

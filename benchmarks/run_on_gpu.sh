@@ -14,6 +14,8 @@
 # upload   nothing: leaves the carried dataset on the warm box    the dataset to leave there
 # cams     xmedjax.explain.compare (every saliency method) on the  prepared/brain_binary
 #          brain runs a `brain` call left on the warm box
+# profile  jax.profiler trace + XLA dumps of PROFILE_ARCH's          (none needed)
+#          PROFILE_PROGRAMS (default densenet121 gradcam_bf16_small) -> $OUT/profile.tar.gz
 # CALL_SECONDS: what this call may use (default 570, for timeout_s=600); runs still going at
 # CALL_SECONDS - 25 - 60 get SIGTERM (they checkpoint), and their best checkpoint so far is
 # evaluated and marked "preempted". MODELS overrides the phase's models; PARALLEL (default 2)
@@ -108,6 +110,18 @@ case $PHASE in
   brain4) run_repl "${MODELS:-brain4_densenet121}" ;;
   four)   run_repl "${MODELS:-brain_densenet121,chest_densenet121,brain_resnet50,chest_resnet50}" ;;
   upload) say "left on this machine: $(ls prepared)" ;;
+  profile)  # one or two of our programs: jax.profiler trace (top ops printed) + XLA HLO dumps, fresh cache
+    rm -rf /tmp/prof /tmp/xla_dump /tmp/prof_cache
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla_dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(train_step|grad_cam|eval_step).*" \
+      python3 benchmarks/gpu.py --only="${PROFILE_ARCH:-densenet121},ours" --cold_compile=false \
+      --programs="${PROFILE_PROGRAMS:-gradcam_bf16_small}" --cache_dir=/tmp/prof_cache --profile_dir=/tmp/prof \
+      --out="$OUT/profile.json" "${DRYARGS[@]}" 2>&1 | grep --line-buffered -v -E "^(W|I)[0-9]{4} " \
+      | tee "$OUT/profile_log.txt"
+    tar czf "$OUT/profile.tar.gz" -C /tmp prof xla_dump 2>/dev/null
+    if (( $(stat -c %s "$OUT/profile.tar.gz") > 15000000 )); then  # the $OUT per-file limit is 16 MiB
+      tar czf "$OUT/profile.tar.gz" -C /tmp --exclude='*before_optimizations*' --exclude='*.ll' --exclude='*.ptx' --exclude='*.o' --exclude='*.cubin' prof xla_dump 2>/dev/null
+    fi
+    say "profile: $(du -h "$OUT/profile.tar.gz" | cut -f1)" ;;
   cams)   # the CAM-method comparison on the brain test set, from the brain runs left on the warm box
     wds=$(ls -d runs/replicate/brain_resnet50 runs/replicate/brain_densenet121 2>/dev/null | paste -sd, -)
     if [[ -z $wds ]]; then say "no brain runs on this machine: run the brain phase first"; else
@@ -116,7 +130,7 @@ case $PHASE in
         --split=test --images="${CAM_IMAGES:-64}" --out="$OUT/cam_comparison_brain.md" 2>&1 \
         | grep --line-buffered -v -E "^(W|I)[0-9]{4} " | tee "$OUT/cams_log.txt"
     fi ;;
-  *) echo "unknown phase $PHASE (bench | brain | chest | brain4 | four | upload | cams)"; exit 2 ;;
+  *) echo "unknown phase $PHASE (bench | brain | chest | brain4 | four | upload | cams | profile)"; exit 2 ;;
 esac
 if [[ -f $BENCH_JSON && ! -f $OUT/results.json ]]; then
   python3 - "$BENCH_JSON" "$OUT/results.json" "$RESULTS" <<'EOF'
