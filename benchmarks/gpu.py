@@ -302,8 +302,12 @@ def _jax_setup(cache_dir: str):
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for key, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
+                       ("jax_persistent_cache_min_entry_size_bytes", 0)):
+        try:  # cache everything (the options' names have moved between JAX versions)
+            jax.config.update(key, value)
+        except Exception as exc:  # noqa: BLE001
+            log(f"note: could not set {key}: {exc}")
     return jax
 
 

@@ -13,7 +13,7 @@
 #          target); needs brain_binary already on the warm box     brain_binary left by `upload`
 # upload   nothing: leaves the carried dataset on the warm box    the dataset to leave there
 # cams     xmedjax.explain.compare (every saliency method) on the  prepared/brain_binary
-#          brain runs a `brain` call left on the warm box
+#          brain runs a `brain`/`brain4` call left on the warm box
 # profile  jax.profiler trace + XLA dumps of PROFILE_ARCH's          (none needed)
 #          PROFILE_PROGRAMS (default densenet121 gradcam_bf16_small) -> $OUT/profile.tar.gz
 # CALL_SECONDS: what this call may use (default 570, for timeout_s=600); runs still going at
@@ -28,15 +28,24 @@
 # After each call copy <files_at>/results.json to docs/results.json here (the next call
 # carries it and merges into it).
 #
-# Session plan (15 min of device time, machine start ~2-3 min):
-#   1. run(command="bash benchmarks/run_on_gpu.sh bench 570", timeout_s=600,
-#          carry=[".whl", "prepared/brain_binary"])                          ~7 min with transfer
-#   2. at once: run(command="bash benchmarks/run_on_gpu.sh brain 270 brain_resnet50",
-#          timeout_s=300, carry=[".whl", "prepared/brain_binary"])           ~5 min
-#   then give_back. Later sessions: upload + four (the four-model wall time), then brain4.
+# Session plan (15 min of device time each; machine start ~2-3 min; give_back after the last call):
+#  A (benchmarks): run(command="bash benchmarks/run_on_gpu.sh bench 570", timeout_s=600,
+#                      carry=[".whl", "prepared/brain_binary"])                      ~6-8 min
+#     then at once, on the largest missed target (default: DenseNet121 Grad-CAM bs32):
+#     run(command="PROFILE_ARCH=densenet121 PROFILE_PROGRAMS=gradcam_bf16_small bash benchmarks/run_on_gpu.sh profile 200",
+#         timeout_s=230, carry=[".whl"])                                              ~2-3 min
+#  B (replication): run(command="bash benchmarks/run_on_gpu.sh upload", timeout_s=120,
+#                       carry=[".whl", "prepared/brain_binary"]), then within 30 s
+#     run(command="bash benchmarks/run_on_gpu.sh four 570", timeout_s=600,
+#         carry=[".whl", "prepared/chest_xray"])                                     ~11-12 min
+#  C (open question 3 + CAMs): run(command="bash benchmarks/run_on_gpu.sh brain4 420", timeout_s=450,
+#         carry=[".whl", "prepared/brain_4class"]); then
+#     run(command="bash benchmarks/run_on_gpu.sh cams 150", timeout_s=180, carry=[".whl"])
+# If a session must also replicate after A: `bash benchmarks/run_on_gpu.sh brain 240 brain_resnet50`
+# (the cheapest model first), carry=[".whl", "prepared/brain_binary"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:-bench_brain}
+PHASE=${1:-bench}
 CALL_S=${2:-570}
 MODELS=${3:-}
 OUT=${OUT:-/tmp/xmedjax_out}
@@ -123,7 +132,7 @@ case $PHASE in
     fi
     say "profile: $(du -h "$OUT/profile.tar.gz" | cut -f1)" ;;
   cams)   # the CAM-method comparison on the brain test set, from the brain runs left on the warm box
-    wds=$(ls -d runs/replicate/brain_resnet50 runs/replicate/brain_densenet121 2>/dev/null | paste -sd, -)
+    wds=$(ls -d runs/replicate/brain_resnet50 runs/replicate/brain_densenet121 runs/replicate/brain4_densenet121 2>/dev/null | paste -sd, -)
     if [[ -z $wds ]]; then say "no brain runs on this machine: run the brain phase first"; else
       say "xmedjax.explain.compare on $wds"
       timeout $((CALL_S - (SECONDS - T0) - 15)) python3 -m xmedjax.explain.compare --workdirs="$wds" \
