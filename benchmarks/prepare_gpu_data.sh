@@ -7,7 +7,7 @@
 # Writes (all ignored through .git/info/exclude, never committed):
 #   prepared/brain_binary  brain MRI, tumour vs no tumour, 224 px JPEG q65, + test_dedup   ~45.6 MiB
 #   prepared/brain_4class  brain MRI, 4 classes,            224 px JPEG q65, + test_dedup   ~45.6 MiB
-#   prepared/chest_xray    chest X-ray, normal/pneumonia,   224 px JPEG q85, + test_dedup   ~47.1 MiB
+#   prepared/chest_xray    chest X-ray, normal/pneumonia,   224 px JPEG q85, + test_dedup   ~46.9 MiB
 #   .whl/                  ../shared/gpu-wheels-cp312/*.whl + grad-cam 1.5.7 + ttach     ~10.2 MiB
 # A device call carries at most 64 MiB (working tree ~2.6 MiB + .whl + ONE dataset fits; two
 # datasets never do). Qualities were chosen to keep each dataset under ~48 MiB; measured

@@ -21,7 +21,7 @@
 # evaluated and marked "preempted". MODELS overrides the phase's models; PARALLEL (default 2)
 # sets how many train at once on the one GPU; TORCH_COMPILE=1 adds torch.compile to bench.
 #
-# One dataset per call: working tree ~2.6 + .whl ~10.2 + dataset <= 47.1 MiB < 64 MiB; two
+# One dataset per call: working tree ~2.6 + .whl ~10.2 + dataset <= 46.9 MiB < 64 MiB; two
 # datasets never fit. Ignored paths left by an earlier call on a warm machine stay there
 # (/tmp/site, .jax_cache/, runs/, prepared/<other>), which `four` relies on: call `upload`
 # with prepared/brain_binary, then `four` with prepared/chest_xray, within 30 s of each other.
