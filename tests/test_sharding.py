@@ -120,9 +120,12 @@ def test_two_processes_train_end_to_end(tmp_path):
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    XMEDJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", XMEDJAX_NUM_PROCESSES="2", XMEDJAX_PROCESS_ID=str(i))
+        log = open(tmp_path / f"p{i}.log", "w")  # files, not pipes: a full pipe would stall one process
         procs.append(subprocess.Popen([sys.executable, "-m", "xmedjax.main", *args], cwd=root, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        p.wait(timeout=600)
+    outs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "4 device(s), 2 process(es)" in outs[0] and "report:" in outs[0] and "report:" not in outs[1]
     assert (work / "metrics.json").is_file() and (work / "heatmaps" / "test_gradcam.npz").is_file()

@@ -232,6 +232,9 @@ def fit(run: Run, *, train_iterator=None) -> dict:
         logging_utils.log(f"resumed from {checkpointing.checkpoint_dir(run.workdir)} at step {int(state.step)}",
                           primary=run.primary)
     step = int(state.step)
+    if loop.get("finished", "") and loop["finished"].startswith("reached") and step < total:
+        logging_utils.log(f"extending a finished run from step {step} to {total} steps", primary=run.primary)
+        loop["finished"] = None
     if loop.get("finished"):
         logging_utils.log(f"training already finished ({loop['finished']}) at step {step}", primary=run.primary)
         run.state = state
