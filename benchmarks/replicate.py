@@ -259,6 +259,8 @@ def main(argv):
     tmp_root = None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # This process only reads records and computes metrics: keep JAX here off the GPU, which the runs share.
+    os.environ["JAX_PLATFORMS"] = "cpu"
     if FLAGS.dry_run:
         tmp_root = tempfile.mkdtemp(prefix="xmedjax_replicate_dry_")
         log(f"dry run: tiny phantom datasets in {tmp_root}")
@@ -363,12 +365,11 @@ def main(argv):
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if len(four) == 4 and set(PAPER_FOUR) <= set(todo):
         meta["four_model_wall_s"] = round(wall, 1)
-    try:
-        import jax
-
-        meta["device"] = f"{jax.devices()[0].platform}: {getattr(jax.devices()[0], 'device_kind', '')}"
-    except Exception:  # noqa: BLE001
-        pass
+    try:  # never initialise a GPU backend in this process (its runs hold the GPU)
+        meta["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        meta["device"] = "cpu" if FLAGS.dry_run else "unknown"
     bench = load_json(FLAGS.bench_json) if FLAGS.bench_json else None
     write_results(FLAGS.out, results, meta, bench)
     print(f"\n{'model':22s} {'status':12s} {'acc':>6s} {'acc_dd':>6s} {'AUC':>6s} {'AUC_dd':>6s} {'F1':>6s} "
