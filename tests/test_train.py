@@ -76,6 +76,11 @@ def test_demo_config_end_to_end(tmp_path, phantom_dir):
         assert key in heat.files, key
     assert heat["maps"].shape == (TINY_COUNTS["test"], 32, 32)
     assert len(set(heat["ids"].tolist())) == TINY_COUNTS["test"]
+    # The maps explain the predictions of metrics.json (val-chosen threshold), not a plain argmax.
+    pred = np.load(os.path.join(workdir, "predictions", "test.npz"))
+    order = np.argsort(heat["index"])
+    np.testing.assert_array_equal(heat["index"][order], pred["index"])
+    np.testing.assert_array_equal(heat["predictions"][order], pred["predictions"])
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [1, 2]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))

@@ -428,7 +428,8 @@ def explain_split(run: Run, state: ts.TrainState, split: str, *, predictions: np
                                      image_size=c.data.image_size, channels=c.data.channels,
                                      normalization=c.data.normalization, methods=tuple(c.explain.methods),
                                      batch_size=c.explain.batch_size, quality=c.explain.quality,
-                                     quality_images=c.explain.quality_images,
+                                     quality_images=c.explain.quality_images, predictions=predictions,
+                                     seed=c.training.seed, progress=c.runtime.progress_bar,
                                      **({"quality_methods": tuple(c.explain.quality_methods)}
                                         if c.explain.quality_methods else {}))
             return dict(result or {})
