@@ -185,3 +185,20 @@ def test_init_checkpoint_loads_converted_weights(tmp_path, phantom_dir):
     fresh = train.build_model(tiny_config(phantom_dir), 2)
     assert not np.array_equal(np.asarray(nnx.state(fresh)["fc"]["kernel"].get_value()),
                               np.asarray(nnx.state(source)["fc"]["kernel"].get_value()))
+
+
+def test_plateau_and_early_stopping_schedules():
+    t = tiny_config("/unused").training
+    t.reduce_on_plateau_patience, t.reduce_on_plateau_factor, t.min_learning_rate = 2, 0.5, 0.2
+    t.early_stopping_patience, t.early_stopping_min_delta = 4, 0.01
+    loop = train._new_loop_state(1.0)
+    lrs, stops = [], []
+    for epoch, val_loss in enumerate([1.0, 0.9, 0.95, 0.92, 0.895, 0.899, 0.898, 0.897, 0.896], start=1):
+        loop["epoch"] = epoch
+        train.update_schedules(loop, val_loss, t)
+        lrs.append(loop["learning_rate"])
+        stops.append(loop["finished"])
+    # plateau (best 0.9 at epoch 2): epochs 3, 4 -> halve; 0.895 is a new best at 5; 6, 7 -> halve; 8, 9 -> floor
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2]
+    # early stopping needs > 0.01 improvement: best stays 0.9 (epoch 2); 4 epochs later (6) it stops
+    assert stops[:5] == [None] * 5 and stops[5] == "early stopping after epoch 6"

@@ -185,6 +185,31 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def update_schedules(loop: dict, val_loss: float, t) -> dict:
+    """Epoch-end bookkeeping on the val loss (Keras semantics), in place on `loop`.
+
+    Reduce-on-plateau: after `reduce_on_plateau_patience` epochs without a lower val loss
+    the learning rate is multiplied by `reduce_on_plateau_factor` (not below
+    `min_learning_rate`) and the count restarts. Early stopping: after
+    `early_stopping_patience` epochs without an improvement larger than
+    `early_stopping_min_delta`, `loop["finished"]` is set. A patience of 0 turns either off.
+    """
+    if _improved(val_loss, loop["es_best"], "min", t.early_stopping_min_delta):
+        loop["es_best"], loop["es_wait"] = val_loss, 0
+    else:
+        loop["es_wait"] += 1
+    if _improved(val_loss, loop["plateau_best"], "min"):
+        loop["plateau_best"], loop["plateau_wait"] = val_loss, 0
+    else:
+        loop["plateau_wait"] += 1
+    if t.reduce_on_plateau_patience and loop["plateau_wait"] >= t.reduce_on_plateau_patience:
+        loop["learning_rate"] = max(loop["learning_rate"] * t.reduce_on_plateau_factor, t.min_learning_rate)
+        loop["plateau_wait"] = 0
+    if t.early_stopping_patience and loop["es_wait"] >= t.early_stopping_patience:
+        loop["finished"] = f"early stopping after epoch {loop['epoch']}"
+    return loop
+
+
 class _SigtermFlag:
     """SIGTERM sets a flag the loop checks after each step (the default handler is restored after)."""
 
@@ -311,24 +336,12 @@ def fit(run: Run, *, train_iterator=None) -> dict:
                 if value is not None and math.isfinite(value) and _improved(value, loop["best_value"], best_mode):
                     loop["best_value"], loop["best_step"] = value, step
                     ckpt.save_best(step, state, {"epoch": loop["epoch"], "step": step, t.best_metric: value})
-                if _improved(val["loss"], loop["es_best"], "min", t.early_stopping_min_delta):
-                    loop["es_best"], loop["es_wait"] = val["loss"], 0
-                else:
-                    loop["es_wait"] += 1
-                if _improved(val["loss"], loop["plateau_best"], "min"):
-                    loop["plateau_best"], loop["plateau_wait"] = val["loss"], 0
-                else:
-                    loop["plateau_wait"] += 1
-                if t.reduce_on_plateau_patience and loop["plateau_wait"] >= t.reduce_on_plateau_patience:
-                    new_lr = max(loop["learning_rate"] * t.reduce_on_plateau_factor, t.min_learning_rate)
-                    if new_lr < loop["learning_rate"]:
-                        logging_utils.log(f"val loss plateaued: learning rate {loop['learning_rate']:.3g} -> "
-                                          f"{new_lr:.3g}", primary=run.primary)
-                        state = ts.set_learning_rate(state, new_lr)
-                        loop["learning_rate"] = new_lr
-                    loop["plateau_wait"] = 0
-                if t.early_stopping_patience and loop["es_wait"] >= t.early_stopping_patience:
-                    loop["finished"] = f"early stopping after epoch {loop['epoch']}"
+                old_lr = loop["learning_rate"]
+                update_schedules(loop, val["loss"], t)
+                if loop["learning_rate"] < old_lr:
+                    logging_utils.log(f"val loss plateaued: learning rate {old_lr:.3g} -> "
+                                      f"{loop['learning_rate']:.3g}", primary=run.primary)
+                    state = ts.set_learning_rate(state, loop["learning_rate"])
             if step >= total and not loop["finished"]:
                 loop["finished"] = f"reached {step} steps"
             if epoch_end or loop["finished"] or step % t.checkpoint_every_steps == 0 or sigterm.raised:
