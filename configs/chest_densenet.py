@@ -3,8 +3,11 @@
   python -m data_prep.build --dataset=chest_xray --src=RAW/chest_xray --out=data/chest_xray
   python -m xmedjax.main --config=configs/chest_densenet.py --workdir=runs/chest_densenet
 
-Optional ImageNet initialisation (converted once with python -m xmedjax.convert):
-  --config.init.checkpoint=weights/densenet121_imagenet
+From scratch as written; to start from ImageNet weights (torchvision file, converted once):
+  python -m xmedjax.convert --arch=densenet121 --src=PATH/TO/densenet121.pth --out=weights/densenet121_imagenet
+  ... --config.init.checkpoint=weights/densenet121_imagenet
+Rerun the same command to resume an interrupted run; --config.mode=evaluate|explain|predict
+(with --config.predict.folder=DIR) reuse WORKDIR's best checkpoint.
 """
 
 import importlib.util
