@@ -1,6 +1,6 @@
 """Brain tumour MRI, 4 classes (glioma, meningioma, pituitary, no tumour), DenseNet121, the paper's settings.
 
-  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri --out=data/brain_4class --label_map=multiclass
+  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri --out=prepared/brain_4class --label_map=multiclass
   python -m xmedjax.main --config=configs/brain4_densenet.py --workdir=runs/brain4_densenet
 
 From scratch as written; to start from ImageNet weights (torchvision file, converted once):
@@ -23,5 +23,5 @@ def get_config():
   c = default.get_config()
   c.model.arch = "densenet121"
   c.data.dataset = "prepared"
-  c.data.data_dir = "data/brain_4class"
+  c.data.data_dir = "prepared/brain_4class"
   return c

@@ -1,6 +1,6 @@
 """Brain tumour MRI, binary (tumour vs no tumour), ResNet50, the paper's settings.
 
-  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri --out=data/brain_binary --label_map=binary
+  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri --out=prepared/brain_binary --label_map=binary
   python -m xmedjax.main --config=configs/brain_resnet.py --workdir=runs/brain_resnet
 
 From scratch as written; to start from ImageNet weights (torchvision file, converted once):
@@ -23,5 +23,5 @@ def get_config():
   c = default.get_config()
   c.model.arch = "resnet50"
   c.data.dataset = "prepared"
-  c.data.data_dir = "data/brain_binary"
+  c.data.data_dir = "prepared/brain_binary"
   return c

@@ -1,6 +1,6 @@
 """Chest X-ray pneumonia, binary (NORMAL vs PNEUMONIA), ResNet50, the paper's settings.
 
-  python -m data_prep.build --dataset=chest_xray --src=RAW/chest_xray --out=data/chest_xray
+  python -m data_prep.build --dataset=chest_xray --src=RAW/chest_xray --out=prepared/chest_xray
   python -m xmedjax.main --config=configs/chest_resnet.py --workdir=runs/chest_resnet
 
 From scratch as written; to start from ImageNet weights (torchvision file, converted once):
@@ -23,5 +23,5 @@ def get_config():
   c = default.get_config()
   c.model.arch = "resnet50"
   c.data.dataset = "prepared"
-  c.data.data_dir = "data/chest_xray"
+  c.data.data_dir = "prepared/chest_xray"
   return c
