@@ -82,6 +82,11 @@ def shortcut_section(results: dict) -> str:
             f"<tr><td>model (test)</td><td>{_fmt(test.get('accuracy'))}</td><td>{_fmt(test.get('auc_roc'))}</td></tr>",
             f"<tr><td>shortcut baseline</td><td>{_fmt(base.get('accuracy'))}</td><td>{_fmt(base.get('auc_roc'))}</td></tr>"]
     note = html.escape(str(base.get("note", "")))
+    if "risk" in base:
+        groups = ", ".join(map(str, base.get("risky_groups") or [])) or "none"
+        verdict = ("<b>Shortcut risk</b>: metadata alone predicts the label (groups: " + html.escape(groups) + ")."
+                   if base["risk"] else "No shortcut risk flagged: metadata alone does not predict the label.")
+        note = verdict + " " + note
     err = f"<p class=ci>{html.escape(base['error'])}</p>" if base.get("error") else ""
     return "<table>" + "".join(rows) + f"</table><p>{note}</p>{err}"
 
