@@ -17,6 +17,7 @@ from flax import nnx
 from scipy import stats
 
 from data_prep import phantoms
+from phantom_training import train_phantom_model, unit_images
 from test_cams import TinyCam
 from xmedjax.explain import quality
 from xmedjax.explain.cams import CAM_METHODS, METHODS, auto_cam_layer
@@ -131,27 +132,8 @@ def phantom_model():
     """A narrow ResNet50 trained on brain phantoms (64 px, unit-scaled), ~20-30 s on 2 cores."""
     train = phantoms.generate("brain", 512, 64, seed=11)
     test = phantoms.generate("brain", 96, 64, seed=12)
-    x = train["images"][..., None].astype(np.float32) / 255.0
-    y = train["labels"]
-    model = create_model("resnet50", 2, in_channels=1, width=0.125, seed=0)
-    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, xb, yb):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        idx = rng.integers(0, len(x), 32)
-        step(model, optimizer, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
-    model.eval()
-    graphdef, state = nnx.split(model)
-    xt = test["images"][..., None].astype(np.float32) / 255.0
+    graphdef, state = train_phantom_model(train["images"], train["labels"])
+    xt = unit_images(test["images"])
     logits = np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, xt))
     lesion = test["labels"] == 1
     return dict(
