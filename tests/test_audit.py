@@ -163,7 +163,7 @@ def test_grey_rgb_collapses_to_one_channel(tmp_path):
 
 
 def test_dicom_decode(tmp_path):
-  pydicom = pytest.importorskip("pydicom")
+  import pydicom  # noqa: F401 (a declared dependency)
   from pydicom.dataset import FileDataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

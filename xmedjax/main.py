@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xmedjax import config_checks
@@ -20,6 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax/TFDS info lines drown the progress bars
+        logging.set_verbosity(logging.WARNING)
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required (e.g. --workdir=runs/demo)")
     try:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 
 from xmedjax.metrics import CI_METRICS
 
@@ -91,58 +89,6 @@ def shortcut_section(results: dict) -> str:
     return "<table>" + "".join(rows) + f"</table><p>{note}</p>{err}"
 
 
-def heatmap_grid(npz_path: str, images: np.ndarray | None, max_items: int = 16, title: str = "") -> str:
-    """A grid of maps (overlaid on `images` (N, H, W[, C]) in [0, 1] when given)."""
-    if not os.path.isfile(npz_path):
-        return "<p>No heatmaps.</p>"
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    d = np.load(npz_path, allow_pickle=False)
-    maps = d["maps"]
-    n = min(max_items, len(maps))
-    pick = select_examples(d["labels"], d["predictions"], n) if "labels" in d else np.arange(n)
-    cols = min(8, n)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.95 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), pick):
-        if images is not None:
-            img = images[i]
-            img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            ax.imshow(maps[i], cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        else:
-            ax.imshow(maps[i], cmap="jet", vmin=0, vmax=1)
-        label = int(d["labels"][i]) if "labels" in d else -1
-        pred = int(d["predictions"][i]) if "predictions" in d else -1
-        color = "green" if label == pred else "red"
-        ax.set_title(f"{str(d['ids'][i])[-14:]}\ny={label} p={pred}", fontsize=7, color=color)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tag = _fig_tag(fig)
-    plt.close(fig)
-    return tag
-
-
-def select_examples(labels: np.ndarray, preds: np.ndarray, n: int) -> np.ndarray:
-    """Up to n indices mixing each (true, predicted) cell, errors first."""
-    labels, preds = np.asarray(labels), np.asarray(preds)
-    groups = [np.flatnonzero((labels == a) & (preds == b)) for a in np.unique(labels) for b in np.unique(preds)]
-    groups.sort(key=lambda g: 0 if len(g) and labels[g[0]] != preds[g[0]] else 1)
-    out: list[int] = []
-    k = 0
-    while len(out) < n and any(k < len(g) for g in groups):
-        for g in groups:
-            if k < len(g) and len(out) < n:
-                out.append(int(g[k]))
-        k += 1
-    return np.asarray(sorted(out), np.int64)
-
-
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child{text-align:left}.ci{color:#777;font-size:85%}
@@ -150,14 +96,12 @@ th{background:#f3f3f3}td:first-child{text-align:left}.ci{color:#777;font-size:85
 
 
 def write_report(workdir: str, results: dict, *, figures: dict[str, dict[str, str]] | None = None,
-                 heatmaps: Sequence[tuple[str, str, np.ndarray | None]] = (), run_info: dict | None = None,
-                 quality: dict | None = None, explain_html: str = "") -> str:
+                 run_info: dict | None = None, explain_html: str = "") -> str:
     """Writes WORKDIR/report.html and returns its path.
 
-    figures: split -> {"roc"|"pr"|"confusion": png path}; heatmaps: (title, npz path,
-    images in [0, 1] or None) per grid; quality: explain_quality.json's content;
-    explain_html: a ready fragment (the explain package's heatmap grids and quality table)
-    shown instead of `heatmaps`/`quality`.
+    figures: split -> {"roc"|"pr"|"confusion": png path}; explain_html: the explain
+    package's fragment (quality table and per-method heatmap grids,
+    `xmedjax.explain.export.report_section_html`).
     """
     figures = figures or {}
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>xmedjax report</title><style>{_CSS}</style></head><body>",
@@ -176,13 +120,6 @@ def write_report(workdir: str, results: dict, *, figures: dict[str, dict[str, st
             parts.append(per_class_table(results[split]))
     if explain_html:
         parts.append("<h2>Explanations</h2>" + explain_html)
-    if heatmaps and not explain_html:
-        parts.append("<h2>Heatmaps</h2><p>Maps scaled to [0, 1] per image, over the input; titles give the "
-                     "true (y) and predicted (p) class, red when wrong.</p>")
-        for title, path, images in heatmaps:
-            parts.append(f"<h3>{html.escape(title)}</h3>" + heatmap_grid(path, images, title=title))
-    if quality and not explain_html:
-        parts.append("<h2>Explanation quality</h2><pre>" + html.escape(json.dumps(quality, indent=2)[:20000]) + "</pre>")
     parts.append("</body></html>")
     path = os.path.join(workdir, "report.html")
     with open(path, "w") as f:

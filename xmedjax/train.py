@@ -60,16 +60,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- set-up
-def _call_supported(fn, **kwargs):
-    """Calls fn with the keyword arguments its signature accepts (the explain package's API grows)."""
-    import inspect  # noqa: PLC0415
-
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(**kwargs)
-
-
 def setup_runtime(config) -> None:
     """Distributed start-up (before any device use) and the persistent compile cache."""
     mesh_lib.initialize_distributed(config.runtime.distributed, config.runtime.coordinator_address,
@@ -388,96 +378,22 @@ def host_model_state(state: ts.TrainState) -> nnx.State:
     return jax.device_get(ts.model_state(state))
 
 
-def export_gradcam(run: Run, state: ts.TrainState, split: str, *, predictions: np.ndarray | None = None,
-                   batch_size: int = 32) -> str:
-    """Grad-CAM of a split -> WORKDIR/heatmaps/<split>_gradcam.npz (process 0).
-
-    Keys: ids, index, labels, predictions, probabilities, targets (the class explained: the
-    prediction), raw (maps on the feature grid), maps (upsampled, [0, 1] per image).
-    The explain package's `explain_split` replaces this when present (see `explain_split`).
-    """
-    from xmedjax.explain import grad_cam_fn  # noqa: PLC0415
-
-    d = run.config.data
-    model_state = host_model_state(state)
-    batches = input_pipeline.make_eval_iterator(run.data_dir, split, global_batch_size=batch_size, image_size=d.image_size,
-                                                channels=d.channels, normalization=d.normalization,
-                                                shard_index=0, shard_count=1)
-    out = {k: [] for k in ("ids", "index", "labels", "logits", "raw", "maps", "targets")}
-    for batch in batches:
-        valid = batch["valid"].astype(bool)
-        targets = None
-        if predictions is not None:
-            idx = np.where(valid, batch["index"], 0)
-            targets = np.asarray(predictions)[idx].astype(np.int32)
-        res = jax.device_get(grad_cam_fn(run.mdef.graphdef, model_state, batch["image"], targets))
-        out["ids"].append(batch["id"][valid])
-        out["index"].append(batch["index"][valid])
-        out["labels"].append(batch["label"][valid])
-        for key in ("logits", "raw", "maps", "targets"):
-            out[key].append(np.asarray(getattr(res, key))[valid])
-    arrays = {k: np.concatenate(v) for k, v in out.items()}
-    probs = evaluate_lib.metrics.softmax(arrays.pop("logits")).astype(np.float32)
-    preds = arrays["targets"] if predictions is not None else np.argmax(probs, 1)
-    path = os.path.join(run.workdir, "heatmaps", f"{split}_gradcam.npz")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez_compressed(path, ids=arrays["ids"], index=arrays["index"], labels=arrays["labels"], predictions=preds,
-                        probabilities=probs, targets=arrays["targets"], raw=arrays["raw"].astype(np.float32),
-                        maps=arrays["maps"].astype(np.float32))
-    return path
-
-
 def explain_split(run: Run, state: ts.TrainState, split: str, *, predictions: np.ndarray | None = None) -> dict:
-    """Heatmaps of a split: the explain package's `explain_split` when present, else Grad-CAM here."""
+    """Heatmaps of a split (WORKDIR/heatmaps/<split>_<method>.npz) and explain_quality.json.
+
+    `predictions` (by example index, e.g. from the val-tuned threshold) are the classes
+    explained, so the heatmaps explain the same decisions as metrics.json.
+    """
+    from xmedjax.explain.run import explain_split as explain_prepared_split  # noqa: PLC0415
+
     c = run.config
-    try:
-        from xmedjax.explain.run import explain_split as package_explain  # noqa: PLC0415
-    except ImportError:
-        package_explain = None
-    if package_explain is not None:
-        try:
-            result = _call_supported(package_explain, graphdef=run.mdef.graphdef, state=host_model_state(state),
-                                     data_dir=run.data_dir, split=split, workdir=run.workdir,
-                                     image_size=c.data.image_size, channels=c.data.channels,
-                                     normalization=c.data.normalization, methods=tuple(c.explain.methods),
-                                     batch_size=c.explain.batch_size, quality=c.explain.quality,
-                                     quality_images=c.explain.quality_images, predictions=predictions,
-                                     seed=c.training.seed, progress=c.runtime.progress_bar,
-                                     **({"quality_methods": tuple(c.explain.quality_methods)}
-                                        if c.explain.quality_methods else {}))
-            return dict(result or {})
-        except Exception as exc:  # noqa: BLE001 - keep the run's Grad-CAM and report
-            logging_utils.log(f"warning: xmedjax.explain.run.explain_split failed ({type(exc).__name__}: {exc}); "
-                              "writing Grad-CAM only")
-    path = export_gradcam(run, state, split, predictions=predictions, batch_size=c.explain.batch_size)
-    return {"heatmaps": {"gradcam": path}}
-
-
-def _heatmap_grids(run: Run, split: str) -> list:
-    d = run.config.data
-    grids = []
-    folder = os.path.join(run.workdir, "heatmaps")
-    if not os.path.isdir(folder):
-        return grids
-    for name in sorted(os.listdir(folder)):
-        if not (name.startswith(f"{split}_") and name.endswith(".npz")):
-            continue
-        path = os.path.join(folder, name)
-        images = None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "maps" not in z:
-                    continue
-                index = z["index"] if "index" in z else None
-                n = len(z["maps"])
-            if index is None:
-                index = np.arange(n)
-            images = input_pipeline.load_examples(run.data_dir, split, index, image_size=d.image_size,
-                                                  channels=d.channels, normalization="unit")["image"]
-        except (KeyError, ValueError, IndexError, OSError):
-            images = None
-        grids.append((f"{split}: {name[len(split) + 1:-4]}", path, images))
-    return grids
+    quality_methods = {"quality_methods": tuple(c.explain.quality_methods)} if c.explain.quality_methods else {}
+    return explain_prepared_split(
+        run.mdef.graphdef, host_model_state(state), data_dir=run.data_dir, split=split, workdir=run.workdir,
+        image_size=c.data.image_size, channels=c.data.channels, normalization=c.data.normalization,
+        methods=tuple(c.explain.methods), batch_size=c.explain.batch_size, quality=c.explain.quality,
+        quality_images=c.explain.quality_images, predictions=predictions, progress=c.runtime.progress_bar,
+        **quality_methods)
 
 
 def write_run_report(run: Run, results: dict, *, extra_info: dict | None = None) -> str:
@@ -485,25 +401,13 @@ def write_run_report(run: Run, results: dict, *, extra_info: dict | None = None)
     figdir = os.path.join(run.workdir, "figures")
     figures = {s: {k: os.path.join(figdir, f"{k}_{s}.png") for k in ("roc", "pr", "confusion")}
                for s in (c.data.val_split, c.data.test_split)}
-    quality = None
-    qpath = os.path.join(run.workdir, "explain_quality.json")
-    if os.path.isfile(qpath):
-        with open(qpath) as f:
-            quality = json.load(f)
     info = {"model": f"{c.model.arch} (width {c.model.width}, {c.model.dtype})", "data": run.data_dir,
             "classes": ", ".join(run.info.label_names), "image size": c.data.image_size}
     info.update(extra_info or {})
-    explain_html = ""
-    try:
-        from xmedjax.explain.export import report_section_html  # noqa: PLC0415
+    from xmedjax.explain.export import report_section_html  # noqa: PLC0415
 
-        explain_html = report_section_html(run.workdir, methods=tuple(c.explain.methods))
-    except ImportError:
-        pass
-    if explain_html:
-        return report_lib.write_report(run.workdir, results, figures=figures, run_info=info, explain_html=explain_html)
-    return report_lib.write_report(run.workdir, results, figures=figures,
-                                   heatmaps=_heatmap_grids(run, c.explain.split), run_info=info, quality=quality)
+    explain_html = report_section_html(run.workdir, methods=tuple(c.explain.methods))
+    return report_lib.write_report(run.workdir, results, figures=figures, run_info=info, explain_html=explain_html)
 
 
 def evaluate_run(run: Run, state: ts.TrainState, *, step: int | None = None, explain_too: bool = False,
@@ -595,21 +499,12 @@ def predict(config, workdir: str) -> dict | None:
     if os.path.isfile(mpath):
         with open(mpath) as f:
             threshold = (json.load(f).get(c.data.val_split) or {}).get("threshold") or 0.5
-    try:
-        from xmedjax.explain.run import predict_folder as package_predict  # noqa: PLC0415
-    except ImportError:
-        package_predict = None
-    if package_predict is not None:
-        return _call_supported(package_predict, graphdef=run.mdef.graphdef, state=host_model_state(state),
-                               folder=c.predict.folder,
-                               workdir=run.workdir, image_size=c.data.image_size, channels=c.data.channels,
-                               normalization=c.data.normalization, methods=tuple(c.explain.methods),
-                               batch_size=c.explain.batch_size, threshold=threshold,
-                               label_names=run.info.label_names)
-    return evaluate_lib.predict_folder_basic(run.mdef.eval_graphdef, host_model_state(state), folder=c.predict.folder,
-                                             workdir=run.workdir, image_size=c.data.image_size, channels=c.data.channels,
-                                             normalization=c.data.normalization, threshold=threshold,
-                                             label_names=run.info.label_names, batch_size=c.explain.batch_size)
+    from xmedjax.explain.run import predict_folder  # noqa: PLC0415
+
+    return predict_folder(run.mdef.graphdef, host_model_state(state), folder=c.predict.folder, workdir=run.workdir,
+                          image_size=c.data.image_size, channels=c.data.channels, normalization=c.data.normalization,
+                          methods=tuple(c.explain.methods), batch_size=c.explain.batch_size, threshold=threshold,
+                          label_names=run.info.label_names, progress=c.runtime.progress_bar)
 
 
 MODES = {"train": train_and_evaluate, "evaluate": evaluate, "explain": explain, "predict": predict}
