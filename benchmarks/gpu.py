@@ -313,7 +313,6 @@ def _jax_setup(cache_dir: str):
 
 def build_train(arch: str, dtype_name: str, batch: int, sz: dict, mesh):
     """(lowered-ready jitted step, state, batch) for our train step."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
