@@ -63,11 +63,8 @@ def test_gradient_cams_match_pytorch_grad_cam(parity_model, reference, size):
 
 def test_scorecam_matches_pytorch_grad_cam(parity_model, reference):
     arch, graphdef, state = parity_model
-    if arch == "resnet50" and not os.environ.get("XMEDJAX_SLOW_TESTS"):
-        # 2 images x 2048 masked forward passes of the full ResNet50: ~3.5 min on 2 CPU
-        # cores (it passed, min correlation recorded in the commit that added it).
-        pytest.skip("full-width ResNet50 Score-CAM is slow on CPU; set XMEDJAX_SLOW_TESTS=1")
-    # one image by default (1024 masked DenseNet121 passes, ~15 s); both with XMEDJAX_SLOW_TESTS
+    # One image by default (1024 masked DenseNet121 passes, 2048 ResNet50 passes); both
+    # images with XMEDJAX_SLOW_TESTS=1 (~3.5 min for ResNet50 on 2 CPU cores).
     n = 2 if os.environ.get("XMEDJAX_SLOW_TESTS") else 1
     x = jnp.asarray(parity.recipe_input(64))[:n]
     targets = jnp.asarray(reference[f"{arch}_target_64"])[:n]
