@@ -470,35 +470,44 @@ def evaluate(config, workdir: str) -> dict | None:
     return results
 
 
-def explain(config, workdir: str) -> dict | None:
-    """Mode explain: heatmaps of config.explain.split from the best checkpoint."""
+def _saved_metrics(run: Run) -> dict | None:
+    """WORKDIR/metrics.json of an earlier train/evaluate command, if any."""
+    path = os.path.join(run.workdir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _best_on_primary(config, workdir: str) -> tuple[Run, ts.TrainState]:
+    """The run with its best checkpoint restored (every process joins the restore)."""
     setup_runtime(config)
     run = build_run(config, workdir)
     state, _ = restore_best(run)
+    return run, state
+
+
+def explain(config, workdir: str) -> dict | None:
+    """Mode explain: heatmaps of config.explain.split from the best checkpoint."""
+    run, state = _best_on_primary(config, workdir)
     if not run.primary:
         return None
     result = explain_split(run, state, config.explain.split)
-    mpath = os.path.join(run.workdir, "metrics.json")
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            write_run_report(run, json.load(f))
+    metrics = _saved_metrics(run)
+    if metrics is not None:
+        write_run_report(run, metrics)
     print(f"heatmaps: {os.path.join(run.workdir, 'heatmaps')}", flush=True)
     return result
 
 
 def predict(config, workdir: str) -> dict | None:
     """Mode predict: classify (and explain) every image under config.predict.folder."""
-    setup_runtime(config)
-    run = build_run(config, workdir)
-    state, _ = restore_best(run)
+    run, state = _best_on_primary(config, workdir)
     if not run.primary:
         return None
     c = config
-    threshold = 0.5
-    mpath = os.path.join(run.workdir, "metrics.json")
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            threshold = (json.load(f).get(c.data.val_split) or {}).get("threshold") or 0.5
+    metrics = _saved_metrics(run) or {}
+    threshold = (metrics.get(c.data.val_split) or {}).get("threshold") or 0.5
     from xmedjax.explain.run import predict_folder  # noqa: PLC0415
 
     return predict_folder(run.mdef.graphdef, host_model_state(state), folder=c.predict.folder, workdir=run.workdir,
