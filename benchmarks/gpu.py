@@ -44,7 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags
 
@@ -52,30 +53,63 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("dry_run", False, "tiny sizes on CPU (width 0.125, 32 px, batches 2/4): checks the code, "
-                  "measures nothing meaningful")
-flags.DEFINE_list("only", [], "subset: resnet50, densenet121, input, peers (peers alone), ours (ours alone), "
-                  "compile (cold/warm compile only); empty = everything")
+flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "tiny sizes on CPU (width 0.125, 32 px, batches 2/4): checks the code, "
+    "measures nothing meaningful",
+)
+flags.DEFINE_list(
+    "only",
+    [],
+    "subset: resnet50, densenet121, input, peers (peers alone), ours (ours alone), "
+    "compile (cold/warm compile only); empty = everything",
+)
 flags.DEFINE_string("out", "", "JSON output file")
-flags.DEFINE_string("data_dir", "", "prepared dataset for the input-pipeline benchmark ('' = skip it)")
-flags.DEFINE_bool("torch_compile", False, "also time torch.compile (bf16+CL, bs256): minutes of compiling")
+flags.DEFINE_string(
+    "data_dir", "", "prepared dataset for the input-pipeline benchmark ('' = skip it)"
+)
+flags.DEFINE_bool(
+    "torch_compile", False, "also time torch.compile (bf16+CL, bs256): minutes of compiling"
+)
 flags.DEFINE_integer("warmup", 5, "untimed steps")
 flags.DEFINE_integer("steps", 20, "timed steps (train/inference); Grad-CAM at bs256 uses a quarter")
-flags.DEFINE_float("budget_s", 0.0, "stop starting new workloads after this many seconds (0 = no limit)")
-flags.DEFINE_string("cache_dir", "", "persistent compilation cache ('' = a fresh temporary folder, so the "
-                    "first compile is cold)")
-flags.DEFINE_bool("parallel_compile", True, "compile each architecture's programs in parallel threads")
+flags.DEFINE_float(
+    "budget_s", 0.0, "stop starting new workloads after this many seconds (0 = no limit)"
+)
+flags.DEFINE_string(
+    "cache_dir",
+    "",
+    "persistent compilation cache ('' = a fresh temporary folder, so the first compile is cold)",
+)
+flags.DEFINE_bool(
+    "parallel_compile", True, "compile each architecture's programs in parallel threads"
+)
 flags.DEFINE_float("input_seconds", 8.0, "seconds per input-pipeline setting")
-flags.DEFINE_list("programs", [], "subset of our programs besides the cold-compiled train step: train_fp32_small, "
-                  "train_bf16_small, infer, gradcam_fp32_small, gradcam_fp32_large, gradcam_bf16_small, "
-                  "gradcam_bf16_large (empty = all)")
-flags.DEFINE_bool("cold_compile", True, "time the cold compile of the bs256 bf16 train step first (false: only "
-                  "--programs, e.g. for a profile)")
-flags.DEFINE_string("profile_dir", "", "after timing, trace 3 more calls of each program with jax.profiler here "
-                    "(view with TensorBoard/XProf)")
+flags.DEFINE_list(
+    "programs",
+    [],
+    "subset of our programs besides the cold-compiled train step: train_fp32_small, "
+    "train_bf16_small, infer, gradcam_fp32_small, gradcam_fp32_large, gradcam_bf16_small, "
+    "gradcam_bf16_large (empty = all)",
+)
+flags.DEFINE_bool(
+    "cold_compile",
+    True,
+    "time the cold compile of the bs256 bf16 train step first (false: only "
+    "--programs, e.g. for a profile)",
+)
+flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "after timing, trace 3 more calls of each program with jax.profiler here "
+    "(view with TensorBoard/XProf)",
+)
 # internal: child-process modes
 flags.DEFINE_string("_peer_out", "", "internal: run the peers only and write their JSON here")
-flags.DEFINE_string("_compile_probe", "", "internal: compile one train step in this process, print JSON")
+flags.DEFINE_string(
+    "_compile_probe", "", "internal: compile one train step in this process, print JSON"
+)
 
 ARCHS = ("resnet50", "densenet121")
 
@@ -92,9 +126,24 @@ ANCHORS = {
 def sizes(dry_run: bool) -> dict:
     """Image size, batches, width and step counts for a real run or a dry run."""
     if dry_run:
-        return {"image": 32, "small": 2, "large": 4, "width": 0.125, "warmup": 1, "steps": 2, "dry_run": True}
-    return {"image": 224, "small": 32, "large": 256, "width": 1.0, "warmup": FLAGS.warmup, "steps": FLAGS.steps,
-            "dry_run": False}
+        return {
+            "image": 32,
+            "small": 2,
+            "large": 4,
+            "width": 0.125,
+            "warmup": 1,
+            "steps": 2,
+            "dry_run": True,
+        }
+    return {
+        "image": 224,
+        "small": 32,
+        "large": 256,
+        "width": 1.0,
+        "warmup": FLAGS.warmup,
+        "steps": FLAGS.steps,
+        "dry_run": False,
+    }
 
 
 def wanted(part: str) -> bool:
@@ -140,8 +189,10 @@ def run_peers(sz: dict, archs: tuple[str, ...], torch_compile: bool, budget: Bud
         out["_notes"]["pytorch_grad_cam"] = f"unavailable: {type(exc).__name__}: {exc}"
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    out["_notes"]["torch"] = (f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-                              f"{torch.cuda.get_device_name(0) if cuda else 'CPU'}")
+    out["_notes"]["torch"] = (
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"{torch.cuda.get_device_name(0) if cuda else 'CPU'}"
+    )
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -166,8 +217,9 @@ def run_peers(sz: dict, archs: tuple[str, ...], torch_compile: bool, budget: Bud
                 from torchvision.models.resnet import Bottleneck, ResNet
 
                 return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=2, width_per_group=8).to(dev)
-            return torchvision.models.DenseNet(growth_rate=4, block_config=(6, 12, 24, 16), num_init_features=8,
-                                               num_classes=2).to(dev)
+            return torchvision.models.DenseNet(
+                growth_rate=4, block_config=(6, 12, 24, 16), num_init_features=8, num_classes=2
+            ).to(dev)
         return getattr(torchvision.models, arch)(weights=None, num_classes=2).to(dev)
 
     def train_rate(arch, batch, bf16, compiled=False):
@@ -195,21 +247,21 @@ def run_peers(sz: dict, archs: tuple[str, ...], torch_compile: bool, budget: Bud
             sync()
             first = time.perf_counter() - t0
         rate = timed(step, batch, sz["warmup"], sz["steps"])
-        del model, opt, x, y
-        if cuda:
+        if cuda:  # the model and optimiser die with this frame
             torch.cuda.empty_cache()
         return rate, first
 
     def infer_rate(arch, batch):
         model = make(arch).eval().to(memory_format=torch.channels_last)
-        x = torch.randn(batch, 3, sz["image"], sz["image"], device=dev).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, sz["image"], sz["image"], device=dev).to(
+            memory_format=torch.channels_last
+        )
 
         def fwd():
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
                 return model(x)
 
         rate = timed(fwd, batch, sz["warmup"], sz["steps"])
-        del model, x
         if cuda:
             torch.cuda.empty_cache()
         return rate
@@ -219,7 +271,11 @@ def run_peers(sz: dict, archs: tuple[str, ...], torch_compile: bool, budget: Bud
 
         def __init__(self, net):
             super().__init__()
-            self.features, self.relu, self.classifier = net.features, torch.nn.ReLU(inplace=False), net.classifier
+            self.features, self.relu, self.classifier = (
+                net.features,
+                torch.nn.ReLU(inplace=False),
+                net.classifier,
+            )
 
         def forward(self, x):
             out = torch.nn.functional.adaptive_avg_pool2d(self.relu(self.features(x)), (1, 1))
@@ -241,21 +297,31 @@ def run_peers(sz: dict, archs: tuple[str, ...], torch_compile: bool, budget: Bud
 
         steps = sz["steps"] if batch <= sz["small"] else max(2, sz["steps"] // 4)
         rate = timed(run, batch, min(2, sz["warmup"]), steps)
-        del net, cam, x
         if cuda:
             torch.cuda.empty_cache()
         return rate
 
     for arch in archs:
         jobs = [
-            (f"{arch}_train_bs{sz['small']}_fp32", lambda a=arch: train_rate(a, sz["small"], False)[0]),
-            (f"{arch}_train_bs{sz['small']}_bf16cl", lambda a=arch: train_rate(a, sz["small"], True)[0]),
-            (f"{arch}_train_bs{sz['large']}_bf16cl", lambda a=arch: train_rate(a, sz["large"], True)[0]),
+            (
+                f"{arch}_train_bs{sz['small']}_fp32",
+                lambda a=arch: train_rate(a, sz["small"], False)[0],
+            ),
+            (
+                f"{arch}_train_bs{sz['small']}_bf16cl",
+                lambda a=arch: train_rate(a, sz["small"], True)[0],
+            ),
+            (
+                f"{arch}_train_bs{sz['large']}_bf16cl",
+                lambda a=arch: train_rate(a, sz["large"], True)[0],
+            ),
             (f"{arch}_infer_bs{sz['large']}_bf16cl", lambda a=arch: infer_rate(a, sz["large"])),
         ]
         if GradCAM is not None:
-            jobs += [(f"{arch}_gradcam_bs{b}_fp32", lambda a=arch, b=b: gradcam_rate(a, b))
-                     for b in (sz["small"], sz["large"])]
+            jobs += [
+                (f"{arch}_gradcam_bs{b}_fp32", lambda a=arch, b=b: gradcam_rate(a, b))
+                for b in (sz["small"], sz["large"])
+            ]
         for key, job in jobs:
             if budget.spent():
                 out["_notes"][key] = "skipped: time budget"
@@ -284,9 +350,16 @@ def peers_in_child(sz: dict, archs: tuple[str, ...], budget: Budget) -> dict:
     """Runs `run_peers` in a child process (torch's GPU memory is gone when it exits)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "peers.json")
-        cmd = [sys.executable, os.path.abspath(__file__), f"--_peer_out={path}", f"--only={','.join(archs)}",
-               f"--warmup={FLAGS.warmup}", f"--steps={FLAGS.steps}", f"--torch_compile={FLAGS.torch_compile}",
-               f"--dry_run={FLAGS.dry_run}"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--_peer_out={path}",
+            f"--only={','.join(archs)}",
+            f"--warmup={FLAGS.warmup}",
+            f"--steps={FLAGS.steps}",
+            f"--torch_compile={FLAGS.torch_compile}",
+            f"--dry_run={FLAGS.dry_run}",
+        ]
         if budget.seconds:
             cmd.append(f"--budget_s={max(1.0, budget.left())}")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -302,8 +375,10 @@ def _jax_setup(cache_dir: str):
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    for key, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
-                       ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    for key, value in (
+        ("jax_persistent_cache_min_compile_time_secs", 0.0),
+        ("jax_persistent_cache_min_entry_size_bytes", 0),
+    ):
         try:  # cache everything (the options' names have moved between JAX versions)
             jax.config.update(key, value)
         except Exception as exc:  # noqa: BLE001
@@ -322,12 +397,16 @@ def build_train(arch: str, dtype_name: str, batch: int, sz: dict, mesh):
     from xmedjax.models import create_model
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-    model = nnx.jit(lambda: create_model(arch, 2, in_channels=3, dtype=dtype, seed=0, width=sz["width"]))()
+    model = nnx.jit(
+        lambda: create_model(arch, 2, in_channels=3, dtype=dtype, seed=0, width=sz["width"])
+    )()
     mdef, state = ts.create_train_state(model, ts.make_optimizer("adam", 1e-4))
     state = ts.place_state(state, mesh)
     rng = np.random.default_rng(0)
-    host = {"image": rng.standard_normal((batch, sz["image"], sz["image"], 3), np.float32),
-            "label": rng.integers(0, 2, batch).astype(np.int32)}
+    host = {
+        "image": rng.standard_normal((batch, sz["image"], sz["image"], 3), np.float32),
+        "label": rng.integers(0, 2, batch).astype(np.int32),
+    }
     data = to_global_array(host, mesh)
     fn = ts.jit_train_step(mdef, state, mesh)
     return fn, state, data
@@ -348,8 +427,13 @@ def compile_probe(arch: str, sz: dict) -> dict:
 
 
 def compile_probe_in_child(arch: str, cache_dir: str) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--_compile_probe={arch}", f"--cache_dir={cache_dir}",
-           f"--dry_run={FLAGS.dry_run}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--_compile_probe={arch}",
+        f"--cache_dir={cache_dir}",
+        f"--dry_run={FLAGS.dry_run}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PROBE "):
@@ -363,7 +447,10 @@ def trace_summary(folder: str, top: int = 40) -> list[dict]:
     import glob
     import gzip
 
-    files = sorted(glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    files = sorted(
+        glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
         return []
     try:
@@ -372,8 +459,11 @@ def trace_summary(folder: str, top: int = 40) -> list[dict]:
     except Exception:  # noqa: BLE001
         return []
     events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
-    pid_names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    pid_names = {
+        e.get("pid"): str(e.get("args", {}).get("name", ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     device_pids = {p for p, n in pid_names.items() if "gpu" in n.lower() or "device" in n.lower()}
     totals: dict[str, list] = {}
     for e in events:
@@ -382,7 +472,9 @@ def trace_summary(folder: str, top: int = 40) -> list[dict]:
         t = totals.setdefault(str(e.get("name")), [0.0, 0])
         t[0] += float(e.get("dur", 0.0)) / 1000.0
         t[1] += 1
-    rows = sorted(({"name": k, "ms": v[0], "count": v[1]} for k, v in totals.items()), key=lambda r: -r["ms"])
+    rows = sorted(
+        ({"name": k, "ms": v[0], "count": v[1]} for k, v in totals.items()), key=lambda r: -r["ms"]
+    )
     return rows[:top]
 
 
@@ -438,36 +530,57 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
         compiled = lowered.compile()
         t2 = time.perf_counter()
         results[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = t2 - t0
-        notes[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = (f"trace+lower {t1 - t0:.1f} s, "
-                                                               f"XLA compile {t2 - t1:.1f} s")
-        log(f"ours {arch}: cold compile of train bs{large} bf16 {t2 - t0:.1f} s (lower {t1 - t0:.1f} s)")
-        programs[f"{arch}_train_bs{large}_bf16"] = {"compiled": compiled, "args": [state, data], "batch": large,
-                                                    "kind": "train"}
+        notes[f"{arch}_compile_train_bs{large}_bf16_cold_s"] = (
+            f"trace+lower {t1 - t0:.1f} s, XLA compile {t2 - t1:.1f} s"
+        )
+        log(
+            f"ours {arch}: cold compile of train bs{large} bf16 {t2 - t0:.1f} s (lower {t1 - t0:.1f} s)"
+        )
+        programs[f"{arch}_train_bs{large}_bf16"] = {
+            "compiled": compiled,
+            "args": [state, data],
+            "batch": large,
+            "kind": "train",
+        }
     if "compile" in FLAGS.only:
         return
 
     # 2. every other program of this architecture, compiled in parallel threads
     specs = []
     for dtype_name, batch in (("float32", small), ("bfloat16", small)):
-        specs.append((f"{arch}_train_bs{batch}_{'fp32' if dtype_name == 'float32' else 'bf16'}", dtype_name, batch))
+        specs.append(
+            (
+                f"{arch}_train_bs{batch}_{'fp32' if dtype_name == 'float32' else 'bf16'}",
+                dtype_name,
+                batch,
+            )
+        )
 
     def lower_train(name, dtype_name, batch):
         f, s, d = build_train(arch, dtype_name, batch, sz, mesh)
         return name, f.lower(s, d), [s, d], batch, "train"
 
     def model_split(dtype):
-        model = nnx.jit(lambda: create_model(arch, 2, in_channels=3, dtype=dtype, seed=0, width=sz["width"]))()
+        model = nnx.jit(
+            lambda: create_model(arch, 2, in_channels=3, dtype=dtype, seed=0, width=sz["width"])
+        )()
         model.eval()
         return nnx.split(model)
 
     def lower_infer():
-        model = nnx.jit(lambda: create_model(arch, 2, in_channels=3, dtype=jnp.bfloat16, seed=0,
-                                             width=sz["width"]))()
+        model = nnx.jit(
+            lambda: create_model(
+                arch, 2, in_channels=3, dtype=jnp.bfloat16, seed=0, width=sz["width"]
+            )
+        )()
         mdef, st = ts.create_train_state(model, ts.make_optimizer("adam", 1e-4))
         st = ts.place_state(st, mesh)
-        host = {"image": rng.standard_normal((large, sz["image"], sz["image"], 3), np.float32),
-                "label": np.zeros(large, np.int32), "valid": np.ones(large, np.int32),
-                "index": np.arange(large, dtype=np.int32)}
+        host = {
+            "image": rng.standard_normal((large, sz["image"], sz["image"], 3), np.float32),
+            "label": np.zeros(large, np.int32),
+            "valid": np.ones(large, np.int32),
+            "index": np.arange(large, dtype=np.int32),
+        }
         d = to_global_array(host, mesh)
         f = ts.jit_eval_step(mdef, st, mesh)
         return f"{arch}_infer_bs{large}_bf16", f.lower(st, d), [st, d], large, "infer"
@@ -477,16 +590,31 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
         images = jnp.asarray(rng.standard_normal((batch, sz["image"], sz["image"], 3), np.float32))
         targets = jnp.asarray(rng.integers(0, 2, batch).astype(np.int32))
         lowered_cam = grad_cam_fn.lower(graphdef, st, images, targets)
-        return f"{arch}_gradcam_bs{batch}_{tag}", lowered_cam, [st, images, targets], batch, "gradcam"
+        return (
+            f"{arch}_gradcam_bs{batch}_{tag}",
+            lowered_cam,
+            [st, images, targets],
+            batch,
+            "gradcam",
+        )
 
-    named_jobs = {"train_fp32_small": lambda: lower_train(*specs[0]), "train_bf16_small": lambda: lower_train(*specs[1]),
-                  "infer": lower_infer}
+    named_jobs = {
+        "train_fp32_small": lambda: lower_train(*specs[0]),
+        "train_bf16_small": lambda: lower_train(*specs[1]),
+        "infer": lower_infer,
+    }
     if not FLAGS.cold_compile:
-        named_jobs["train_bf16_large"] = lambda: lower_train(f"{arch}_train_bs{large}_bf16", "bfloat16", large)
+        named_jobs["train_bf16_large"] = lambda: lower_train(
+            f"{arch}_train_bs{large}_bf16", "bfloat16", large
+        )
     for tag, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         for size_name, b in (("small", small), ("large", large)):
-            named_jobs[f"gradcam_{tag}_{size_name}"] = lambda b=b, dtype=dtype, tag=tag: lower_cam(b, dtype, tag)
-    chosen = [p.strip() for p in FLAGS.programs if p.strip()] or [k for k in named_jobs if k != "train_bf16_large"]
+            named_jobs[f"gradcam_{tag}_{size_name}"] = lambda b=b, dtype=dtype, tag=tag: lower_cam(
+                b, dtype, tag
+            )
+    chosen = [p.strip() for p in FLAGS.programs if p.strip()] or [
+        k for k in named_jobs if k != "train_bf16_large"
+    ]
     unknown = sorted(set(chosen) - set(named_jobs))
     if unknown:
         raise ValueError(f"--programs: unknown {unknown}; choose from {sorted(named_jobs)}")
@@ -506,17 +634,26 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
             log(f"ours {arch}: lowering failed: {exc}")
     workers = max(1, len(lowered_all)) if FLAGS.parallel_compile else 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {name: (pool.submit(low.compile), args, batch, kind)
-                   for name, low, args, batch, kind in lowered_all}
+        futures = {
+            name: (pool.submit(low.compile), args, batch, kind)
+            for name, low, args, batch, kind in lowered_all
+        }
         for name, (fut, args, batch, kind) in futures.items():
             try:
-                programs[name] = {"compiled": fut.result(), "args": args, "batch": batch, "kind": kind}
+                programs[name] = {
+                    "compiled": fut.result(),
+                    "args": args,
+                    "batch": batch,
+                    "kind": kind,
+                }
             except Exception as exc:  # noqa: BLE001
                 notes[name] = f"compile failed: {type(exc).__name__}: {exc}"
                 log(f"ours {name}: compile failed: {exc}")
     results[f"{arch}_compile_other_programs_wall_s"] = time.perf_counter() - t0
-    log(f"ours {arch}: {len(lowered_all)} more programs lowered+compiled in {time.perf_counter() - t0:.1f} s "
-        f"({'parallel' if FLAGS.parallel_compile else 'serial'})")
+    log(
+        f"ours {arch}: {len(lowered_all)} more programs lowered+compiled in {time.perf_counter() - t0:.1f} s "
+        f"({'parallel' if FLAGS.parallel_compile else 'serial'})"
+    )
 
     # 3. time each program (one after the other)
     for name, prog in programs.items():
@@ -537,6 +674,7 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
             elif kind == "infer":
                 rate = _time_jax(lambda c=c, a=args: c(*a)["logits"], batch, sz["warmup"], steps)
             else:  # Grad-CAM: maps copied to host memory, as pytorch-grad-cam returns them
+
                 def cam(c=c, a=args):
                     return np.asarray(jax.device_get(c(*a).maps))
 
@@ -546,13 +684,20 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
             if cost:  # XLA's own count: achieved FLOP/s and bytes/s against the card's roofline
                 results[f"{name}_gflop_per_img"] = cost.get("flops", 0.0) / batch / 1e9
                 results[f"{name}_mbytes_per_img"] = cost.get("bytes accessed", 0.0) / batch / 1e6
-                notes[f"{name}_achieved"] = (f"{cost.get('flops', 0.0) / batch * rate / 1e12:.1f} TFLOP/s, "
-                                             f"{cost.get('bytes accessed', 0.0) / batch * rate / 1e9:.0f} GB/s (XLA cost "
-                                             "analysis x measured rate)")
-            log(f"ours {name}: {rate:.1f} img/s" + (f" ({notes.get(name + '_achieved')})" if cost else ""))
+                notes[f"{name}_achieved"] = (
+                    f"{cost.get('flops', 0.0) / batch * rate / 1e12:.1f} TFLOP/s, "
+                    f"{cost.get('bytes accessed', 0.0) / batch * rate / 1e9:.0f} GB/s (XLA cost "
+                    "analysis x measured rate)"
+                )
+            log(
+                f"ours {name}: {rate:.1f} img/s"
+                + (f" ({notes.get(name + '_achieved')})" if cost else "")
+            )
             if FLAGS.profile_dir:
-                fn_once = {"train": lambda: step(), "infer": lambda c=c, a=args: c(*a)["logits"]}.get(
-                    kind, lambda c=c, a=args: c(*a).maps)
+                fn_once = {
+                    "train": lambda: step(),
+                    "infer": lambda c=c, a=args: c(*a)["logits"],
+                }.get(kind, lambda c=c, a=args: c(*a).maps)
                 with jax.profiler.trace(os.path.join(FLAGS.profile_dir, name)):
                     out = None
                     for _ in range(3):
@@ -562,8 +707,13 @@ def run_ours(arch: str, sz: dict, budget: Budget, results: dict, notes: dict) ->
                 top = trace_summary(os.path.join(FLAGS.profile_dir, name))
                 if top:
                     notes[f"{name}_profile_top"] = top
-                    print("\n".join(f"    {t['ms']:9.3f} ms {t['count']:5d}x  {t['name'][:100]}" for t in top[:25]),
-                          flush=True)
+                    print(
+                        "\n".join(
+                            f"    {t['ms']:9.3f} ms {t['count']:5d}x  {t['name'][:100]}"
+                            for t in top[:25]
+                        ),
+                        flush=True,
+                    )
         except Exception as exc:  # noqa: BLE001
             notes[name] = f"run failed: {type(exc).__name__}: {exc}"
             log(f"ours {name}: failed: {exc}")
@@ -582,16 +732,27 @@ def run_input(data_dir: str, sz: dict, budget: Budget, results: dict, notes: dic
         key = f"input_pipeline_bs{sz['small']}_w{workers}"
         try:
             it = input_pipeline.make_train_iterator(
-                data_dir, "train", global_batch_size=sz["small"], image_size=sz["image"], channels=3,
-                augment=augment.PAPER_DEFAULTS, normalization="imagenet", seed=0, worker_count=workers,
-                shard_index=0, shard_count=1)
+                data_dir,
+                "train",
+                global_batch_size=sz["small"],
+                image_size=sz["image"],
+                channels=3,
+                augment=augment.PAPER_DEFAULTS,
+                normalization="imagenet",
+                seed=0,
+                worker_count=workers,
+                shard_index=0,
+                shard_count=1,
+            )
             next(it)
             n, t0 = 0, time.perf_counter()
             seconds = 1.0 if FLAGS.dry_run else FLAGS.input_seconds
             while time.perf_counter() - t0 < seconds:
                 n += next(it)["image"].shape[0]
             results[key] = n / (time.perf_counter() - t0)
-            notes[key] = f"{workers} Grain worker process(es), {cpus} CPUs, {data_dir}, paper augmentation"
+            notes[key] = (
+                f"{workers} Grain worker process(es), {cpus} CPUs, {data_dir}, paper augmentation"
+            )
             log(f"ours {key}: {results[key]:.0f} img/s")
         except Exception as exc:  # noqa: BLE001
             notes[key] = f"failed: {type(exc).__name__}: {exc}"
@@ -614,55 +775,129 @@ def assemble(ours: dict, peers: dict, sz: dict, archs: tuple[str, ...]) -> dict:
         if o is not None and p is not None and o > 0 and p > 0:
             ratio = (p / o) if lower_better else (o / p)
         batch = L if f"bs{L}" in our_key else (s if f"bs{s}" in our_key else None)
-        rows[name] = {"ours": o, "peer": p, "ratio": ratio, "unit": "s" if lower_better else "img/s", "batch": batch,
-                      "image_size": sz["image"],
-                      "ours_what": ours_what, "peer_what": peer_what,
-                      "peer_source": source if p is not None else "n/a"}
+        rows[name] = {
+            "ours": o,
+            "peer": p,
+            "ratio": ratio,
+            "unit": "s" if lower_better else "img/s",
+            "batch": batch,
+            "image_size": sz["image"],
+            "ours_what": ours_what,
+            "peer_what": peer_what,
+            "peer_source": source if p is not None else "n/a",
+        }
 
     for a in archs:
         # the issue's names (bs32 = fp32 vs torch eager fp32; bs256 = bf16 vs eager bf16+CL)
-        row(f"{a}_train_bs{L}_bf16", f"{a}_train_bs{L}_bf16", peers.get(f"{a}_train_bs{L}_bf16cl"),
-            f"train_step bs{L} bf16", f"torchvision eager bf16+channels_last bs{L}")
-        row(f"{a}_train_bs{s}", f"{a}_train_bs{s}_fp32", peers.get(f"{a}_train_bs{s}_fp32"),
-            f"train_step bs{s} fp32", f"torchvision eager fp32 bs{s}")
+        row(
+            f"{a}_train_bs{L}_bf16",
+            f"{a}_train_bs{L}_bf16",
+            peers.get(f"{a}_train_bs{L}_bf16cl"),
+            f"train_step bs{L} bf16",
+            f"torchvision eager bf16+channels_last bs{L}",
+        )
+        row(
+            f"{a}_train_bs{s}",
+            f"{a}_train_bs{s}_fp32",
+            peers.get(f"{a}_train_bs{s}_fp32"),
+            f"train_step bs{s} fp32",
+            f"torchvision eager fp32 bs{s}",
+        )
         # Grad-CAM headline: our bf16-compute model (as the anchors' naive port the issue cites) against
         # pytorch-grad-cam in fp32 (it has no bf16 mode); the like-for-like fp32 rows follow.
-        row(f"{a}_gradcam_bs{s}", f"{a}_gradcam_bs{s}_bf16", peers.get(f"{a}_gradcam_bs{s}_fp32"),
-            f"grad_cam_fn bs{s} bf16 model, maps to host", f"pytorch-grad-cam 1.5.7 GradCAM bs{s} fp32")
-        row(f"{a}_gradcam_bs{L}", f"{a}_gradcam_bs{L}_bf16", peers.get(f"{a}_gradcam_bs{L}_fp32"),
-            f"grad_cam_fn bs{L} bf16 model, maps to host", f"pytorch-grad-cam 1.5.7 GradCAM bs{L} fp32")
+        row(
+            f"{a}_gradcam_bs{s}",
+            f"{a}_gradcam_bs{s}_bf16",
+            peers.get(f"{a}_gradcam_bs{s}_fp32"),
+            f"grad_cam_fn bs{s} bf16 model, maps to host",
+            f"pytorch-grad-cam 1.5.7 GradCAM bs{s} fp32",
+        )
+        row(
+            f"{a}_gradcam_bs{L}",
+            f"{a}_gradcam_bs{L}_bf16",
+            peers.get(f"{a}_gradcam_bs{L}_fp32"),
+            f"grad_cam_fn bs{L} bf16 model, maps to host",
+            f"pytorch-grad-cam 1.5.7 GradCAM bs{L} fp32",
+        )
         # more
-        row(f"{a}_train_bs{s}_bf16", f"{a}_train_bs{s}_bf16", peers.get(f"{a}_train_bs{s}_bf16cl"),
-            f"train_step bs{s} bf16", f"torchvision eager bf16+channels_last bs{s}")
+        row(
+            f"{a}_train_bs{s}_bf16",
+            f"{a}_train_bs{s}_bf16",
+            peers.get(f"{a}_train_bs{s}_bf16cl"),
+            f"train_step bs{s} bf16",
+            f"torchvision eager bf16+channels_last bs{s}",
+        )
         comp = peers.get(f"{a}_train_bs{L}_bf16cl_compile")
         anchor = ANCHORS.get(f"{a}_torch_compile_bs256_bf16") if not FLAGS.dry_run else None
-        row(f"{a}_train_bs{L}_bf16_vs_torch_compile", f"{a}_train_bs{L}_bf16",
-            comp if comp is not None else anchor, f"train_step bs{L} bf16",
+        row(
+            f"{a}_train_bs{L}_bf16_vs_torch_compile",
+            f"{a}_train_bs{L}_bf16",
+            comp if comp is not None else anchor,
+            f"train_step bs{L} bf16",
             f"torch.compile bf16+channels_last bs{L}",
-            source="same run" if comp is not None else "anchors.md (other run, same card kind)")
+            source="same run" if comp is not None else "anchors.md (other run, same card kind)",
+        )
         if a == "resnet50":
-            row(f"{a}_train_bs{L}_bf16_vs_flax_imagenet", f"{a}_train_bs{L}_bf16",
-                None if FLAGS.dry_run else ANCHORS["flax_imagenet_resnet50_bs256_bf16"], f"train_step bs{L} bf16",
-                "flax examples/imagenet bs256 bf16", source="anchors.md (other run, same card kind)")
-        row(f"{a}_infer_bs{L}_bf16", f"{a}_infer_bs{L}_bf16", peers.get(f"{a}_infer_bs{L}_bf16cl"),
-            f"eval forward bs{L} bf16", f"torchvision inference bf16+channels_last bs{L}")
-        row(f"{a}_gradcam_bs{s}_fp32", f"{a}_gradcam_bs{s}_fp32", peers.get(f"{a}_gradcam_bs{s}_fp32"),
-            f"grad_cam_fn bs{s} fp32 model, maps to host", f"pytorch-grad-cam 1.5.7 GradCAM bs{s} fp32")
-        row(f"{a}_gradcam_bs{L}_fp32", f"{a}_gradcam_bs{L}_fp32", peers.get(f"{a}_gradcam_bs{L}_fp32"),
-            f"grad_cam_fn bs{L} fp32 model, maps to host", f"pytorch-grad-cam 1.5.7 GradCAM bs{L} fp32")
+            row(
+                f"{a}_train_bs{L}_bf16_vs_flax_imagenet",
+                f"{a}_train_bs{L}_bf16",
+                None if FLAGS.dry_run else ANCHORS["flax_imagenet_resnet50_bs256_bf16"],
+                f"train_step bs{L} bf16",
+                "flax examples/imagenet bs256 bf16",
+                source="anchors.md (other run, same card kind)",
+            )
+        row(
+            f"{a}_infer_bs{L}_bf16",
+            f"{a}_infer_bs{L}_bf16",
+            peers.get(f"{a}_infer_bs{L}_bf16cl"),
+            f"eval forward bs{L} bf16",
+            f"torchvision inference bf16+channels_last bs{L}",
+        )
+        row(
+            f"{a}_gradcam_bs{s}_fp32",
+            f"{a}_gradcam_bs{s}_fp32",
+            peers.get(f"{a}_gradcam_bs{s}_fp32"),
+            f"grad_cam_fn bs{s} fp32 model, maps to host",
+            f"pytorch-grad-cam 1.5.7 GradCAM bs{s} fp32",
+        )
+        row(
+            f"{a}_gradcam_bs{L}_fp32",
+            f"{a}_gradcam_bs{L}_fp32",
+            peers.get(f"{a}_gradcam_bs{L}_fp32"),
+            f"grad_cam_fn bs{L} fp32 model, maps to host",
+            f"pytorch-grad-cam 1.5.7 GradCAM bs{L} fp32",
+        )
         first = peers.get(f"{a}_train_bs{L}_bf16cl_compile_first_step_s")
         anchor_first = ANCHORS.get(f"{a}_torch_compile_first_step_s") if not FLAGS.dry_run else None
-        row(f"{a}_compile_cold", f"{a}_compile_train_bs{L}_bf16_cold_s",
-            first if first is not None else anchor_first, f"cold trace+lower+compile of train_step bs{L} bf16",
+        row(
+            f"{a}_compile_cold",
+            f"{a}_compile_train_bs{L}_bf16_cold_s",
+            first if first is not None else anchor_first,
+            f"cold trace+lower+compile of train_step bs{L} bf16",
             f"torch.compile first step bs{L} bf16+CL",
-            source="same run" if first is not None else "anchors.md (other run, same card kind)", lower_better=True)
-        row(f"{a}_compile_warm_cache", f"{a}_compile_train_bs{L}_bf16_warm_s",
-            ours.get(f"{a}_compile_train_bs{L}_bf16_cold_s"), "same compile, second process, persistent cache warm",
-            "our own cold compile", source="same run", lower_better=True)
+            source="same run" if first is not None else "anchors.md (other run, same card kind)",
+            lower_better=True,
+        )
+        row(
+            f"{a}_compile_warm_cache",
+            f"{a}_compile_train_bs{L}_bf16_warm_s",
+            ours.get(f"{a}_compile_train_bs{L}_bf16_cold_s"),
+            "same compile, second process, persistent cache warm",
+            "our own cold compile",
+            source="same run",
+            lower_better=True,
+        )
     for key, value in ours.items():
         if key.startswith("input_pipeline"):
-            rows[key] = {"ours": value, "peer": None, "ratio": None, "unit": "img/s",
-                         "ours_what": "Grain decode+augment+batch", "peer_what": "-", "peer_source": "n/a"}
+            rows[key] = {
+                "ours": value,
+                "peer": None,
+                "ratio": None,
+                "unit": "img/s",
+                "ours_what": "Grain decode+augment+batch",
+                "peer_what": "-",
+                "peer_source": "n/a",
+            }
     return rows
 
 
@@ -673,12 +908,20 @@ def fmt(v, unit="img/s") -> str:
 
 
 def print_table(rows: dict) -> None:
-    print(f"\n{'NAME':48s} {'ours':>10s} {'peer':>10s} {'ratio':>7s}  unit   peer source", flush=True)
+    print(
+        f"\n{'NAME':48s} {'ours':>10s} {'peer':>10s} {'ratio':>7s}  unit   peer source", flush=True
+    )
     for name, r in rows.items():
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        print(f"{name:48s} {fmt(r['ours'], r['unit']):>10s} {fmt(r['peer'], r['unit']):>10s} {ratio:>7s}  "
-              f"{r['unit']:5s}  {r['peer_source']}", flush=True)
-    print("ratio = how many times better ours is (ours/peer for img/s, peer/ours for seconds)\n", flush=True)
+        print(
+            f"{name:48s} {fmt(r['ours'], r['unit']):>10s} {fmt(r['peer'], r['unit']):>10s} {ratio:>7s}  "
+            f"{r['unit']:5s}  {r['peer_source']}",
+            flush=True,
+        )
+    print(
+        "ratio = how many times better ours is (ours/peer for img/s, peer/ours for seconds)\n",
+        flush=True,
+    )
 
 
 # =============================================================================== main
@@ -714,10 +957,16 @@ def main(argv):
     ours: dict = {}
     notes: dict = {}
     if not fresh:
-        notes["compile"] = f"cache folder {cache_dir} was not empty: the 'cold' compiles may be cache hits"
+        notes["compile"] = (
+            f"cache folder {cache_dir} was not empty: the 'cold' compiles may be cache hits"
+        )
     if "peers" not in only:
         # order: ResNet50, the input pipeline (cheap), DenseNet121 (the longest compiles) last
-        steps = [a for a in archs if a == "resnet50"] + ["input"] + [a for a in archs if a != "resnet50"]
+        steps = (
+            [a for a in archs if a == "resnet50"]
+            + ["input"]
+            + [a for a in archs if a != "resnet50"]
+        )
         for arch in steps:
             if arch == "input":
                 if FLAGS.data_dir and wanted("input") and not budget.spent():
@@ -736,15 +985,23 @@ def main(argv):
             if probe is not None:
                 ours[f"{arch}_compile_train_bs{sz['large']}_bf16_warm_s"] = probe["total_s"]
                 notes[f"{arch}_compile_train_bs{sz['large']}_bf16_warm_s"] = (
-                    f"second process: trace+lower {probe['lower_s']:.1f} s, compile (cache) {probe['compile_s']:.1f} s")
+                    f"second process: trace+lower {probe['lower_s']:.1f} s, compile (cache) {probe['compile_s']:.1f} s"
+                )
                 log(f"ours {arch}: warm-cache compile {probe['total_s']:.1f} s in a second process")
             jax.clear_caches()
             write_json(ours, peers, notes, sz, archs, t_start, final=False)
     write_json(ours, peers, notes, sz, archs, t_start, final=True)
 
 
-def write_json(ours: dict, peers: dict, notes: dict, sz: dict, archs: tuple[str, ...], t_start: float,
-               final: bool) -> None:
+def write_json(
+    ours: dict,
+    peers: dict,
+    notes: dict,
+    sz: dict,
+    archs: tuple[str, ...],
+    t_start: float,
+    final: bool,
+) -> None:
     """The table (final only) and the JSON; also called after each phase, so a run killed by
     the device call's limit still leaves what it measured."""
     import jax
@@ -784,6 +1041,7 @@ def write_json(ours: dict, peers: dict, notes: dict, sz: dict, archs: tuple[str,
         os.replace(tmp, FLAGS.out)
         if final:
             log(f"wrote {FLAGS.out} ({meta['wall_s']:.0f} s)")
+
 
 if __name__ == "__main__":
     app.run(main)

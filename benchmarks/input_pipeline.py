@@ -33,31 +33,40 @@ flags.DEFINE_bool("augment", True, "apply the paper's augmentation")
 
 
 def time_workers(workers: int) -> tuple[float, int]:
-  """Returns (images/s, images timed) for one worker count."""
-  it = input_pipeline.make_train_iterator(
-      FLAGS.data_dir, FLAGS.split, global_batch_size=FLAGS.batch_size,
-      image_size=FLAGS.image_size, channels=FLAGS.channels,
-      augment=augment.PAPER_DEFAULTS if FLAGS.augment else None,
-      normalization="imagenet", seed=0, worker_count=workers, shard_index=0,
-      shard_count=1)
-  next(it)  # start-up
-  n, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < FLAGS.seconds:
-    b = next(it)
-    n += b["image"].shape[0]
-  return n / (time.perf_counter() - t0), n
+    """Returns (images/s, images timed) for one worker count."""
+    it = input_pipeline.make_train_iterator(
+        FLAGS.data_dir,
+        FLAGS.split,
+        global_batch_size=FLAGS.batch_size,
+        image_size=FLAGS.image_size,
+        channels=FLAGS.channels,
+        augment=augment.PAPER_DEFAULTS if FLAGS.augment else None,
+        normalization="imagenet",
+        seed=0,
+        worker_count=workers,
+        shard_index=0,
+        shard_count=1,
+    )
+    next(it)  # start-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < FLAGS.seconds:
+        b = next(it)
+        n += b["image"].shape[0]
+    return n / (time.perf_counter() - t0), n
 
 
 def main(argv):
-  del argv
-  info = input_pipeline.read_dataset_info(FLAGS.data_dir)
-  print(f"dataset {info.name} ({info.splits}), stored size {info.size}, "
+    del argv
+    info = input_pipeline.read_dataset_info(FLAGS.data_dir)
+    print(
+        f"dataset {info.name} ({info.splits}), stored size {info.size}, "
         f"{info.channels} channel(s) -> {FLAGS.image_size} px x {FLAGS.channels}; "
-        f"batch {FLAGS.batch_size}; augment={FLAGS.augment}; cpus={os.cpu_count()}")
-  for w in FLAGS.workers:
-    rate, n = time_workers(int(w))
-    print(f"workers={w}: {rate:8.1f} images/s ({n} images)", flush=True)
+        f"batch {FLAGS.batch_size}; augment={FLAGS.augment}; cpus={os.cpu_count()}"
+    )
+    for w in FLAGS.workers:
+        rate, n = time_workers(int(w))
+        print(f"workers={w}: {rate:8.1f} images/s ({n} images)", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

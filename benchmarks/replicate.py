@@ -48,18 +48,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("dry_run", False, "tiny phantom datasets built in a temporary folder, tiny models, CPU")
+flags.DEFINE_bool(
+    "dry_run", False, "tiny phantom datasets built in a temporary folder, tiny models, CPU"
+)
 flags.DEFINE_list("models", [], "models to run (default: every model whose dataset is present)")
-flags.DEFINE_string("data_root", "prepared", "folder holding brain_binary/, brain_4class/, chest_xray/")
+flags.DEFINE_string(
+    "data_root", "prepared", "folder holding brain_binary/, brain_4class/, chest_xray/"
+)
 flags.DEFINE_string("workdir_root", "runs/replicate", "one work directory per model below this")
 flags.DEFINE_string("out", "docs/results.json", "results JSON (merged into when it exists)")
 flags.DEFINE_string("bench_json", "", "benchmarks/gpu.py output to merge under 'benchmarks'")
 flags.DEFINE_integer("parallel", 2, "models trained at once (processes sharing the GPU)")
-flags.DEFINE_float("budget_s", 0.0, "SIGTERM every run still going after this many seconds (0 = none)")
+flags.DEFINE_float(
+    "budget_s", 0.0, "SIGTERM every run still going after this many seconds (0 = none)"
+)
 flags.DEFINE_string("cache_dir", ".jax_cache", "persistent compilation cache shared by the runs")
-flags.DEFINE_float("eval_reserve_s", 60.0, "seconds of --budget_s kept for evaluating the best checkpoint of "
-                   "runs cut by the budget")
-flags.DEFINE_list("override", [], "extra config overrides KEY=VALUE for every run (e.g. training.max_epochs=20)")
+flags.DEFINE_float(
+    "eval_reserve_s",
+    60.0,
+    "seconds of --budget_s kept for evaluating the best checkpoint of runs cut by the budget",
+)
+flags.DEFINE_list(
+    "override", [], "extra config overrides KEY=VALUE for every run (e.g. training.max_epochs=20)"
+)
 flags.DEFINE_bool("fresh", False, "delete each model's work directory first (default: resume)")
 flags.DEFINE_string("copy_logs_to", "", "also copy each run's log here (e.g. $OUT)")
 
@@ -75,9 +86,17 @@ PAPER_FOUR = ("brain_resnet50", "brain_densenet121", "chest_resnet50", "chest_de
 HEADLINE = ("accuracy", "auc_roc", "f1", "average_precision", "sensitivity", "specificity")
 
 # tiny settings for --dry_run (the shape of tests/test_train.py's tiny config)
-DRY_OVERRIDES = ("model.width=0.0625", "data.image_size=32", "training.batch_size=8", "training.eval_batch_size=16",
-                 "training.max_epochs=1", "evaluate.bootstrap_samples=20", "explain.quality=False",
-                 "explain.batch_size=16", "training.log_every_steps=1")
+DRY_OVERRIDES = (
+    "model.width=0.0625",
+    "data.image_size=32",
+    "training.batch_size=8",
+    "training.eval_batch_size=16",
+    "training.max_epochs=1",
+    "evaluate.bootstrap_samples=20",
+    "explain.quality=False",
+    "explain.batch_size=16",
+    "training.log_every_steps=1",
+)
 
 
 def log(msg: str) -> None:
@@ -85,8 +104,11 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- dry-run data
-def make_dry_run_data(root: str, size: int = 32, datasets: tuple[str, ...] = ("brain_binary", "brain_4class",
-                                                                             "chest_xray")) -> str:
+def make_dry_run_data(
+    root: str,
+    size: int = 32,
+    datasets: tuple[str, ...] = ("brain_binary", "brain_4class", "chest_xray"),
+) -> str:
     """Tiny raw folders in the Kaggle layouts (phantoms), prepared by prepare_gpu_data.sh.
 
     Two train images are copied into test, so test_dedup is smaller than test.
@@ -95,47 +117,84 @@ def make_dry_run_data(root: str, size: int = 32, datasets: tuple[str, ...] = ("b
 
     raw = os.path.join(root, "raw")
     # brain: Training/Testing with glioma/meningioma/pituitary (tumour phantoms, round robin) and notumor
-    tmp = write_phantom_folder(os.path.join(root, "ph_brain"), "brain", {"train": 72, "test": 24}, size=size, seed=1)
+    tmp = write_phantom_folder(
+        os.path.join(root, "ph_brain"), "brain", {"train": 72, "test": 24}, size=size, seed=1
+    )
     for split, dst_split in (("train", "Training"), ("test", "Testing")):
         for c in ("glioma", "meningioma", "notumor", "pituitary"):
             os.makedirs(os.path.join(raw, "brain_tumor_mri", dst_split, c), exist_ok=True)
         for name in sorted(os.listdir(os.path.join(tmp, split, "notumor"))):
-            shutil.copy(os.path.join(tmp, split, "notumor", name),
-                        os.path.join(raw, "brain_tumor_mri", dst_split, "notumor", name.replace(".png", ".jpg")))
+            shutil.copy(
+                os.path.join(tmp, split, "notumor", name),
+                os.path.join(
+                    raw, "brain_tumor_mri", dst_split, "notumor", name.replace(".png", ".jpg")
+                ),
+            )
         for i, name in enumerate(sorted(os.listdir(os.path.join(tmp, split, "tumor")))):
             c = ("glioma", "meningioma", "pituitary")[i % 3]
-            shutil.copy(os.path.join(tmp, split, "tumor", name),
-                        os.path.join(raw, "brain_tumor_mri", dst_split, c, name.replace(".png", ".jpg")))
+            shutil.copy(
+                os.path.join(tmp, split, "tumor", name),
+                os.path.join(raw, "brain_tumor_mri", dst_split, c, name.replace(".png", ".jpg")),
+            )
     # chest: train/val/test with NORMAL/PNEUMONIA
-    tmp = write_phantom_folder(os.path.join(root, "ph_chest"), "chest", {"train": 64, "val": 8, "test": 24},
-                               size=size, seed=2)
+    tmp = write_phantom_folder(
+        os.path.join(root, "ph_chest"),
+        "chest",
+        {"train": 64, "val": 8, "test": 24},
+        size=size,
+        seed=2,
+    )
     shutil.copytree(tmp, os.path.join(raw, "chest_xray"))
-    for ds, train, test in (("brain_tumor_mri", "Training", "Testing"), ("chest_xray", "train", "test")):
+    for ds, train, test in (
+        ("brain_tumor_mri", "Training", "Testing"),
+        ("chest_xray", "train", "test"),
+    ):
         for c in sorted(os.listdir(os.path.join(raw, ds, train)))[:2]:
             src_dir = os.path.join(raw, ds, train, c)
             name = sorted(os.listdir(src_dir))[0]
             shutil.copy(os.path.join(src_dir, name), os.path.join(raw, ds, test, c, "leak_" + name))
     prepared = os.path.join(root, "prepared")
-    env = dict(os.environ, SRC=raw, OUT=prepared, SIZE=str(size), WHEELS="0", PY=sys.executable,
-               ONLY=",".join(datasets))
-    subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "prepare_gpu_data.sh")], env=env, check=True,
-                   cwd=ROOT)
+    env = dict(
+        os.environ,
+        SRC=raw,
+        OUT=prepared,
+        SIZE=str(size),
+        WHEELS="0",
+        PY=sys.executable,
+        ONLY=",".join(datasets),
+    )
+    subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "prepare_gpu_data.sh")],
+        env=env,
+        check=True,
+        cwd=ROOT,
+    )
     return prepared
 
 
 # ----------------------------------------------------------------------------- one run
-def run_command(model: str, data_root: str, workdir: str, cache_dir: str, overrides: list[str]) -> list[str]:
+def run_command(
+    model: str, data_root: str, workdir: str, cache_dir: str, overrides: list[str]
+) -> list[str]:
     config, dataset = MODELS[model]
-    cmd = [sys.executable, "-m", "xmedjax.main", f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}",
-           f"--config.data.data_dir={os.path.abspath(os.path.join(data_root, dataset))}",
-           "--config.runtime.progress_bar=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xmedjax.main",
+        f"--config={os.path.join(ROOT, config)}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={os.path.abspath(os.path.join(data_root, dataset))}",
+        "--config.runtime.progress_bar=False",
+    ]
     if cache_dir:
         cmd.append(f"--config.runtime.compilation_cache_dir={os.path.abspath(cache_dir)}")
     cmd += [f"--config.{o}" for o in overrides]
     return cmd
 
 
-def dedup_metrics(workdir: str, data_dir: str, metrics_json: dict, bootstrap: int, seed: int) -> dict:
+def dedup_metrics(
+    workdir: str, data_dir: str, metrics_json: dict, bootstrap: int, seed: int
+) -> dict:
     """Metrics of the official test predictions restricted to the test_dedup split's ids."""
     import numpy as np
 
@@ -153,8 +212,14 @@ def dedup_metrics(workdir: str, data_dir: str, metrics_json: dict, bootstrap: in
         keep = np.array([str(i) in ids for i in z["ids"]])
         labels, probs = z["labels"][keep], z["probabilities"][keep]
     threshold = (metrics_json.get("test") or {}).get("threshold")
-    result = metrics.classification_metrics(labels, probs, threshold=0.5 if threshold is None else threshold,
-                                            label_names=info.label_names, bootstrap_samples=bootstrap, seed=seed)
+    result = metrics.classification_metrics(
+        labels,
+        probs,
+        threshold=0.5 if threshold is None else threshold,
+        label_names=info.label_names,
+        bootstrap_samples=bootstrap,
+        seed=seed,
+    )
     result["ids_matched"] = int(keep.sum())
     result["ids_in_split"] = len(ids)
     return result
@@ -176,15 +241,27 @@ def epoch_records(workdir: str) -> list[dict]:
     return out
 
 
-def gather(model: str, workdir: str, data_dir: str, status: str, wall_s: float, bootstrap: int) -> dict:
+def gather(
+    model: str, workdir: str, data_dir: str, status: str, wall_s: float, bootstrap: int
+) -> dict:
     """The results.json entry of one finished (or failed/preempted) run."""
-    entry: dict = {"status": status, "wall_s": round(wall_s, 1), "from_scratch": True,
-                   "config": MODELS[model][0], "data_dir": data_dir, "workdir": workdir}
+    entry: dict = {
+        "status": status,
+        "wall_s": round(wall_s, 1),
+        "from_scratch": True,
+        "config": MODELS[model][0],
+        "data_dir": data_dir,
+        "workdir": workdir,
+    }
     epochs = epoch_records(workdir)
     if epochs:
         entry["epochs"] = epochs[-1].get("epoch")
-        entry["best_val_loss"] = min((e["val_loss"] for e in epochs if e.get("val_loss") is not None), default=None)
-        entry["train_wall_s"] = round(epochs[-1]["time"] - epochs[0]["time"], 1) if len(epochs) > 1 else None
+        entry["best_val_loss"] = min(
+            (e["val_loss"] for e in epochs if e.get("val_loss") is not None), default=None
+        )
+        entry["train_wall_s"] = (
+            round(epochs[-1]["time"] - epochs[0]["time"], 1) if len(epochs) > 1 else None
+        )
     path = os.path.join(workdir, "metrics.json")
     if not (status == "ok" or "evaluated" in status) or not os.path.isfile(path):
         return entry
@@ -200,7 +277,9 @@ def gather(model: str, workdir: str, data_dir: str, status: str, wall_s: float, 
     entry["checkpoint_step"] = m.get("checkpoint_step")
     sb = m.get("shortcut_baseline")
     if isinstance(sb, dict):
-        entry["shortcut_baseline"] = {k: v for k, v in sb.items() if not isinstance(v, (dict, list))}
+        entry["shortcut_baseline"] = {
+            k: v for k, v in sb.items() if not isinstance(v, (dict, list))
+        }
     try:
         seed = 0
         cfg_path = os.path.join(workdir, "config.json")
@@ -258,14 +337,18 @@ def main(argv):
     workdir_root, cache_dir = FLAGS.workdir_root, FLAGS.cache_dir
     tmp_root = None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     # This process only reads records and computes metrics: keep JAX here off the GPU, which the runs share.
     os.environ["JAX_PLATFORMS"] = "cpu"
     if FLAGS.dry_run:
         tmp_root = tempfile.mkdtemp(prefix="xmedjax_replicate_dry_")
         log(f"dry run: tiny phantom datasets in {tmp_root}")
         wanted_models = [m.strip() for m in FLAGS.models if m.strip() in MODELS] or list(MODELS)
-        data_root = make_dry_run_data(tmp_root, datasets=tuple(sorted({MODELS[m][1] for m in wanted_models})))
+        data_root = make_dry_run_data(
+            tmp_root, datasets=tuple(sorted({MODELS[m][1] for m in wanted_models}))
+        )
         workdir_root = os.path.join(tmp_root, "runs")
         cache_dir = cache_dir if FLAGS["cache_dir"].present else os.path.join(tmp_root, "jax_cache")
         overrides = list(DRY_OVERRIDES) + overrides
@@ -276,8 +359,11 @@ def main(argv):
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         sys.exit(f"replicate.py: unknown --models {unknown}; choose from {list(MODELS)}")
-    skipped = {m: f"dataset {os.path.join(data_root, MODELS[m][1])} not present (not carried in this call?)"
-               for m in models if not os.path.isfile(os.path.join(data_root, MODELS[m][1], "xmedjax_dataset.json"))}
+    skipped = {
+        m: f"dataset {os.path.join(data_root, MODELS[m][1])} not present (not carried in this call?)"
+        for m in models
+        if not os.path.isfile(os.path.join(data_root, MODELS[m][1], "xmedjax_dataset.json"))
+    }
     todo = [m for m in MODELS if m in models and m not in skipped]  # MODELS order: DenseNets first
     for m, why in skipped.items():
         log(f"skip {m}: {why}")
@@ -311,7 +397,9 @@ def main(argv):
         if deadline is not None and time.time() > deadline and running and not terminated:
             terminated = True
             for m, r in running.items():
-                log(f"budget reached: SIGTERM {m} (it saves its latest checkpoint; rerun to resume)")
+                log(
+                    f"budget reached: SIGTERM {m} (it saves its latest checkpoint; rerun to resume)"
+                )
                 r["proc"].send_signal(signal.SIGTERM)
             for m in queue:
                 results[m] = {"status": "not started: time budget", "from_scratch": True}
@@ -320,69 +408,114 @@ def main(argv):
             r = running[m]
             rc = r["proc"].poll()
             if rc is None:
-                if terminated and time.time() - r["t0"] > 0 and deadline is not None and time.time() > deadline + 90:
+                if (
+                    terminated
+                    and time.time() - r["t0"] > 0
+                    and deadline is not None
+                    and time.time() > deadline + 90
+                ):
                     r["proc"].kill()
                 continue
             r["log"].close()
             wall = time.time() - r["t0"]
-            status = "ok" if rc == 0 else ("preempted: rerun to resume" if rc == 143 else f"failed (exit {rc})")
+            status = (
+                "ok"
+                if rc == 0
+                else ("preempted: rerun to resume" if rc == 143 else f"failed (exit {rc})")
+            )
             data_dir = os.path.abspath(os.path.join(data_root, MODELS[m][1]))
             if rc == 143 and os.path.isdir(os.path.join(r["workdir"], "checkpoints", "best")):
                 # cut by the budget: evaluate the best checkpoint so far (figures of an unfinished run)
-                cmd = run_command(m, data_root, r["workdir"], cache_dir, overrides) + ["--config.mode=evaluate"]
+                cmd = run_command(m, data_root, r["workdir"], cache_dir, overrides) + [
+                    "--config.mode=evaluate"
+                ]
                 with open(os.path.join(r["workdir"], "replicate_log.txt"), "a") as logf:
                     logf.write(f"$ {' '.join(cmd)}\n")
                     logf.flush()
                     try:
-                        erc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                             timeout=max(30.0, FLAGS.eval_reserve_s), check=False).returncode
+                        erc = subprocess.run(
+                            cmd,
+                            cwd=ROOT,
+                            env=env,
+                            stdout=logf,
+                            stderr=subprocess.STDOUT,
+                            timeout=max(30.0, FLAGS.eval_reserve_s),
+                            check=False,
+                        ).returncode
                     except subprocess.TimeoutExpired:
                         erc = -1
                 if erc == 0:
                     status = "preempted: best checkpoint so far evaluated; rerun to resume"
             results[m] = gather(m, r["workdir"], data_dir, status, wall, bootstrap)
-            log(f"done {m}: {status} in {wall:.0f} s; test acc {results[m].get('accuracy')}, "
-                f"dedup acc {results[m].get('accuracy_dedup')}, AUC {results[m].get('auc_roc')}")
+            log(
+                f"done {m}: {status} in {wall:.0f} s; test acc {results[m].get('accuracy')}, "
+                f"dedup acc {results[m].get('accuracy_dedup')}, AUC {results[m].get('auc_roc')}"
+            )
             if rc != 0:
                 with open(os.path.join(r["workdir"], "replicate_log.txt")) as f:
                     tail = f.read()[-3000:]
                 log(f"{m} log tail:\n{tail}")
             if FLAGS.copy_logs_to:
                 os.makedirs(FLAGS.copy_logs_to, exist_ok=True)
-                shutil.copy(os.path.join(r["workdir"], "replicate_log.txt"), os.path.join(FLAGS.copy_logs_to, f"{m}.log"))
+                shutil.copy(
+                    os.path.join(r["workdir"], "replicate_log.txt"),
+                    os.path.join(FLAGS.copy_logs_to, f"{m}.log"),
+                )
             del running[m]
-            meta = {"data_root": os.path.abspath(data_root), "parallel": parallel, "overrides": overrides,
-                    "dry_run": FLAGS.dry_run, "from_scratch": "no ImageNet weights are available to us",
-                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            meta = {
+                "data_root": os.path.abspath(data_root),
+                "parallel": parallel,
+                "overrides": overrides,
+                "dry_run": FLAGS.dry_run,
+                "from_scratch": "no ImageNet weights are available to us",
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             write_results(FLAGS.out, {m: results[m]}, meta, None)
         time.sleep(0.5)
 
     wall = time.time() - t_start
     four = [m for m in PAPER_FOUR if results.get(m, {}).get("status") == "ok"]
-    meta = {"wall_s_this_command": round(wall, 1), "models_this_command": todo, "skipped": skipped,
-            "parallel": parallel, "overrides": overrides, "dry_run": FLAGS.dry_run,
-            "from_scratch": "no ImageNet weights are available to us",
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "wall_s_this_command": round(wall, 1),
+        "models_this_command": todo,
+        "skipped": skipped,
+        "parallel": parallel,
+        "overrides": overrides,
+        "dry_run": FLAGS.dry_run,
+        "from_scratch": "no ImageNet weights are available to us",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if len(four) == 4 and set(PAPER_FOUR) <= set(todo):
         meta["four_model_wall_s"] = round(wall, 1)
     try:  # never initialise a GPU backend in this process (its runs hold the GPU)
-        meta["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        meta["device"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         meta["device"] = "cpu" if FLAGS.dry_run else "unknown"
     bench = load_json(FLAGS.bench_json) if FLAGS.bench_json else None
     write_results(FLAGS.out, results, meta, bench)
-    print(f"\n{'model':22s} {'status':12s} {'acc':>6s} {'acc_dd':>6s} {'AUC':>6s} {'AUC_dd':>6s} {'F1':>6s} "
-          f"{'AP':>6s} {'n':>5s} {'n_dd':>5s} {'wall':>6s}", flush=True)
+    print(
+        f"\n{'model':22s} {'status':12s} {'acc':>6s} {'acc_dd':>6s} {'AUC':>6s} {'AUC_dd':>6s} {'F1':>6s} "
+        f"{'AP':>6s} {'n':>5s} {'n_dd':>5s} {'wall':>6s}",
+        flush=True,
+    )
 
     def f(v):
         return "  n/a" if v is None else f"{v:6.3f}"
 
     for m in todo:
         r = results.get(m, {})
-        print(f"{m:22s} {r.get('status', '?')[:12]:12s} {f(r.get('accuracy'))} {f(r.get('accuracy_dedup'))} "
-              f"{f(r.get('auc_roc'))} {f(r.get('auc_roc_dedup'))} {f(r.get('f1'))} {f(r.get('average_precision'))} "
-              f"{r.get('n_test', '-')!s:>5s} {r.get('n_test_dedup', '-')!s:>5s} {r.get('wall_s', 0):6.0f}", flush=True)
+        print(
+            f"{m:22s} {r.get('status', '?')[:12]:12s} {f(r.get('accuracy'))} {f(r.get('accuracy_dedup'))} "
+            f"{f(r.get('auc_roc'))} {f(r.get('auc_roc_dedup'))} {f(r.get('f1'))} {f(r.get('average_precision'))} "
+            f"{r.get('n_test', '-')!s:>5s} {r.get('n_test_dedup', '-')!s:>5s} {r.get('wall_s', 0):6.0f}",
+            flush=True,
+        )
     log(f"wrote {FLAGS.out}; wall {wall:.0f} s (from scratch: no ImageNet weights)")
     if tmp_root and not os.environ.get("XMEDJAX_KEEP_DRY_RUN"):
         shutil.rmtree(tmp_root, ignore_errors=True)

@@ -14,14 +14,16 @@ import importlib.util
 import pathlib
 
 # default.py sits beside this file; load it by path so any working directory works.
-_spec = importlib.util.spec_from_file_location("xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py"))
+_spec = importlib.util.spec_from_file_location(
+    "xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py")
+)
 default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(default)
 
 
 def get_config():
-  c = default.get_config()
-  c.model.arch = "resnet50"
-  c.data.dataset = "prepared"
-  c.data.data_dir = "prepared/chest_xray"
-  return c
+    c = default.get_config()
+    c.model.arch = "resnet50"
+    c.data.dataset = "prepared"
+    c.data.data_dir = "prepared/chest_xray"
+    return c

@@ -12,84 +12,84 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  # train (train, then evaluate the best checkpoint on val and test, then explain test),
-  # evaluate, explain or predict; the last three use the run's best checkpoint.
-  c.mode = "train"
+    c = ml_collections.ConfigDict()
+    # train (train, then evaluate the best checkpoint on val and test, then explain test),
+    # evaluate, explain or predict; the last three use the run's best checkpoint.
+    c.mode = "train"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.arch = "densenet121"  # densenet121 | resnet50
-  c.model.width = 1.0  # channel-width factor; 1.0 = torchvision (needed for ImageNet weights)
-  c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "densenet121"  # densenet121 | resnet50
+    c.model.width = 1.0  # channel-width factor; 1.0 = torchvision (needed for ImageNet weights)
+    c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.dataset = "prepared"  # prepared (data_prep.build output) | phantoms (built in)
-  c.data.data_dir = ""  # prepared: required; phantoms: '' = WORKDIR/data/phantoms
-  c.data.phantom_kind = "brain"  # brain | chest
-  c.data.phantom_counts = ml_collections.ConfigDict({"train": 512, "val": 128, "test": 256})
-  c.data.phantom_seed = 0
-  c.data.image_size = 224
-  c.data.channels = 3  # 3 for ImageNet weights; greyscale images are repeated
-  c.data.normalization = "imagenet"  # imagenet | unit
-  c.data.worker_count = 0  # Grain worker processes (0 = threads in this process)
-  c.data.train_split = "train"
-  c.data.val_split = "val"
-  c.data.test_split = "test"
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "prepared"  # prepared (data_prep.build output) | phantoms (built in)
+    c.data.data_dir = ""  # prepared: required; phantoms: '' = WORKDIR/data/phantoms
+    c.data.phantom_kind = "brain"  # brain | chest
+    c.data.phantom_counts = ml_collections.ConfigDict({"train": 512, "val": 128, "test": 256})
+    c.data.phantom_seed = 0
+    c.data.image_size = 224
+    c.data.channels = 3  # 3 for ImageNet weights; greyscale images are repeated
+    c.data.normalization = "imagenet"  # imagenet | unit
+    c.data.worker_count = 0  # Grain worker processes (0 = threads in this process)
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.test_split = "test"
 
-  # Keras ImageDataGenerator semantics, as in the paper.
-  c.augment = ml_collections.ConfigDict()
-  c.augment.rotation_range = 20.0
-  c.augment.width_shift_range = 0.1
-  c.augment.height_shift_range = 0.1
-  c.augment.zoom_range = 0.1
-  c.augment.horizontal_flip = True
+    # Keras ImageDataGenerator semantics, as in the paper.
+    c.augment = ml_collections.ConfigDict()
+    c.augment.rotation_range = 20.0
+    c.augment.width_shift_range = 0.1
+    c.augment.height_shift_range = 0.1
+    c.augment.zoom_range = 0.1
+    c.augment.horizontal_flip = True
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adam"  # adam | adamw | sgd
-  c.optimizer.learning_rate = 1e-4
-  c.optimizer.weight_decay = 0.0  # adamw only
-  c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"  # adam | adamw | sgd
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.weight_decay = 0.0  # adamw only
+    c.optimizer.momentum = 0.9  # sgd only
 
-  c.training = ml_collections.ConfigDict()
-  c.training.batch_size = 32  # global, over all devices and processes
-  c.training.eval_batch_size = 64
-  c.training.max_epochs = 50
-  c.training.max_steps = 0  # > 0 caps the total number of steps (smoke runs)
-  c.training.early_stopping_patience = 10  # epochs without val-loss improvement; 0 = off
-  c.training.early_stopping_min_delta = 0.0
-  c.training.reduce_on_plateau_patience = 5  # epochs; 0 = off
-  c.training.reduce_on_plateau_factor = 0.1
-  c.training.min_learning_rate = 1e-7
-  c.training.class_weighting = "none"  # none | balanced (n / (K * n_k), as Keras class_weight)
-  c.training.checkpoint_every_steps = 200  # plus one at each epoch end
-  c.training.best_metric = "val_loss"  # val_loss | val_accuracy | val_auc_roc
-  c.training.log_every_steps = 10
-  c.training.seed = 0
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 32  # global, over all devices and processes
+    c.training.eval_batch_size = 64
+    c.training.max_epochs = 50
+    c.training.max_steps = 0  # > 0 caps the total number of steps (smoke runs)
+    c.training.early_stopping_patience = 10  # epochs without val-loss improvement; 0 = off
+    c.training.early_stopping_min_delta = 0.0
+    c.training.reduce_on_plateau_patience = 5  # epochs; 0 = off
+    c.training.reduce_on_plateau_factor = 0.1
+    c.training.min_learning_rate = 1e-7
+    c.training.class_weighting = "none"  # none | balanced (n / (K * n_k), as Keras class_weight)
+    c.training.checkpoint_every_steps = 200  # plus one at each epoch end
+    c.training.best_metric = "val_loss"  # val_loss | val_accuracy | val_auc_roc
+    c.training.log_every_steps = 10
+    c.training.seed = 0
 
-  c.init = ml_collections.ConfigDict()
-  c.init.checkpoint = ""  # converted weights (python -m xmedjax.convert); '' = from scratch
-  c.init.head = "reinit"  # reinit (fresh classifier) | strict
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""  # converted weights (python -m xmedjax.convert); '' = from scratch
+    c.init.head = "reinit"  # reinit (fresh classifier) | strict
 
-  c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.bootstrap_samples = 1000
-  c.evaluate.threshold = "youden"  # binary: youden (chosen on val) | 0.5
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.bootstrap_samples = 1000
+    c.evaluate.threshold = "youden"  # binary: youden (chosen on val) | 0.5
 
-  c.explain = ml_collections.ConfigDict()
-  c.explain.methods = ("gradcam",)
-  c.explain.split = "test"
-  c.explain.batch_size = 32
-  c.explain.quality = True  # explain_quality.json: localisation, faithfulness, sanity checks
-  c.explain.quality_images = 32  # images of the split the quality scores use
-  c.explain.quality_methods = ()  # methods the quality scores compare; () = all the explain package offers
+    c.explain = ml_collections.ConfigDict()
+    c.explain.methods = ("gradcam",)
+    c.explain.split = "test"
+    c.explain.batch_size = 32
+    c.explain.quality = True  # explain_quality.json: localisation, faithfulness, sanity checks
+    c.explain.quality_images = 32  # images of the split the quality scores use
+    c.explain.quality_methods = ()  # methods the quality scores compare; () = all the explain package offers
 
-  c.predict = ml_collections.ConfigDict()
-  c.predict.folder = ""  # images/DICOMs to classify (and explain) in predict mode
+    c.predict = ml_collections.ConfigDict()
+    c.predict.folder = ""  # images/DICOMs to classify (and explain) in predict mode
 
-  c.runtime = ml_collections.ConfigDict()
-  c.runtime.compilation_cache_dir = "~/.cache/xmedjax/jax"  # '' = off
-  c.runtime.distributed = "auto"  # auto (env of a multi-process launch) | on | off
-  c.runtime.coordinator_address = ""  # host:port when distributed=on without env vars
-  c.runtime.num_processes = 0
-  c.runtime.process_id = -1
-  c.runtime.progress_bar = True
-  return c
+    c.runtime = ml_collections.ConfigDict()
+    c.runtime.compilation_cache_dir = "~/.cache/xmedjax/jax"  # '' = off
+    c.runtime.distributed = "auto"  # auto (env of a multi-process launch) | on | off
+    c.runtime.coordinator_address = ""  # host:port when distributed=on without env vars
+    c.runtime.num_processes = 0
+    c.runtime.process_id = -1
+    c.runtime.progress_bar = True
+    return c

@@ -11,29 +11,33 @@ import importlib.util
 import pathlib
 
 # default.py sits beside this file; load it by path so any working directory works.
-_spec = importlib.util.spec_from_file_location("xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py"))
+_spec = importlib.util.spec_from_file_location(
+    "xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py")
+)
 default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(default)
 
 
 def get_config():
-  c = default.get_config()
-  c.model.arch = "resnet50"
-  c.model.width = 0.125
-  c.data.dataset = "phantoms"
-  c.data.phantom_kind = "brain"
-  c.data.phantom_counts = {"train": 1024, "val": 128, "test": 256}
-  c.data.image_size = 64
-  c.data.channels = 1
-  c.optimizer.learning_rate = 2e-3  # the paper's 1e-4 suits ImageNet-initialised full-width models
-  c.training.max_epochs = 10
-  c.training.early_stopping_patience = 0  # a fixed, predictable CPU budget
-  c.training.reduce_on_plateau_patience = 3
-  c.training.reduce_on_plateau_factor = 0.5
-  c.training.checkpoint_every_steps = 50
-  c.evaluate.bootstrap_samples = 500
-  # explain_quality.json scores every CAM method, the input attributions and the random
-  # baseline (the empty tuple means all nine) on 32 tumour images of the test split.
-  c.explain.quality_methods = ()
-  c.explain.quality_images = 64  # 32 gives a noisy pointing game (a hit is 3 points)
-  return c
+    c = default.get_config()
+    c.model.arch = "resnet50"
+    c.model.width = 0.125
+    c.data.dataset = "phantoms"
+    c.data.phantom_kind = "brain"
+    c.data.phantom_counts = {"train": 1024, "val": 128, "test": 256}
+    c.data.image_size = 64
+    c.data.channels = 1
+    c.optimizer.learning_rate = (
+        2e-3  # the paper's 1e-4 suits ImageNet-initialised full-width models
+    )
+    c.training.max_epochs = 10
+    c.training.early_stopping_patience = 0  # a fixed, predictable CPU budget
+    c.training.reduce_on_plateau_patience = 3
+    c.training.reduce_on_plateau_factor = 0.5
+    c.training.checkpoint_every_steps = 50
+    c.evaluate.bootstrap_samples = 500
+    # explain_quality.json scores every CAM method, the input attributions and the random
+    # baseline (the empty tuple means all nine) on 32 tumour images of the test split.
+    c.explain.quality_methods = ()
+    c.explain.quality_images = 64  # 32 gives a noisy pointing game (a hit is 3 points)
+    return c

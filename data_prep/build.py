@@ -30,226 +30,296 @@ BAD_KINDS = ("undecodable", "not_an_image", "empty_file")
 
 
 class BuildError(RuntimeError):
-  """A build stopped on bad input; the message names the file or flag."""
+    """A build stopped on bad input; the message names the file or flag."""
 
 
 def _item_to_example(item: tuple) -> builder.Example:
-  f, rec, label, size = item
-  img = image_io.decode_file(f.path)
-  px = image_io.resize_longer_side(img.pixels, size)
-  return builder.Example(
-      image=px, label=label, id=f.relpath, source=f.relpath,
-      patient_id=layouts.patient_id(f.relpath), pixel_hash=rec["pixel_hash"],
-      bytes_hash=rec["bytes_hash"], phash=rec["phash"],
-      orig_size=(rec["height"], rec["width"]), orig_mode=rec["mode"],
-      file_format=rec["format"], file_size=rec["file_size"])
+    f, rec, label, size = item
+    img = image_io.decode_file(f.path)
+    px = image_io.resize_longer_side(img.pixels, size)
+    return builder.Example(
+        image=px,
+        label=label,
+        id=f.relpath,
+        source=f.relpath,
+        patient_id=layouts.patient_id(f.relpath),
+        pixel_hash=rec["pixel_hash"],
+        bytes_hash=rec["bytes_hash"],
+        phash=rec["phash"],
+        orig_size=(rec["height"], rec["width"]),
+        orig_mode=rec["mode"],
+        file_format=rec["format"],
+        file_size=rec["file_size"],
+    )
 
 
-def carve_val(indices: list[int], labels: list[int], groups: list[Any], fraction: float,
-              seed: int) -> tuple[list[int], list[int]]:
-  """Splits indices into (train, val): stratified by label, never splitting a group.
+def carve_val(
+    indices: list[int], labels: list[int], groups: list[Any], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Splits indices into (train, val): stratified by label, never splitting a group.
 
-  ``labels[k]`` and ``groups[k]`` belong to ``indices[k]``.
-  """
-  if fraction <= 0 or not indices:
-    return list(indices), []
-  by_group: dict[Any, list[int]] = collections.defaultdict(list)
-  for k, g in enumerate(groups):
-    by_group[g].append(k)
-  keys = sorted(by_group, key=str)
-  rng = np.random.default_rng(seed)
-  rng.shuffle(keys)
-  totals = collections.Counter(labels)
-  target = {c: fraction * n for c, n in totals.items()}
-  got: collections.Counter = collections.Counter()
-  val_k: set[int] = set()
-  for key in keys:
-    ks = by_group[key]
-    lab = collections.Counter(labels[k] for k in ks).most_common(1)[0][0]
-    if got[lab] + len(ks) <= target[lab] + 0.5:
-      val_k.update(ks)
-      for k in ks:
-        got[labels[k]] += 1
-  train = [indices[k] for k in range(len(indices)) if k not in val_k]
-  val = [indices[k] for k in range(len(indices)) if k in val_k]
-  return train, val
+    ``labels[k]`` and ``groups[k]`` belong to ``indices[k]``.
+    """
+    if fraction <= 0 or not indices:
+        return list(indices), []
+    by_group: dict[Any, list[int]] = collections.defaultdict(list)
+    for k, g in enumerate(groups):
+        by_group[g].append(k)
+    keys = sorted(by_group, key=str)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(keys)
+    totals = collections.Counter(labels)
+    target = {c: fraction * n for c, n in totals.items()}
+    got: collections.Counter = collections.Counter()
+    val_k: set[int] = set()
+    for key in keys:
+        ks = by_group[key]
+        lab = collections.Counter(labels[k] for k in ks).most_common(1)[0][0]
+        if got[lab] + len(ks) <= target[lab] + 0.5:
+            val_k.update(ks)
+            for k in ks:
+                got[labels[k]] += 1
+    train = [indices[k] for k in range(len(indices)) if k not in val_k]
+    val = [indices[k] for k in range(len(indices)) if k in val_k]
+    return train, val
 
 
 def _group_ids(files, recs, idx: list[int], near_pairs) -> list[int]:
-  """Union of same patient, same pixels and near-duplicate clusters, per index."""
-  pos = {i: k for k, i in enumerate(idx)}
-  pairs = []
-  first: dict[str, int] = {}
-  for k, i in enumerate(idx):
-    for key in (("p:" + layouts.patient_id(files[i].relpath))
-                if layouts.patient_id(files[i].relpath) else None,
-                "h:" + recs[i]["pixel_hash"]):
-      if key is None:
-        continue
-      if key in first:
-        pairs.append((first[key], k))
-      else:
-        first[key] = k
-  pairs += [(pos[a], pos[b]) for a, b in near_pairs if a in pos and b in pos]
-  comp = list(range(len(idx)))
-  for g in hashing.groups_from_pairs(len(idx), pairs):
-    for k in g:
-      comp[k] = g[0]
-  return comp
+    """Union of same patient, same pixels and near-duplicate clusters, per index."""
+    pos = {i: k for k, i in enumerate(idx)}
+    pairs = []
+    first: dict[str, int] = {}
+    for k, i in enumerate(idx):
+        for key in (
+            ("p:" + layouts.patient_id(files[i].relpath))
+            if layouts.patient_id(files[i].relpath)
+            else None,
+            "h:" + recs[i]["pixel_hash"],
+        ):
+            if key is None:
+                continue
+            if key in first:
+                pairs.append((first[key], k))
+            else:
+                first[key] = k
+    pairs += [(pos[a], pos[b]) for a, b in near_pairs if a in pos and b in pos]
+    comp = list(range(len(idx)))
+    for g in hashing.groups_from_pairs(len(idx), pairs):
+        for k in g:
+            comp[k] = g[0]
+    return comp
 
 
-def prepare(dataset: str, src: str, out: str, *, size: int = 256,
-            label_map: str | None = None, val_fraction: float = 0.15, seed: int = 0,
-            skip_bad: bool = False, dedup_test: bool = False, channels: str = "auto",
-            keep_val: bool = False, workers: int = 0, progress: bool = True,
-            image_format: str = "png", jpeg_quality: int = 95) -> dict:
-  """Audits ``src`` and writes the prepared dataset to ``out``; returns its info dict."""
-  if dataset not in layouts.DATASETS:
-    raise BuildError(f"--dataset must be one of {layouts.DATASETS}, got {dataset!r}")
-  if label_map is None:
-    label_map = "binary"
-  res = audit_lib.run_audit(src, dataset=dataset, workers=workers, progress=progress)
-  audit_lib.write_report(res, out)
-  records = res["_records"]
-  files = [f for f, _ in records]
-  recs = [r for _, r in records]
-  bad = [p for p in res["problems"] if p["kind"] in BAD_KINDS]
-  if bad and not skip_bad:
-    names = "; ".join(f"{p['files'][0]} ({p['kind']})" for p in bad[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    raise BuildError(f"{len(bad)} bad file(s) in {src}: {names}{more}. Fix or remove them, "
-                     f"or pass --skip_bad (see {os.path.join(out, 'audit.md')})")
-  skipped = [p["files"][0] for p in bad]
-  if skipped:
-    print(f"--skip_bad: skipping {len(skipped)} bad file(s):", file=sys.stderr)
-    for s in skipped:
-      print(f"  {s}", file=sys.stderr)
-  ok = [i for i, r in enumerate(recs) if "error" not in r and files[i].class_name]
-  class_names = sorted({files[i].class_name for i in ok})
-  lmap = layouts.label_map_for(dataset, label_map, class_names)
-  labels = {i: lmap.label_of(files[i].class_name) for i in ok}
-  by_split: dict[str, list[int]] = collections.defaultdict(list)
-  for i in ok:
-    by_split[files[i].split].append(i)
-  if "train" not in by_split:
-    raise BuildError(f"no train split found in {src} (splits: {sorted(by_split)})")
-  unknown = sorted(set(by_split) - {"train", "val", "test"})
-  if unknown:
-    raise BuildError(f"unknown split folder(s) {unknown} in {src}: expected train/val/test "
-                     "(or Training/Testing)")
-  pool = list(by_split["train"])
-  official_val = by_split.get("val", [])
-  if keep_val and official_val:
-    splits = {"train": pool, "val": official_val}
-  else:
-    pool += official_val
-    near = _near_pairs(res)
-    gids = _group_ids(files, recs, pool, near)
-    tr, va = carve_val(pool, [labels[i] for i in pool], gids, val_fraction, seed)
-    splits = {"train": tr, "val": va}
-  splits["test"] = by_split.get("test", [])
-  dropped, reasons = 0, {}
-  if dedup_test:
-    splits["test_dedup"], reasons = _dedup(files, recs, splits, _near_pairs(res))
-    dropped = len(splits["test"]) - len(splits["test_dedup"])
-  n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
-  if channels == "auto":
-    nch = 3 if n_colour > 0.5 * max(1, len(ok)) else 1
-  else:
-    nch = int(channels)
-  items = {s: [(files[i], recs[i], labels[i], size) for i in sorted(
-      v, key=lambda i: files[i].relpath)] for s, v in splits.items()}
-  spec = builder.DatasetSpec(
-      name=dataset if dataset != "folder" else os.path.basename(os.path.abspath(src)),
-      label_names=lmap.label_names, channels=nch, has_masks=False, size=size,
-      splits=items, to_example=_item_to_example, image_format=image_format,
-      jpeg_quality=jpeg_quality,
-      metadata={"dataset": dataset, "src": os.path.abspath(src), "label_map": label_map,
-                "val_fraction": val_fraction, "seed": seed,
-                "official_val_merged_into_train": bool(official_val) and not keep_val,
-                "skipped_bad_files": skipped, "colour_images": n_colour,
-                "test_dedup_dropped": dropped, "test_dedup_dropped_by_reason": reasons,
-                "audit_summary": res["summary"]})
-  builder.write_prepared(spec, out, progress=progress)
-  return _info(out)
+def prepare(
+    dataset: str,
+    src: str,
+    out: str,
+    *,
+    size: int = 256,
+    label_map: str | None = None,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    skip_bad: bool = False,
+    dedup_test: bool = False,
+    channels: str = "auto",
+    keep_val: bool = False,
+    workers: int = 0,
+    progress: bool = True,
+    image_format: str = "png",
+    jpeg_quality: int = 95,
+) -> dict:
+    """Audits ``src`` and writes the prepared dataset to ``out``; returns its info dict."""
+    if dataset not in layouts.DATASETS:
+        raise BuildError(f"--dataset must be one of {layouts.DATASETS}, got {dataset!r}")
+    if label_map is None:
+        label_map = "binary"
+    res = audit_lib.run_audit(src, dataset=dataset, workers=workers, progress=progress)
+    audit_lib.write_report(res, out)
+    records = res["_records"]
+    files = [f for f, _ in records]
+    recs = [r for _, r in records]
+    bad = [p for p in res["problems"] if p["kind"] in BAD_KINDS]
+    if bad and not skip_bad:
+        names = "; ".join(f"{p['files'][0]} ({p['kind']})" for p in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise BuildError(
+            f"{len(bad)} bad file(s) in {src}: {names}{more}. Fix or remove them, "
+            f"or pass --skip_bad (see {os.path.join(out, 'audit.md')})"
+        )
+    skipped = [p["files"][0] for p in bad]
+    if skipped:
+        print(f"--skip_bad: skipping {len(skipped)} bad file(s):", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s}", file=sys.stderr)
+    ok = [i for i, r in enumerate(recs) if "error" not in r and files[i].class_name]
+    class_names = sorted({files[i].class_name for i in ok})
+    lmap = layouts.label_map_for(dataset, label_map, class_names)
+    labels = {i: lmap.label_of(files[i].class_name) for i in ok}
+    by_split: dict[str, list[int]] = collections.defaultdict(list)
+    for i in ok:
+        by_split[files[i].split].append(i)
+    if "train" not in by_split:
+        raise BuildError(f"no train split found in {src} (splits: {sorted(by_split)})")
+    unknown = sorted(set(by_split) - {"train", "val", "test"})
+    if unknown:
+        raise BuildError(
+            f"unknown split folder(s) {unknown} in {src}: expected train/val/test "
+            "(or Training/Testing)"
+        )
+    pool = list(by_split["train"])
+    official_val = by_split.get("val", [])
+    if keep_val and official_val:
+        splits = {"train": pool, "val": official_val}
+    else:
+        pool += official_val
+        near = _near_pairs(res)
+        gids = _group_ids(files, recs, pool, near)
+        tr, va = carve_val(pool, [labels[i] for i in pool], gids, val_fraction, seed)
+        splits = {"train": tr, "val": va}
+    splits["test"] = by_split.get("test", [])
+    dropped, reasons = 0, {}
+    if dedup_test:
+        splits["test_dedup"], reasons = _dedup(files, recs, splits, _near_pairs(res))
+        dropped = len(splits["test"]) - len(splits["test_dedup"])
+    n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
+    if channels == "auto":
+        nch = 3 if n_colour > 0.5 * max(1, len(ok)) else 1
+    else:
+        nch = int(channels)
+    items = {
+        s: [(files[i], recs[i], labels[i], size) for i in sorted(v, key=lambda i: files[i].relpath)]
+        for s, v in splits.items()
+    }
+    spec = builder.DatasetSpec(
+        name=dataset if dataset != "folder" else os.path.basename(os.path.abspath(src)),
+        label_names=lmap.label_names,
+        channels=nch,
+        has_masks=False,
+        size=size,
+        splits=items,
+        to_example=_item_to_example,
+        image_format=image_format,
+        jpeg_quality=jpeg_quality,
+        metadata={
+            "dataset": dataset,
+            "src": os.path.abspath(src),
+            "label_map": label_map,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "official_val_merged_into_train": bool(official_val) and not keep_val,
+            "skipped_bad_files": skipped,
+            "colour_images": n_colour,
+            "test_dedup_dropped": dropped,
+            "test_dedup_dropped_by_reason": reasons,
+            "audit_summary": res["summary"],
+        },
+    )
+    builder.write_prepared(spec, out, progress=progress)
+    return _info(out)
 
 
 def _near_pairs(res) -> list[tuple[int, int]]:
-  return res.get("_near_pairs", [])
+    return res.get("_near_pairs", [])
 
 
 def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
-  """Test indices without leaks into train/val, and how many were dropped per reason.
+    """Test indices without leaks into train/val, and how many were dropped per reason.
 
-  Dropped: exact (same pixels) or near duplicates of a train/val image, and images of a
-  patient who also appears in train/val.
-  """
-  ref = set(splits["train"]) | set(splits.get("val", []))
-  ref_pixels = {recs[i]["pixel_hash"] for i in ref}
-  ref_patients = {layouts.patient_id(files[i].relpath) for i in ref} - {""}
-  near_ref: set[int] = set()
-  for a, b in near_pairs:
-    if a in ref:
-      near_ref.add(b)
-    if b in ref:
-      near_ref.add(a)
-  keep, why = [], {"exact_duplicate": 0, "near_duplicate": 0, "patient_overlap": 0}
-  for i in splits["test"]:
-    if recs[i]["pixel_hash"] in ref_pixels:
-      why["exact_duplicate"] += 1
-    elif i in near_ref:
-      why["near_duplicate"] += 1
-    elif layouts.patient_id(files[i].relpath) in ref_patients:
-      why["patient_overlap"] += 1
-    else:
-      keep.append(i)
-  return keep, why
+    Dropped: exact (same pixels) or near duplicates of a train/val image, and images of a
+    patient who also appears in train/val.
+    """
+    ref = set(splits["train"]) | set(splits.get("val", []))
+    ref_pixels = {recs[i]["pixel_hash"] for i in ref}
+    ref_patients = {layouts.patient_id(files[i].relpath) for i in ref} - {""}
+    near_ref: set[int] = set()
+    for a, b in near_pairs:
+        if a in ref:
+            near_ref.add(b)
+        if b in ref:
+            near_ref.add(a)
+    keep, why = [], {"exact_duplicate": 0, "near_duplicate": 0, "patient_overlap": 0}
+    for i in splits["test"]:
+        if recs[i]["pixel_hash"] in ref_pixels:
+            why["exact_duplicate"] += 1
+        elif i in near_ref:
+            why["near_duplicate"] += 1
+        elif layouts.patient_id(files[i].relpath) in ref_patients:
+            why["patient_overlap"] += 1
+        else:
+            keep.append(i)
+    return keep, why
 
 
 def _info(out: str) -> dict:
-  import json
-  with open(os.path.join(out, builder.INFO_FILE)) as f:
-    return json.load(f)
+    import json
+
+    with open(os.path.join(out, builder.INFO_FILE)) as f:
+        return json.load(f)
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  try:
-    info = prepare(f.dataset, f.src, f.out, size=f.size, label_map=f.label_map,
-                   val_fraction=f.val_fraction, seed=f.seed, skip_bad=f.skip_bad,
-                   dedup_test=f.dedup_test, channels=f.channels, keep_val=f.keep_val,
-                   workers=f.workers, image_format=f.image_format,
-                   jpeg_quality=f.jpeg_quality)
-  except (BuildError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"data_prep.build: {e}")
-  print(f"prepared {info['name']} in {f.out}: splits {info['splits']}, "
-        f"{info['num_classes']} classes {info['label_names']}, {info['channels']} channel(s)")
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    try:
+        info = prepare(
+            f.dataset,
+            f.src,
+            f.out,
+            size=f.size,
+            label_map=f.label_map,
+            val_fraction=f.val_fraction,
+            seed=f.seed,
+            skip_bad=f.skip_bad,
+            dedup_test=f.dedup_test,
+            channels=f.channels,
+            keep_val=f.keep_val,
+            workers=f.workers,
+            image_format=f.image_format,
+            jpeg_quality=f.jpeg_quality,
+        )
+    except (BuildError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"data_prep.build: {e}")
+    print(
+        f"prepared {info['name']} in {f.out}: splits {info['splits']}, "
+        f"{info['num_classes']} classes {info['label_names']}, {info['channels']} channel(s)"
+    )
 
 
 def _define_flags() -> None:
-  from absl import flags
-  flags.DEFINE_enum("dataset", None, layouts.DATASETS, "raw layout", required=True)
-  flags.DEFINE_string("src", None, "raw folder", required=True)
-  flags.DEFINE_string("out", None, "prepared dataset folder", required=True)
-  flags.DEFINE_integer("size", 256, "longer side of the stored images (never enlarged)")
-  flags.DEFINE_enum("label_map", "binary", ("binary", "multiclass"),
-                    "brain: tumor vs notumor, or the 4 classes")
-  flags.DEFINE_float("val_fraction", 0.15, "fraction of train carved out as val")
-  flags.DEFINE_integer("seed", 0, "seed of the val split")
-  flags.DEFINE_bool("skip_bad", False, "skip undecodable files instead of stopping")
-  flags.DEFINE_bool("dedup_test", False, "add a test_dedup split without leaked copies")
-  flags.DEFINE_enum("channels", "auto", ("auto", "1", "3"),
-                    "stored channels (auto: 3 when most images are colour)")
-  flags.DEFINE_bool("keep_val", False, "keep the official val split instead of carving")
-  flags.DEFINE_integer("workers", 0, "audit decode processes (0 = number of CPUs)")
-  flags.DEFINE_enum("image_format", "png", ("png", "jpeg"),
-                    "stored encoding: png (lossless) or jpeg (~5x smaller, lossy)")
-  flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality with --image_format=jpeg")
+    from absl import flags
+
+    flags.DEFINE_enum("dataset", None, layouts.DATASETS, "raw layout", required=True)
+    flags.DEFINE_string("src", None, "raw folder", required=True)
+    flags.DEFINE_string("out", None, "prepared dataset folder", required=True)
+    flags.DEFINE_integer("size", 256, "longer side of the stored images (never enlarged)")
+    flags.DEFINE_enum(
+        "label_map", "binary", ("binary", "multiclass"), "brain: tumor vs notumor, or the 4 classes"
+    )
+    flags.DEFINE_float("val_fraction", 0.15, "fraction of train carved out as val")
+    flags.DEFINE_integer("seed", 0, "seed of the val split")
+    flags.DEFINE_bool("skip_bad", False, "skip undecodable files instead of stopping")
+    flags.DEFINE_bool("dedup_test", False, "add a test_dedup split without leaked copies")
+    flags.DEFINE_enum(
+        "channels",
+        "auto",
+        ("auto", "1", "3"),
+        "stored channels (auto: 3 when most images are colour)",
+    )
+    flags.DEFINE_bool("keep_val", False, "keep the official val split instead of carving")
+    flags.DEFINE_integer("workers", 0, "audit decode processes (0 = number of CPUs)")
+    flags.DEFINE_enum(
+        "image_format",
+        "png",
+        ("png", "jpeg"),
+        "stored encoding: png (lossless) or jpeg (~5x smaller, lossy)",
+    )
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality with --image_format=jpeg")
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
-  app.run(main)
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -33,156 +34,175 @@ SPLIT_ORDER = ("train", "val", "test", "test_dedup")
 
 @dataclass
 class Example:
-  """One prepared example before encoding."""
+    """One prepared example before encoding."""
 
-  image: np.ndarray  # uint8 (H, W) or (H, W, 3), already resized
-  label: int
-  id: str
-  source: str = ""
-  patient_id: str = ""
-  pixel_hash: str = ""
-  bytes_hash: str = ""
-  phash: int = 0
-  orig_size: tuple[int, int] = (0, 0)  # (height, width) of the source image
-  orig_mode: str = ""
-  file_format: str = ""
-  file_size: int = 0
-  mask: np.ndarray | None = None  # uint8/bool (H, W), same size as image
-  extra: dict[str, Any] = field(default_factory=dict)
+    image: np.ndarray  # uint8 (H, W) or (H, W, 3), already resized
+    label: int
+    id: str
+    source: str = ""
+    patient_id: str = ""
+    pixel_hash: str = ""
+    bytes_hash: str = ""
+    phash: int = 0
+    orig_size: tuple[int, int] = (0, 0)  # (height, width) of the source image
+    orig_mode: str = ""
+    file_format: str = ""
+    file_size: int = 0
+    mask: np.ndarray | None = None  # uint8/bool (H, W), same size as image
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DatasetSpec:
-  """What to write: a name, classes, and per split a list of items + a converter."""
+    """What to write: a name, classes, and per split a list of items + a converter."""
 
-  name: str
-  label_names: Sequence[str]
-  channels: int
-  has_masks: bool
-  size: int
-  splits: dict[str, Sequence[Any]]
-  to_example: Callable[[Any], Example]  # item -> Example (may decode lazily)
-  metadata: dict[str, Any] = field(default_factory=dict)
-  image_format: str = "png"  # or "jpeg" (lossy, ~5x smaller: for carrying data around)
-  jpeg_quality: int = 95
+    name: str
+    label_names: Sequence[str]
+    channels: int
+    has_masks: bool
+    size: int
+    splits: dict[str, Sequence[Any]]
+    to_example: Callable[[Any], Example]  # item -> Example (may decode lazily)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    image_format: str = "png"  # or "jpeg" (lossy, ~5x smaller: for carrying data around)
+    jpeg_quality: int = 95
 
 
 class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes a DatasetSpec as array_record files; not registered (read from files)."""
+    """Writes a DatasetSpec as array_record files; not registered (read from files)."""
 
-  VERSION = tfds.core.Version(VERSION)
-  name = TFDS_NAME
+    VERSION = tfds.core.Version(VERSION)
+    name = TFDS_NAME
 
-  def __init__(self, spec: DatasetSpec, progress: bool = True, **kwargs):
-    self._spec = spec
-    self._progress = progress
-    self._num_classes = len(spec.label_names)
-    super().__init__(file_format="array_record", **kwargs)
+    def __init__(self, spec: DatasetSpec, progress: bool = True, **kwargs):
+        self._spec = spec
+        self._progress = progress
+        self._num_classes = len(spec.label_names)
+        super().__init__(file_format="array_record", **kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    feats = {
-        "image": tfds.features.Image(shape=(None, None, self._spec.channels),
-                                     encoding_format=self._spec.image_format),
-        "label": tfds.features.ClassLabel(names=list(self._spec.label_names)),
-        "label_name": tfds.features.Text(),
-        "id": tfds.features.Text(),
-        "source": tfds.features.Text(),
-        "patient_id": tfds.features.Text(),
-        "pixel_hash": tfds.features.Text(),
-        "bytes_hash": tfds.features.Text(),
-        "phash": tfds.features.Tensor(shape=(), dtype=np.uint64),
-        "orig_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-        "orig_mode": tfds.features.Text(),
-        "file_format": tfds.features.Text(),
-        "file_size": tfds.features.Tensor(shape=(), dtype=np.int64),
-    }
-    if self._spec.has_masks:
-      feats["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
-    return tfds.core.DatasetInfo(
-        builder=self, description=f"xmedjax prepared dataset {self._spec.name}",
-        features=tfds.features.FeaturesDict(feats), supervised_keys=("image", "label"),
-        # Keep the generation order: index i of a split is the i-th generated example.
-        disable_shuffling=True)
+    def _info(self) -> tfds.core.DatasetInfo:
+        feats = {
+            "image": tfds.features.Image(
+                shape=(None, None, self._spec.channels), encoding_format=self._spec.image_format
+            ),
+            "label": tfds.features.ClassLabel(names=list(self._spec.label_names)),
+            "label_name": tfds.features.Text(),
+            "id": tfds.features.Text(),
+            "source": tfds.features.Text(),
+            "patient_id": tfds.features.Text(),
+            "pixel_hash": tfds.features.Text(),
+            "bytes_hash": tfds.features.Text(),
+            "phash": tfds.features.Tensor(shape=(), dtype=np.uint64),
+            "orig_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+            "orig_mode": tfds.features.Text(),
+            "file_format": tfds.features.Text(),
+            "file_size": tfds.features.Tensor(shape=(), dtype=np.int64),
+        }
+        if self._spec.has_masks:
+            feats["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"xmedjax prepared dataset {self._spec.name}",
+            features=tfds.features.FeaturesDict(feats),
+            supervised_keys=("image", "label"),
+            # Keep the generation order: index i of a split is the i-th generated example.
+            disable_shuffling=True,
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in self._spec.splits}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {s: self._generate_examples(s) for s in self._spec.splits}
 
-  def _generate_examples(self, split: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    items = self._spec.splits[split]
-    from tqdm import tqdm
-    for i, item in enumerate(tqdm(items, desc=f"encode {split}", unit="img",
-                                  disable=not self._progress, leave=False)):
-      ex = self._spec.to_example(item)
-      yield i, self._encode(ex)
+    def _generate_examples(self, split: str) -> Iterable[tuple[int, dict[str, Any]]]:
+        items = self._spec.splits[split]
+        from tqdm import tqdm
 
-  def _encode(self, ex: Example) -> dict[str, Any]:
-    img = image_io.to_channels(ex.image, self._spec.channels)
-    if img.dtype != np.uint8:
-      raise ValueError(f"{ex.id}: image dtype {img.dtype}, expected uint8")
-    if not 0 <= ex.label < self._num_classes:
-      raise ValueError(f"{ex.id}: label {ex.label} outside [0, {self._num_classes})")
-    out = {
-        "image": (image_io.encode_png(img) if self._spec.image_format == "png" else
-                  image_io.encode_jpeg(img, self._spec.jpeg_quality)),
-        "label": int(ex.label),
-        "label_name": self._spec.label_names[ex.label], "id": ex.id,
-        "source": ex.source, "patient_id": ex.patient_id, "pixel_hash": ex.pixel_hash,
-        "bytes_hash": ex.bytes_hash, "phash": np.uint64(ex.phash),
-        "orig_size": np.asarray(ex.orig_size, np.int32), "orig_mode": ex.orig_mode,
-        "file_format": ex.file_format, "file_size": np.int64(ex.file_size),
-    }
-    if self._spec.has_masks:
-      if ex.mask is None:
-        m = np.zeros(img.shape[:2], np.uint8)
-      else:
-        m = np.asarray(ex.mask)
-        if m.shape != img.shape[:2]:
-          raise ValueError(f"{ex.id}: mask shape {m.shape} != image shape {img.shape[:2]}")
-        m = (m > 0).astype(np.uint8) * 255 if m.dtype == bool or m.max() <= 1 else (
-            m.astype(np.uint8))
-      out["mask"] = image_io.encode_png(m)
-    return out
+        for i, item in enumerate(
+            tqdm(items, desc=f"encode {split}", unit="img", disable=not self._progress, leave=False)
+        ):
+            ex = self._spec.to_example(item)
+            yield i, self._encode(ex)
+
+    def _encode(self, ex: Example) -> dict[str, Any]:
+        img = image_io.to_channels(ex.image, self._spec.channels)
+        if img.dtype != np.uint8:
+            raise ValueError(f"{ex.id}: image dtype {img.dtype}, expected uint8")
+        if not 0 <= ex.label < self._num_classes:
+            raise ValueError(f"{ex.id}: label {ex.label} outside [0, {self._num_classes})")
+        out = {
+            "image": (
+                image_io.encode_png(img)
+                if self._spec.image_format == "png"
+                else image_io.encode_jpeg(img, self._spec.jpeg_quality)
+            ),
+            "label": int(ex.label),
+            "label_name": self._spec.label_names[ex.label],
+            "id": ex.id,
+            "source": ex.source,
+            "patient_id": ex.patient_id,
+            "pixel_hash": ex.pixel_hash,
+            "bytes_hash": ex.bytes_hash,
+            "phash": np.uint64(ex.phash),
+            "orig_size": np.asarray(ex.orig_size, np.int32),
+            "orig_mode": ex.orig_mode,
+            "file_format": ex.file_format,
+            "file_size": np.int64(ex.file_size),
+        }
+        if self._spec.has_masks:
+            if ex.mask is None:
+                m = np.zeros(img.shape[:2], np.uint8)
+            else:
+                m = np.asarray(ex.mask)
+                if m.shape != img.shape[:2]:
+                    raise ValueError(
+                        f"{ex.id}: mask shape {m.shape} != image shape {img.shape[:2]}"
+                    )
+                m = (
+                    (m > 0).astype(np.uint8) * 255
+                    if m.dtype == bool or m.max() <= 1
+                    else (m.astype(np.uint8))
+                )
+            out["mask"] = image_io.encode_png(m)
+        return out
 
 
 def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> str:
-  """Builds the TFDS array_record files and xmedjax_dataset.json into out_dir."""
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  empty = [s for s, items in spec.splits.items() if not items]
-  if empty:  # TFDS cannot write an empty split: leave it out of the dataset.
-    print(f"note: split(s) {empty} are empty and are left out", flush=True)
-    spec.splits = {s: items for s, items in spec.splits.items() if items}
-  if not spec.splits:
-    raise ValueError(f"nothing to write into {out_dir}: every split is empty")
-  tfds_dir = os.path.join(out_dir, TFDS_NAME)
-  if os.path.exists(tfds_dir):
-    shutil.rmtree(tfds_dir)  # our own output: rebuild from scratch
-  if not progress:
-    tfds.disable_progress_bar()
-  builder = XmedPrepared(spec, progress=progress, data_dir=out_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(verify_ssl=False))
-  info = {
-      "name": spec.name,
-      "num_classes": len(spec.label_names),
-      "label_names": list(spec.label_names),
-      "channels": spec.channels,
-      "splits": {s: len(spec.splits[s]) for s in _ordered(spec.splits)},
-      "has_masks": spec.has_masks,
-      "size": spec.size,
-      "image_format": spec.image_format,
-      "tfds_name": TFDS_NAME,
-      "tfds_version": VERSION,
-  }
-  info.update(spec.metadata)
-  downloads = os.path.join(out_dir, "downloads")  # TFDS leaves an empty one behind
-  if os.path.isdir(downloads) and not any(f for _, _, fs in os.walk(downloads) for f in fs):
-    shutil.rmtree(downloads)
-  with open(os.path.join(out_dir, INFO_FILE), "w") as f:
-    json.dump(info, f, indent=1)
-  return out_dir
+    """Builds the TFDS array_record files and xmedjax_dataset.json into out_dir."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    empty = [s for s, items in spec.splits.items() if not items]
+    if empty:  # TFDS cannot write an empty split: leave it out of the dataset.
+        print(f"note: split(s) {empty} are empty and are left out", flush=True)
+        spec.splits = {s: items for s, items in spec.splits.items() if items}
+    if not spec.splits:
+        raise ValueError(f"nothing to write into {out_dir}: every split is empty")
+    tfds_dir = os.path.join(out_dir, TFDS_NAME)
+    if os.path.exists(tfds_dir):
+        shutil.rmtree(tfds_dir)  # our own output: rebuild from scratch
+    if not progress:
+        tfds.disable_progress_bar()
+    builder = XmedPrepared(spec, progress=progress, data_dir=out_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    info = {
+        "name": spec.name,
+        "num_classes": len(spec.label_names),
+        "label_names": list(spec.label_names),
+        "channels": spec.channels,
+        "splits": {s: len(spec.splits[s]) for s in _ordered(spec.splits)},
+        "has_masks": spec.has_masks,
+        "size": spec.size,
+        "image_format": spec.image_format,
+        "tfds_name": TFDS_NAME,
+        "tfds_version": VERSION,
+    }
+    info.update(spec.metadata)
+    downloads = os.path.join(out_dir, "downloads")  # TFDS leaves an empty one behind
+    if os.path.isdir(downloads) and not any(f for _, _, fs in os.walk(downloads) for f in fs):
+        shutil.rmtree(downloads)
+    with open(os.path.join(out_dir, INFO_FILE), "w") as f:
+        json.dump(info, f, indent=1)
+    return out_dir
 
 
 def _ordered(splits) -> list[str]:
-  return sorted(splits, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
+    return sorted(splits, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))

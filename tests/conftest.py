@@ -7,7 +7,10 @@ import os
 import jax
 from absl import flags
 
-_CACHE = os.environ.get("XMEDJAX_TEST_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "xmedjax", "jax-tests"))
+_CACHE = os.environ.get(
+    "XMEDJAX_TEST_JAX_CACHE",
+    os.path.join(os.path.expanduser("~"), ".cache", "xmedjax", "jax-tests"),
+)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -18,7 +18,9 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 def hash_uniform(name: str, n: int) -> np.ndarray:
     """n float32 values in [-1, 1) derived from `name` by splitmix64."""
     with np.errstate(over="ignore"):
-        x = (np.uint64(zlib.crc32(name.encode("utf-8"))) << np.uint64(32)) + np.arange(n, dtype=np.uint64)
+        x = (np.uint64(zlib.crc32(name.encode("utf-8"))) << np.uint64(32)) + np.arange(
+            n, dtype=np.uint64
+        )
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -50,7 +52,9 @@ def manifest(arch: str) -> list[tuple[str, tuple[int, ...]]]:
         return [(k, tuple(s)) for k, s in json.load(f)["state_dict_order"][arch]]
 
 
-def recipe_state_dict(arch: str, num_classes: int = 1000, in_channels: int = 3) -> dict[str, np.ndarray]:
+def recipe_state_dict(
+    arch: str, num_classes: int = 1000, in_channels: int = 3
+) -> dict[str, np.ndarray]:
     """The golden weights for `arch`, with a head of `num_classes` (same recipe)."""
     out = {}
     for key, shape in manifest(arch):
@@ -64,7 +68,9 @@ def recipe_state_dict(arch: str, num_classes: int = 1000, in_channels: int = 3) 
 
 def recipe_input(size: int, batch: int = 2, channels: int = 3) -> np.ndarray:
     """The golden NCHW input for `size`, transposed to NHWC."""
-    x = hash_uniform(f"input{size}", batch * channels * size * size).reshape(batch, channels, size, size)
+    x = hash_uniform(f"input{size}", batch * channels * size * size).reshape(
+        batch, channels, size, size
+    )
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 

@@ -15,8 +15,15 @@ def unit_images(images: np.ndarray) -> np.ndarray:
     return images[..., None].astype(np.float32) / 255.0
 
 
-def train_phantom_model(images: np.ndarray, labels: np.ndarray, *, steps: int = 200, seed: int = 0,
-                        learning_rate: float = 3e-3, batch_size: int = 32):
+def train_phantom_model(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: int = 200,
+    seed: int = 0,
+    learning_rate: float = 3e-3,
+    batch_size: int = 32,
+):
     """Adam steps of ResNet50 (width 0.125, 1 channel, 2 classes) on unit-scaled uint8
     phantoms; returns (graphdef, state) in eval mode. ~20-30 s at 64 px on 2 cores."""
     x = unit_images(images)

@@ -16,13 +16,22 @@ import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISSUE_NAMES = ("resnet50_train_bs256_bf16", "resnet50_train_bs32", "resnet50_gradcam_bs32", "resnet50_gradcam_bs256")
+ISSUE_NAMES = (
+    "resnet50_train_bs256_bf16",
+    "resnet50_train_bs32",
+    "resnet50_gradcam_bs32",
+    "resnet50_gradcam_bs256",
+)
 
 
 def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -34,8 +43,16 @@ def _cache() -> str:
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("bench") / "benchmarks.json")
-    _run(["benchmarks/gpu.py", "--dry_run", "--only=resnet50,ours", "--programs=gradcam_bf16_small",
-          f"--cache_dir={_cache()}", f"--out={out}"])
+    _run(
+        [
+            "benchmarks/gpu.py",
+            "--dry_run",
+            "--only=resnet50,ours",
+            "--programs=gradcam_bf16_small",
+            f"--cache_dir={_cache()}",
+            f"--out={out}",
+        ]
+    )
     return out
 
 
@@ -59,16 +76,32 @@ def test_gpu_dry_run_writes_the_issue_schema(bench_json):
 
 def test_replicate_dry_run_merges_and_reports_dedup(bench_json, tmp_path):
     out = str(tmp_path / "results.json")
-    proc = _run(["benchmarks/replicate.py", "--dry_run", "--models=brain_resnet50", "--parallel=1",
-                 f"--cache_dir={_cache()}", f"--out={out}", f"--bench_json={bench_json}",
-                 "--override=training.max_steps=2"])
+    proc = _run(
+        [
+            "benchmarks/replicate.py",
+            "--dry_run",
+            "--models=brain_resnet50",
+            "--parallel=1",
+            f"--cache_dir={_cache()}",
+            f"--out={out}",
+            f"--bench_json={bench_json}",
+            "--override=training.max_steps=2",
+        ]
+    )
     assert "brain_resnet50" in proc.stdout
     with open(out) as f:
         result = json.load(f)
     entry = result["replication"]["brain_resnet50"]
     assert entry["status"] == "ok", entry
     assert entry["from_scratch"] is True
-    for key in ("accuracy", "accuracy_dedup", "auc_roc", "auc_roc_dedup", "f1", "average_precision"):
+    for key in (
+        "accuracy",
+        "accuracy_dedup",
+        "auc_roc",
+        "auc_roc_dedup",
+        "f1",
+        "average_precision",
+    ):
         assert entry[key] is not None and 0.0 <= entry[key] <= 1.0, key
     assert set(entry["ci95"]) >= {"accuracy", "auc_roc", "f1", "average_precision"}
     assert 0 < entry["n_test_dedup"] < entry["n_test"]  # the planted train->test copies are dropped

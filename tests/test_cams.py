@@ -64,7 +64,9 @@ def expected_raw(name: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
     if name == "layercam":
         return relu(np.sum(relu(g) * a, axis=-1))
     if name == "xgradcam":
-        weights = np.sum(g * a, axis=(1, 2), keepdims=True) / (np.sum(a, axis=(1, 2), keepdims=True) + 1e-7)
+        weights = np.sum(g * a, axis=(1, 2), keepdims=True) / (
+            np.sum(a, axis=(1, 2), keepdims=True) + 1e-7
+        )
         return relu(np.sum(weights * a, axis=-1))
     if name == "gradcampp":
         alpha = g**2 / (2 * g**2 + np.sum(a, axis=(1, 2), keepdims=True) * g**3 + 1e-6)
@@ -88,16 +90,22 @@ def test_literal_two_by_two_example():
 
 
 def test_capture_gradient_is_the_hand_gradient(tiny):
-    capture, chosen = capture_target_gradients(tiny["graphdef"], tiny["state"], jnp.asarray(tiny["x"]), jnp.asarray(tiny["targets"]))
+    capture, chosen = capture_target_gradients(
+        tiny["graphdef"], tiny["state"], jnp.asarray(tiny["x"]), jnp.asarray(tiny["targets"])
+    )
     np.testing.assert_allclose(capture.activation, tiny["a"], rtol=1e-6)
     np.testing.assert_allclose(capture.gradient, tiny["g"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(capture.logits, numpy_logits(tiny["x"], tiny["k"], tiny["w"], tiny["b"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        capture.logits, numpy_logits(tiny["x"], tiny["k"], tiny["w"], tiny["b"]), rtol=1e-5
+    )
     np.testing.assert_array_equal(chosen, tiny["targets"])
 
 
 @pytest.mark.parametrize("name", ["gradcam", "gradcampp", "hirescam", "layercam", "xgradcam"])
 def test_gradient_cams_match_their_definitions(tiny, name):
-    result = METHODS[name](tiny["graphdef"], tiny["state"], jnp.asarray(tiny["x"]), jnp.asarray(tiny["targets"]))
+    result = METHODS[name](
+        tiny["graphdef"], tiny["state"], jnp.asarray(tiny["x"]), jnp.asarray(tiny["targets"])
+    )
     want = expected_raw(name, tiny["a"], tiny["g"])
     np.testing.assert_allclose(result.raw, want, rtol=1e-4, atol=1e-6)
     assert result.maps.shape == tiny["x"].shape[:3]
@@ -108,15 +116,27 @@ def test_gradient_cams_match_their_definitions(tiny, name):
 def test_scorecam_matches_its_definition(tiny):
     x, k, w, b, a = tiny["x"], tiny["k"], tiny["w"], tiny["b"], tiny["a"]
     # A has the input's size, so the align-corners upsampling is the identity.
-    masks = (a - a.min(axis=(1, 2), keepdims=True)) / (a.max(axis=(1, 2), keepdims=True) - a.min(axis=(1, 2), keepdims=True) + 1e-8)
+    masks = (a - a.min(axis=(1, 2), keepdims=True)) / (
+        a.max(axis=(1, 2), keepdims=True) - a.min(axis=(1, 2), keepdims=True) + 1e-8
+    )
     scores = np.stack(
-        [numpy_logits(x * masks[..., c : c + 1], k, w, b)[np.arange(len(x)), tiny["targets"]] for c in range(a.shape[-1])], axis=1
+        [
+            numpy_logits(x * masks[..., c : c + 1], k, w, b)[np.arange(len(x)), tiny["targets"]]
+            for c in range(a.shape[-1])
+        ],
+        axis=1,
     )
     weights = np.exp(scores - scores.max(axis=1, keepdims=True))
     weights /= weights.sum(axis=1, keepdims=True)
     want = np.maximum(np.einsum("bhwc,bc->bhw", a, weights), 0)
     for chunk in (1, 2, 3):  # chunks that do and do not divide the 3 channels
-        result = scorecam_fn(tiny["graphdef"], tiny["state"], jnp.asarray(x), jnp.asarray(tiny["targets"]), chunk=chunk)
+        result = scorecam_fn(
+            tiny["graphdef"],
+            tiny["state"],
+            jnp.asarray(x),
+            jnp.asarray(tiny["targets"]),
+            chunk=chunk,
+        )
         np.testing.assert_allclose(result.raw, want, rtol=1e-4, atol=1e-6)
 
 
@@ -128,7 +148,9 @@ def test_align_corners_matrix_is_torch_bilinear_align_corners():
 
 def test_predicted_class_when_no_targets(tiny):
     result = METHODS["layercam"](tiny["graphdef"], tiny["state"], jnp.asarray(tiny["x"]), None)
-    np.testing.assert_array_equal(result.targets, np.argmax(numpy_logits(tiny["x"], tiny["k"], tiny["w"], tiny["b"]), axis=1))
+    np.testing.assert_array_equal(
+        result.targets, np.argmax(numpy_logits(tiny["x"], tiny["k"], tiny["w"], tiny["b"]), axis=1)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +165,17 @@ def small_resnet():
 def test_compute_methods_equals_each_registry_method_and_never_recompiles(small_resnet, caplog):
     graphdef, state, x = small_resnet
     targets = jnp.array([0, 1], jnp.int32)
-    opts = {"scorecam": {"chunk": 16}, "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 4}}
+    opts = {
+        "scorecam": {"chunk": 16},
+        "integrated_gradients": {"steps": 4},
+        "smoothgrad": {"samples": 4},
+    }
     together = compute_methods(graphdef, state, x, targets, tuple(METHODS), opts)
     for name, fn in METHODS.items():
         alone = fn(graphdef, state, x, targets, **opts.get(name, {}))
-        np.testing.assert_allclose(together[name].maps, alone.maps, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            together[name].maps, alone.maps, rtol=1e-4, atol=1e-5, err_msg=name
+        )
         assert together[name].maps.shape == (2, 32, 32)
     # a second state with the same structure (new values) must reuse every compiled function
     other_state = jax.tree.map(lambda v: v * 1.01, state)
@@ -156,7 +184,11 @@ def test_compute_methods_equals_each_registry_method_and_never_recompiles(small_
         for name, fn in METHODS.items():
             jax.block_until_ready(fn(graphdef, other_state, x, targets, **opts.get(name, {})).maps)
         compute_methods(graphdef, other_state, x, targets, tuple(METHODS), opts)
-    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() or "compil" in r.getMessage().lower()]
+    compiles = [
+        r.getMessage()
+        for r in caplog.records
+        if "Compiling" in r.getMessage() or "compil" in r.getMessage().lower()
+    ]
     assert not compiles, compiles
 
 
@@ -167,7 +199,9 @@ def test_layer_option_targets_an_earlier_feature_map(small_resnet):
     own = grad_cam_fn(graphdef, state, x, targets)
     tapped = grad_cam_fn(graphdef, state, x, targets, layer="layer4")
     np.testing.assert_allclose(tapped.raw, own.raw, rtol=1e-5, atol=1e-6)
-    finer = compute_methods(graphdef, state, x, targets, CAM_METHODS, {"scorecam": {"chunk": 32}}, layer="layer2")
+    finer = compute_methods(
+        graphdef, state, x, targets, CAM_METHODS, {"scorecam": {"chunk": 32}}, layer="layer2"
+    )
     for name in CAM_METHODS:
         assert finer[name].raw.shape == (2, 4, 4), name  # 32 px / 8
     with pytest.raises(ValueError):

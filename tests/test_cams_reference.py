@@ -12,10 +12,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 from flax import nnx
 
-import parity
 from xmedjax.explain.cams import GRADIENT_RULES, scorecam_fn
 from xmedjax.explain.capture import capture_target_gradients
 from xmedjax.explain.maps import to_input_size
@@ -53,10 +53,14 @@ def test_gradient_cams_match_pytorch_grad_cam(parity_model, reference, size):
     x = jnp.asarray(parity.recipe_input(size))
     targets = jnp.asarray(reference[f"{arch}_target_{size}"])
     with jax.default_matmul_precision("highest"):
-        capture, chosen = jax.jit(capture_target_gradients, static_argnums=0)(graphdef, state, x, targets)
+        capture, chosen = jax.jit(capture_target_gradients, static_argnums=0)(
+            graphdef, state, x, targets
+        )
     np.testing.assert_array_equal(np.asarray(chosen), reference[f"{arch}_target_{size}"])
     for name in ("gradcampp", "hirescam", "layercam", "xgradcam"):
-        maps = to_input_size(GRADIENT_RULES[name](capture.activation, capture.gradient), (size, size))
+        maps = to_input_size(
+            GRADIENT_RULES[name](capture.activation, capture.gradient), (size, size)
+        )
         corr = correlations(maps, reference[f"{arch}_{name}_{size}"])
         assert min(corr) > MIN_CORR, (arch, name, size, corr)
 

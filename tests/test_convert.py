@@ -9,10 +9,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 from flax import nnx
 
-import parity
 from xmedjax.models import (
     WeightLoadError,
     create_model,
@@ -98,7 +98,9 @@ def test_other_head_needs_reinit(caplog):
     fresh_fc = np.asarray(model.fc.kernel[...]).copy()
     load_torchvision_weights(model, imagenet, head="reinit")
     np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), fresh_fc)
-    np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]), imagenet["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(model.conv1.kernel[...]), imagenet["conv1.weight"].transpose(2, 3, 1, 0)
+    )
 
 
 def test_legacy_densenet_keys_are_renamed():
@@ -133,7 +135,15 @@ def test_convert_cli_writes_a_checkpoint_configs_can_load(tmp_path, recipe, refe
     src = tmp_path / "w.safetensors"
     save_file(recipe, str(src))
     out = tmp_path / "converted"
-    cmd = [sys.executable, "-m", "xmedjax.convert", f"--arch={ARCH}", f"--src={src}", f"--out={out}", "--num_classes=5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xmedjax.convert",
+        f"--arch={ARCH}",
+        f"--src={src}",
+        f"--out={out}",
+        "--num_classes=5",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert read_metadata(str(out))["num_classes"] == 5
     model = load_weights(create_model(ARCH, 5, seed=9), str(out))

@@ -16,7 +16,11 @@ from xmedjax.explain import export, run
 from xmedjax.models import create_model
 
 SIZE = 32
-FAST = {"scorecam": {"chunk": 64}, "integrated_gradients": {"steps": 2}, "smoothgrad": {"samples": 2}}
+FAST = {
+    "scorecam": {"chunk": 64},
+    "integrated_gradients": {"steps": 2},
+    "smoothgrad": {"samples": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +39,20 @@ def test_explain_split_writes_heatmaps_grid_and_quality(model, dataset, tmp_path
     graphdef, state = model
     workdir = str(tmp_path)
     out = run.explain_split(
-        graphdef, state, data_dir=dataset, split="test", workdir=workdir, image_size=SIZE, channels=1,
-        normalization="unit", methods=("gradcam", "hirescam"), batch_size=8, quality_images=8, quality_steps=4,
-        method_opts=FAST, progress=False,
+        graphdef,
+        state,
+        data_dir=dataset,
+        split="test",
+        workdir=workdir,
+        image_size=SIZE,
+        channels=1,
+        normalization="unit",
+        methods=("gradcam", "hirescam"),
+        batch_size=8,
+        quality_images=8,
+        quality_steps=4,
+        method_opts=FAST,
+        progress=False,
     )
     assert out["cam_layer"] == "layer1"  # 32 px: layer4 1x1, layer1 8x8
     for method in ("gradcam", "hirescam"):
@@ -52,8 +67,16 @@ def test_explain_split_writes_heatmaps_grid_and_quality(model, dataset, tmp_path
         quality = json.load(f)
     assert set(run.QUALITY_METHODS) <= set(quality)
     for method in run.QUALITY_METHODS:
-        for key in ("pointing_game", "energy_in_mask", "iou", "deletion_auc", "insertion_auc",
-                    "sanity_randomization_spearman", "sanity_randomization_ssim", "sanity_label_spearman"):
+        for key in (
+            "pointing_game",
+            "energy_in_mask",
+            "iou",
+            "deletion_auc",
+            "insertion_auc",
+            "sanity_randomization_spearman",
+            "sanity_randomization_ssim",
+            "sanity_label_spearman",
+        ):
             assert key in quality[method], (method, key)
     assert quality["_meta"]["n_images"] == 8 and quality["_meta"]["cam_layer"] == "layer1"
     html = export.report_section_html(workdir)
@@ -64,8 +87,19 @@ def test_explain_split_with_given_predictions(model, dataset, tmp_path):
     graphdef, state = model
     given = np.arange(21) % 2
     out = run.explain_split(
-        graphdef, state, data_dir=dataset, split="test", workdir=str(tmp_path), image_size=SIZE, channels=1,
-        normalization="unit", methods=("gradcam",), batch_size=8, quality=False, predictions=given, progress=False,
+        graphdef,
+        state,
+        data_dir=dataset,
+        split="test",
+        workdir=str(tmp_path),
+        image_size=SIZE,
+        channels=1,
+        normalization="unit",
+        methods=("gradcam",),
+        batch_size=8,
+        quality=False,
+        predictions=given,
+        progress=False,
     )
     data = export.read_heatmaps(out["heatmaps"]["gradcam"])
     np.testing.assert_array_equal(data["predictions"], given[data["index"]])
@@ -75,8 +109,16 @@ def test_explain_split_with_given_predictions(model, dataset, tmp_path):
 def test_predict_split(model, dataset, tmp_path):
     graphdef, state = model
     paths = run.predict_split(
-        graphdef, state, data_dir=dataset, split="test", workdir=str(tmp_path), image_size=SIZE, channels=1,
-        normalization="unit", batch_size=8, progress=False,
+        graphdef,
+        state,
+        data_dir=dataset,
+        split="test",
+        workdir=str(tmp_path),
+        image_size=SIZE,
+        channels=1,
+        normalization="unit",
+        batch_size=8,
+        progress=False,
     )
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -92,8 +134,12 @@ def write_user_folder(folder: str) -> list[str]:
 
     os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(os.path.join(folder, "a.png"))
-    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(os.path.join(folder, "sub", "b.jpg"))
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(
+        os.path.join(folder, "a.png")
+    )
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(
+        os.path.join(folder, "sub", "b.jpg")
+    )
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -115,20 +161,39 @@ def test_explain_and_predict_folder(model, tmp_path):
     names = write_user_folder(folder)
     workdir = str(tmp_path / "work")
     out = run.explain_folder(
-        graphdef, state, folder=folder, workdir=workdir, image_size=SIZE, channels=1, normalization="unit",
-        methods=("gradcam",), batch_size=2, label_names=["normal", "tumor"], progress=False,
+        graphdef,
+        state,
+        folder=folder,
+        workdir=workdir,
+        image_size=SIZE,
+        channels=1,
+        normalization="unit",
+        methods=("gradcam",),
+        batch_size=2,
+        label_names=["normal", "tumor"],
+        progress=False,
     )
     data = export.read_heatmaps(out["heatmaps"]["gradcam"])
     assert sorted(data["ids"].tolist()) == sorted(names)
     assert data["maps"].shape == (3, SIZE, SIZE)
     for name in names:
-        assert os.path.isfile(os.path.join(workdir, "overlays", "gradcam", os.path.splitext(name)[0] + ".png"))
+        assert os.path.isfile(
+            os.path.join(workdir, "overlays", "gradcam", os.path.splitext(name)[0] + ".png")
+        )
     with open(out["predictions"]["json"]) as f:
         preds = json.load(f)
     assert preds["label_names"] == ["normal", "tumor"] and len(preds["predictions"]) == 3
     only = run.predict_folder(
-        graphdef, state, folder=folder, workdir=str(tmp_path / "p"), image_size=SIZE, channels=1, normalization="unit",
-        batch_size=2, threshold=0.0, progress=False,
+        graphdef,
+        state,
+        folder=folder,
+        workdir=str(tmp_path / "p"),
+        image_size=SIZE,
+        channels=1,
+        normalization="unit",
+        batch_size=2,
+        threshold=0.0,
+        progress=False,
     )
     with open(only["predictions"]["csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -139,15 +204,27 @@ def test_compare_models_markdown_table(model, dataset):
     from xmedjax.explain import compare
 
     graphdef, state = model
-    entry = dict(graphdef=graphdef, state=state, data_dir=dataset, image_size=SIZE, channels=1, normalization="unit")
+    entry = dict(
+        graphdef=graphdef,
+        state=state,
+        data_dir=dataset,
+        image_size=SIZE,
+        channels=1,
+        normalization="unit",
+    )
     other_state = jax.tree.map(lambda v: v * 0.9, state)
     results = compare.compare_models(
         [dict(entry, label="resnet50 a"), dict(entry, label="resnet50 b", state=other_state)],
-        n_images=8, methods=("gradcam", "scorecam", "random"), method_opts=FAST, steps=4,
+        n_images=8,
+        methods=("gradcam", "scorecam", "random"),
+        method_opts=FAST,
+        steps=4,
     )
     assert results["resnet50 a"]["meta"]["cam_layer"] == "layer1"
     text = compare.markdown_table(results)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows[0].count("resnet50 a") == len(compare.COLUMNS) and rows[0].count("resnet50 b") == len(compare.COLUMNS)
+    assert rows[0].count("resnet50 a") == len(compare.COLUMNS) and rows[0].count(
+        "resnet50 b"
+    ) == len(compare.COLUMNS)
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["gradcam", "scorecam", "random"]
     assert "best pointing game" in text

@@ -23,7 +23,9 @@ def test_overlay_handles_greyscale_and_rgb():
     full = export.overlay(grey, np.ones((4, 4)), alpha=1.0)
     from matplotlib import colormaps
 
-    np.testing.assert_array_equal(full[0, 0], np.round(255 * np.array(colormaps["jet"](1.0)[:3])).astype(np.uint8))
+    np.testing.assert_array_equal(
+        full[0, 0], np.round(255 * np.array(colormaps["jet"](1.0)[:3])).astype(np.uint8)
+    )
     with pytest.raises(ValueError):
         export.overlay(grey, np.ones((2, 2)))
 
@@ -37,8 +39,14 @@ def test_save_overlay_png(tmp_path):
 
 def test_heatmap_npz_round_trip(tmp_path):
     arrays = dict(
-        ids=np.array(["a", "b"]), labels=np.array([0, 1]), predictions=np.array([0, 0]), probabilities=np.eye(2),
-        targets=np.array([0, 0]), raw=np.ones((2, 2, 2)), maps=np.zeros((2, 8, 8), np.float16), index=np.array([0, 1]),
+        ids=np.array(["a", "b"]),
+        labels=np.array([0, 1]),
+        predictions=np.array([0, 0]),
+        probabilities=np.eye(2),
+        targets=np.array([0, 0]),
+        raw=np.ones((2, 2, 2)),
+        maps=np.zeros((2, 8, 8), np.float16),
+        index=np.array([0, 1]),
     )
     path = export.write_heatmaps(export.heatmap_path(str(tmp_path), "test", "gradcam"), **arrays)
     assert path.endswith(os.path.join("heatmaps", "test_gradcam.npz"))
@@ -66,14 +74,27 @@ def workdir_with_grid(tmp_path):
     os.makedirs(tmp_path / "heatmaps")
     cases = [[[0], [1], [], [2]], [[3], [3], [], []]]
     np.savez_compressed(
-        tmp_path / "heatmaps" / "test_grid.npz", images=rng.integers(0, 255, (4, 16, 16, 1)).astype(np.uint8),
-        labels=np.array([0, 0, 0, 1]), predictions=np.array([0, 0, 1, 1]), probabilities=np.full((4, 2), 0.5),
-        ids=np.array(list("abcd")), cases=np.array(json.dumps(cases)), methods=np.array(["gradcam", "random"]),
-        label_names=np.array(["normal", "lesion"]), maps_gradcam=rng.random((4, 16, 16)), maps_random=rng.random((4, 16, 16)),
+        tmp_path / "heatmaps" / "test_grid.npz",
+        images=rng.integers(0, 255, (4, 16, 16, 1)).astype(np.uint8),
+        labels=np.array([0, 0, 0, 1]),
+        predictions=np.array([0, 0, 1, 1]),
+        probabilities=np.full((4, 2), 0.5),
+        ids=np.array(list("abcd")),
+        cases=np.array(json.dumps(cases)),
+        methods=np.array(["gradcam", "random"]),
+        label_names=np.array(["normal", "lesion"]),
+        maps_gradcam=rng.random((4, 16, 16)),
+        maps_random=rng.random((4, 16, 16)),
     )
     with open(tmp_path / "explain_quality.json", "w") as f:
-        json.dump({"gradcam": {"pointing_game": 0.5, "deletion_auc": None}, "random": {"pointing_game": 0.1},
-                   "_meta": {"split": "test", "n_images": 4}}, f)
+        json.dump(
+            {
+                "gradcam": {"pointing_game": 0.5, "deletion_auc": None},
+                "random": {"pointing_game": 0.1},
+                "_meta": {"split": "test", "n_images": 4},
+            },
+            f,
+        )
     return str(tmp_path)
 
 
@@ -89,8 +110,14 @@ def test_report_section_html(workdir_with_grid):
 def test_heatmap_grid_figure_layout():
     images = np.zeros((2, 8, 8))
     fig = export.heatmap_grid_figure(
-        images, np.zeros((2, 8, 8)), np.array([0, 1]), np.array([0, 0]), np.full((2, 2), 0.5), [[[0], [], [], []], [[], [], [1], []]],
-        label_names=["a", "b"], title="t",
+        images,
+        np.zeros((2, 8, 8)),
+        np.array([0, 1]),
+        np.array([0, 0]),
+        np.full((2, 2), 0.5),
+        [[[0], [], [], []], [[], [], [1], []]],
+        label_names=["a", "b"],
+        title="t",
     )
     assert len(fig.axes) == 2 * 4  # 2 classes x 4 groups x 1 per group
     import matplotlib.pyplot as plt

@@ -35,8 +35,12 @@ def test_each_image_explains_its_own_target(model):
     both = grad_cam(model, x, [1, 2])
     first = grad_cam(model, x[:1], [1])
     second = grad_cam(model, x[1:], [2])
-    np.testing.assert_allclose(np.asarray(both.raw[0]), np.asarray(first.raw[0]), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(both.raw[1]), np.asarray(second.raw[0]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(both.raw[0]), np.asarray(first.raw[0]), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(both.raw[1]), np.asarray(second.raw[0]), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_default_target_is_the_prediction(model):

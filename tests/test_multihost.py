@@ -37,7 +37,11 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
     for key in ("XMEDJAX_COORDINATOR_ADDRESS", "XMEDJAX_NUM_PROCESSES", "XMEDJAX_PROCESS_ID"):
         env.pop(key, None)
     return env
@@ -45,24 +49,37 @@ def _env(devices: int) -> dict:
 
 def _start(args: list[str], devices: int, log) -> subprocess.Popen:
     # Output to files, not pipes: a full pipe would stall a process inside a collective.
-    return subprocess.Popen([sys.executable, WORKER, *args], env=_env(devices), stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, WORKER, *args],
+        env=_env(devices),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait(procs: dict, root) -> None:
-    for name, proc in procs.items():
+    for proc in procs.values():
         proc.wait(timeout=600)
     failed = {n: p.returncode for n, p in procs.items() if p.returncode}
-    assert not failed, "\n".join(f"{n} (exit {rc}):\n{(root / f'{n}.log').read_text()[-3000:]}" for n, rc in failed.items())
+    assert not failed, "\n".join(
+        f"{n} (exit {rc}):\n{(root / f'{n}.log').read_text()[-3000:]}" for n, rc in failed.items()
+    )
 
 
 def _main_flags(data_dir: str, workdir: str) -> list[str]:
     return [
-        f"--config={os.path.join(HERE, '..', 'configs', 'demo.py')}", f"--workdir={workdir}",
-        "--config.data.dataset=prepared", f"--config.data.data_dir={data_dir}",
-        "--config.model.width=0.0625", "--config.training.batch_size=8", "--config.training.eval_batch_size=8",
-        f"--config.training.max_steps={STEPS}", "--config.training.checkpoint_every_steps=2",
-        "--config.evaluate.bootstrap_samples=20", "--config.explain.quality=False",
+        f"--config={os.path.join(HERE, '..', 'configs', 'demo.py')}",
+        f"--workdir={workdir}",
+        "--config.data.dataset=prepared",
+        f"--config.data.data_dir={data_dir}",
+        "--config.model.width=0.0625",
+        "--config.training.batch_size=8",
+        "--config.training.eval_batch_size=8",
+        f"--config.training.max_steps={STEPS}",
+        "--config.training.checkpoint_every_steps=2",
+        "--config.evaluate.bootstrap_samples=20",
+        "--config.explain.quality=False",
         "--config.runtime.progress_bar=False",
     ]
 
@@ -70,24 +87,49 @@ def _main_flags(data_dir: str, workdir: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    data_dir = build_phantom_dataset(str(root / "data"), kind="brain", counts={"train": 48, "val": 16, "test": 16},
-                                     size=64, seed=0)
+    data_dir = build_phantom_dataset(
+        str(root / "data"),
+        kind="brain",
+        counts={"train": 48, "val": 16, "test": 16},
+        size=64,
+        seed=0,
+    )
     two, one = str(root / "two"), str(root / "one")
     port, port2 = _free_port(), _free_port()
     procs = {}
     for pid in range(2):
-        procs[f"steps{pid}"] = _start(["steps", str(root / "steps2"), data_dir, str(STEPS), f"127.0.0.1:{port}", "2",
-                                       str(pid)], 2, open(root / f"steps{pid}.log", "w"))
-    procs["steps_single"] = _start(["steps", str(root / "steps1"), data_dir, str(STEPS)], 4,
-                                   open(root / "steps_single.log", "w"))
+        procs[f"steps{pid}"] = _start(
+            [
+                "steps",
+                str(root / "steps2"),
+                data_dir,
+                str(STEPS),
+                f"127.0.0.1:{port}",
+                "2",
+                str(pid),
+            ],
+            2,
+            open(root / f"steps{pid}.log", "w"),
+        )
+    procs["steps_single"] = _start(
+        ["steps", str(root / "steps1"), data_dir, str(STEPS)],
+        4,
+        open(root / "steps_single.log", "w"),
+    )
     _wait(procs, root)
     procs = {}
     for pid in range(2):
         flags = _main_flags(data_dir, two) + [
-            "--config.runtime.distributed=on", f"--config.runtime.coordinator_address=127.0.0.1:{port2}",
-            "--config.runtime.num_processes=2", f"--config.runtime.process_id={pid}"]
-        procs[f"main{pid}"] = _start(["main", str(root / f"writes{pid}.txt"), "--", *flags], 2,
-                                     open(root / f"main{pid}.log", "w"))
+            "--config.runtime.distributed=on",
+            f"--config.runtime.coordinator_address=127.0.0.1:{port2}",
+            "--config.runtime.num_processes=2",
+            f"--config.runtime.process_id={pid}",
+        ]
+        procs[f"main{pid}"] = _start(
+            ["main", str(root / f"writes{pid}.txt"), "--", *flags],
+            2,
+            open(root / f"main{pid}.log", "w"),
+        )
     _wait(procs, root)
     return {"root": root, "data_dir": data_dir, "two": two, "one": one}
 
@@ -123,16 +165,28 @@ def test_only_process_zero_writes_reports_and_heatmaps(runs):
 
     first, second = outputs(0), outputs(1)
     for name in ("metrics.json", "report.html", "heatmaps/test_gradcam.npz"):
-        assert any(name in p for p in first), (name, first)  # (heatmaps are written to a temp name first)
+        assert any(name in p for p in first), (
+            name,
+            first,
+        )  # (heatmaps are written to a temp name first)
         assert os.path.isfile(os.path.join(runs["two"], name))
     assert second == [], f"process 1 wrote {second}"
     ckpt = os.path.join(runs["two"], "checkpoints", "latest", str(STEPS), "data_iter")
-    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
 
 def test_a_checkpoint_written_by_two_processes_restores_in_one(runs):
     os.remove(os.path.join(runs["two"], "metrics.json"))
-    cmd = [sys.executable, "-m", "xmedjax.main", *_main_flags(runs["data_dir"], runs["two"]), "--config.mode=evaluate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xmedjax.main",
+        *_main_flags(runs["data_dir"], runs["two"]),
+        "--config.mode=evaluate",
+    ]
     out = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with open(os.path.join(runs["two"], "metrics.json")) as f:

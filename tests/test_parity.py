@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import parity
 import pytest
 from flax import nnx
 
-import parity
-from xmedjax.explain import grad_cam
-from xmedjax.explain import forward_with_activation
+from xmedjax.explain import forward_with_activation, grad_cam
 from xmedjax.models import create_model, load_torchvision_weights
 from xmedjax.models.convert import torch_layout
 
@@ -60,5 +59,7 @@ def test_logits_features_and_gradcam_match_torchvision(loaded, size):
     np.testing.assert_array_equal(np.asarray(cam.targets), gold[f"target_{size}"])
     assert cam.maps.shape == (2, size, size)
     for i in range(2):
-        corr = np.corrcoef(np.asarray(cam.maps[i]).ravel(), gold[f"cam_pytorch_grad_cam_{size}"][i].ravel())[0, 1]
+        corr = np.corrcoef(
+            np.asarray(cam.maps[i]).ravel(), gold[f"cam_pytorch_grad_cam_{size}"][i].ravel()
+        )[0, 1]
         assert corr > 0.99, (arch, size, i, corr)

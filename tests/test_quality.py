@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from phantom_training import train_phantom_model, unit_images
 from scipy import stats
+from test_cams import TinyCam
 
 from data_prep import phantoms
-from phantom_training import train_phantom_model, unit_images
-from test_cams import TinyCam
 from xmedjax.explain import quality
 from xmedjax.explain.cams import CAM_METHODS, METHODS, auto_cam_layer
 from xmedjax.models import create_model
@@ -34,7 +34,9 @@ def test_localisation_scores_by_hand():
     masks = np.zeros((2, 4, 4), bool)
     masks[:, 1:3, 1:3] = True
     np.testing.assert_array_equal(quality.pointing_game(maps, masks), [1.0, 0.0])
-    np.testing.assert_allclose(quality.energy_in_mask(maps, masks), [1.0 / 1.5, (1 - 1e-6) / (2 - 1e-6)])
+    np.testing.assert_allclose(
+        quality.energy_in_mask(maps, masks), [1.0 / 1.5, (1 - 1e-6) / (2 - 1e-6)]
+    )
     # threshold 0.5: image 0 predicts {(1,1), (3,3)}: IoU 1 / 5; image 1 {(0,0), (1,2)}: 1 / 5
     np.testing.assert_allclose(quality.iou(maps, masks, 0.5), [0.2, 0.2])
     # one pixel of tolerance brings (0, 0) next to the mask (diagonal neighbours don't count)
@@ -47,7 +49,9 @@ def test_localisation_scores_by_hand():
 def test_masks_from_boxes_and_uint8():
     masks = quality.boxes_to_masks(np.array([[1, 0, 3, 2]]), (4, 4))
     assert masks[0].sum() == 4 and masks[0, 0, 1] and masks[0, 1, 2] and not masks[0, 2, 1]
-    np.testing.assert_array_equal(quality.binarize_masks((masks * 255).astype(np.uint8)[..., None]), masks)
+    np.testing.assert_array_equal(
+        quality.binarize_masks((masks * 255).astype(np.uint8)[..., None]), masks
+    )
     np.testing.assert_array_equal(quality.binarize_masks(masks.astype(np.float32)), masks)
 
 
@@ -76,7 +80,9 @@ def test_deletion_insertion_curves_by_hand():
     maps = np.zeros((1, 8, 8), np.float32)
     maps[0, 2:4, 2:4] = 1.0  # the bright square first
     targets = jnp.zeros(1, jnp.int32)
-    d_auc, i_auc, d_curve, i_curve = quality.deletion_insertion_fn(graphdef, state, jnp.asarray(x), jnp.asarray(maps), targets, steps=4)
+    d_auc, i_auc, d_curve, i_curve = quality.deletion_insertion_fn(
+        graphdef, state, jnp.asarray(x), jnp.asarray(maps), targets, steps=4
+    )
     d_curve, i_curve = np.asarray(d_curve)[:, 0], np.asarray(i_curve)[:, 0]
     blurred = np.asarray(quality.gaussian_blur(jnp.asarray(x), 1.0))
 
@@ -100,10 +106,25 @@ def test_deletion_insertion_curves_by_hand():
 
 def test_randomization_stages_go_from_the_head_down():
     _, state = nnx.split(create_model("resnet50", 2, width=0.0625))
-    assert quality.randomization_stages(state) == ["fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
-    dstate = nnx.state(nnx.eval_shape(lambda: create_model("densenet121", 2, width=0.0625)))  # paths only
+    assert quality.randomization_stages(state) == [
+        "fc",
+        "layer4",
+        "layer3",
+        "layer2",
+        "layer1",
+        "bn1",
+        "conv1",
+    ]
+    dstate = nnx.state(
+        nnx.eval_shape(lambda: create_model("densenet121", 2, width=0.0625))
+    )  # paths only
     stages = quality.randomization_stages(dstate)
-    assert stages[:4] == ["classifier", "features.norm5", "features.denseblock4", "features.transition3"]
+    assert stages[:4] == [
+        "classifier",
+        "features.norm5",
+        "features.denseblock4",
+        "features.transition3",
+    ]
     assert set(stages[-2:]) == {"features.conv0", "features.norm0"}
     randomized = quality.randomize_stages(state, ["fc", "layer4"], seed=0)
     before, after = dict(nnx.to_flat_state(state)), dict(nnx.to_flat_state(randomized))
@@ -117,7 +138,9 @@ def test_random_baseline_is_seeded_and_model_free():
     graphdef, state = nnx.split(TinyCam(np.ones(1), np.ones((1, 2)), np.zeros(2)))
     x = jnp.zeros((3, 8, 8, 1))
     one = METHODS["random"](graphdef, state, x, None, seed=1)
-    again = METHODS["random"](graphdef, quality.randomize_stages(state, ["w"], seed=5), x, None, seed=1)
+    again = METHODS["random"](
+        graphdef, quality.randomize_stages(state, ["w"], seed=5), x, None, seed=1
+    )
     np.testing.assert_array_equal(one.maps, again.maps)
     assert not np.allclose(one.maps[0], one.maps[1])
     assert not np.allclose(one.maps, METHODS["random"](graphdef, state, x, None, seed=2).maps)
@@ -136,21 +159,37 @@ def phantom_model():
     logits = np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, xt))
     lesion = test["labels"] == 1
     return dict(
-        graphdef=graphdef, state=state, accuracy=float(np.mean(np.argmax(logits, 1) == test["labels"])),
-        images=xt[lesion][:32], labels=test["labels"][lesion][:32], masks=test["masks"][lesion][:32],
-        all_images=xt[:64], all_labels=test["labels"][:64],
+        graphdef=graphdef,
+        state=state,
+        accuracy=float(np.mean(np.argmax(logits, 1) == test["labels"])),
+        images=xt[lesion][:32],
+        labels=test["labels"][lesion][:32],
+        masks=test["masks"][lesion][:32],
+        all_images=xt[:64],
+        all_labels=test["labels"][:64],
     )
 
 
-def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_randomised(phantom_model):
+def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_randomised(
+    phantom_model,
+):
     m = phantom_model
     assert m["accuracy"] > 0.85, m["accuracy"]
     layer = auto_cam_layer(m["graphdef"], m["state"], (64, 64, 1))
     assert layer == "layer2"  # layer4 is 2x2 at 64 px
     names = (*CAM_METHODS, "random")
     scores = quality.score_methods(
-        m["graphdef"], m["state"], m["images"], m["labels"], m["masks"], names,
-        method_opts={"scorecam": {"chunk": 32}}, faithfulness=True, steps=8, cascade="ends", layer=layer,
+        m["graphdef"],
+        m["state"],
+        m["images"],
+        m["labels"],
+        m["masks"],
+        names,
+        method_opts={"scorecam": {"chunk": 32}},
+        faithfulness=True,
+        steps=8,
+        cascade="ends",
+        layer=layer,
     )
     rnd = scores["random"]
     keys = ("pointing_game", "energy_in_mask", "sanity_randomization_spearman", "deletion_auc")
@@ -171,8 +210,15 @@ def test_input_attributions_on_phantoms(phantom_model):
     m = phantom_model
     names = ("integrated_gradients", "smoothgrad", "random")
     scores = quality.score_methods(
-        m["graphdef"], m["state"], m["images"], m["labels"], m["masks"], names,
-        method_opts={"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 8}}, faithfulness=False, sanity=False,
+        m["graphdef"],
+        m["state"],
+        m["images"],
+        m["labels"],
+        m["masks"],
+        names,
+        method_opts={"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 8}},
+        faithfulness=False,
+        sanity=False,
     )
     for name in names[:2]:
         assert scores[name]["pointing_game"] >= scores["random"]["pointing_game"] + 0.3, scores
@@ -182,13 +228,24 @@ def test_label_randomisation_with_a_head_refit(phantom_model):
     m = phantom_model
     with pytest.raises(ValueError):  # one class only: shuffling changes nothing
         quality.shuffled_label_head(m["graphdef"], m["state"], m["images"], m["labels"], seed=0)
-    shuffled = quality.shuffled_label_head(m["graphdef"], m["state"], m["all_images"], m["all_labels"], seed=0)
+    shuffled = quality.shuffled_label_head(
+        m["graphdef"], m["state"], m["all_images"], m["all_labels"], seed=0
+    )
     before, after = dict(nnx.to_flat_state(m["state"])), dict(nnx.to_flat_state(shuffled))
     changed = {p for p in before if not np.array_equal(before[p].get_value(), after[p].get_value())}
     assert changed == {("fc", "kernel"), ("fc", "bias")}
     scores = quality.score_methods(
-        m["graphdef"], m["state"], m["images"], m["labels"], None, ("hirescam", "random"),
-        faithfulness=False, sanity=False, label_state=shuffled, label_model="head refit", layer="layer2",
+        m["graphdef"],
+        m["state"],
+        m["images"],
+        m["labels"],
+        None,
+        ("hirescam", "random"),
+        faithfulness=False,
+        sanity=False,
+        label_state=shuffled,
+        label_model="head refit",
+        layer="layer2",
     )
     assert scores["random"]["sanity_label_spearman"] == pytest.approx(1.0)
     assert scores["hirescam"]["sanity_label_spearman"] < 0.9

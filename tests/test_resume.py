@@ -13,8 +13,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from test_train import ROOT, TINY_COUNTS, phantom_dir, tiny_config  # noqa: F401 (fixture)
+
 from xmedjax import checkpointing, train
 
 # The child runs the real CLI with each train batch delayed, so the test can interrupt it
@@ -50,20 +50,36 @@ def _overrides(data_dir: str) -> dict:
 def _argv(workdir: str, data_dir: str) -> list[str]:
     args = [f"--config={os.path.join(ROOT, 'configs', 'demo.py')}", f"--workdir={workdir}"]
     c = tiny_config(data_dir, **_overrides(data_dir))
-    flat = {"data.phantom_counts.train": TINY_COUNTS["train"], "data.phantom_counts.val": TINY_COUNTS["val"],
-            "data.phantom_counts.test": TINY_COUNTS["test"], "data.data_dir": data_dir, "data.image_size": 32,
-            "model.width": c.model.width, "training.batch_size": 8, "training.eval_batch_size": 16,
-            "training.max_epochs": EPOCHS, "training.checkpoint_every_steps": 1, "evaluate.bootstrap_samples": 20,
-            "explain.quality": False, "runtime.progress_bar": False,
-            "runtime.compilation_cache_dir": c.runtime.compilation_cache_dir}
+    flat = {
+        "data.phantom_counts.train": TINY_COUNTS["train"],
+        "data.phantom_counts.val": TINY_COUNTS["val"],
+        "data.phantom_counts.test": TINY_COUNTS["test"],
+        "data.data_dir": data_dir,
+        "data.image_size": 32,
+        "model.width": c.model.width,
+        "training.batch_size": 8,
+        "training.eval_batch_size": 16,
+        "training.max_epochs": EPOCHS,
+        "training.checkpoint_every_steps": 1,
+        "evaluate.bootstrap_samples": 20,
+        "explain.quality": False,
+        "runtime.progress_bar": False,
+        "runtime.compilation_cache_dir": c.runtime.compilation_cache_dir,
+    }
     return args + [f"--config.{k}={v}" for k, v in flat.items()]
 
 
 def _start(workdir: str, data_dir: str, delay: float) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     script = CHILD % {"delay": delay, "argv": _argv(workdir, data_dir)}
-    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _saved_steps(workdir: str) -> list[int]:
@@ -80,7 +96,9 @@ def _wait_for(proc, workdir, predicate, timeout=120.0) -> list[int]:
         if steps and predicate(steps[-1]):
             return steps
         if proc.poll() is not None:
-            raise AssertionError(f"child ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"child ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}"
+            )
         time.sleep(0.02)
     proc.kill()
     raise AssertionError("no checkpoint appeared in time")
@@ -128,8 +146,16 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted_run(tmp_path, phan
 
     work = str(tmp_path / "interrupted")
     # 1. SIGTERM during step 3: the step finishes, is saved, and the loop raises Preempted.
-    inner = input_pipeline.make_train_iterator(phantom_dir, "train", global_batch_size=8, image_size=32, channels=1,
-                                               augment=dict(config.augment), normalization="imagenet", seed=0)
+    inner = input_pipeline.make_train_iterator(
+        phantom_dir,
+        "train",
+        global_batch_size=8,
+        image_size=32,
+        channels=1,
+        augment=dict(config.augment),
+        normalization="imagenet",
+        seed=0,
+    )
     with pytest.raises(train.Preempted, match="SIGTERM: saved step 3"):
         train.fit(train.build_run(config, work), train_iterator=_TermAt(inner, at=3))
     assert _saved_steps(work)[-1] == 3

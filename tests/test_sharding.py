@@ -36,7 +36,12 @@ def run_steps(num_devices: int, dtype_name: str, steps: int = STEPS) -> dict:
     # after two steps at lr 1e-2), either of which would hide what this test checks.
     tx = ts.make_optimizer("sgd", 1e-3)
     mdef, state = ts.create_train_state(model, tx)
-    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)  # noqa: E731
+
+    def cast(tree):
+        return jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+        )
+
     state = state.replace(params=cast(state.params), rest=cast(state.rest))
     state = state.replace(opt_state=tx.init(state.params))
     mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
@@ -45,17 +50,30 @@ def run_steps(num_devices: int, dtype_name: str, steps: int = STEPS) -> dict:
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
-        batch = {"image": rng.normal(size=(GLOBAL_BATCH, 64, 64, 1)).astype(dtype_name),
-                 "label": rng.integers(0, 2, GLOBAL_BATCH).astype(np.int32)}
+        batch = {
+            "image": rng.normal(size=(GLOBAL_BATCH, 64, 64, 1)).astype(dtype_name),
+            "label": rng.integers(0, 2, GLOBAL_BATCH).astype(np.int32),
+        }
         state, metrics = step(state, to_global_array(batch, mesh))
         losses.append(float(metrics["loss"]))
     eval_fn = ts.jit_eval_step(mdef, state, mesh)
-    batch = {"image": rng.normal(size=(GLOBAL_BATCH, 64, 64, 1)).astype(dtype_name),
-             "label": np.zeros(GLOBAL_BATCH, np.int32), "valid": np.ones(GLOBAL_BATCH, bool),
-             "index": np.arange(GLOBAL_BATCH, dtype=np.int32)}
+    batch = {
+        "image": rng.normal(size=(GLOBAL_BATCH, 64, 64, 1)).astype(dtype_name),
+        "label": np.zeros(GLOBAL_BATCH, np.int32),
+        "valid": np.ones(GLOBAL_BATCH, bool),
+        "index": np.arange(GLOBAL_BATCH, dtype=np.int32),
+    }
     logits = np.asarray(eval_fn(state, to_global_array(batch, mesh))["logits"])
-    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get((state.params, state.rest)))]
-    return {"losses": np.array(losses), "logits": logits, "leaves": leaves, "devices": mesh.devices.size}
+    leaves = [
+        np.asarray(x, np.float64)
+        for x in jax.tree.leaves(jax.device_get((state.params, state.rest)))
+    ]
+    return {
+        "losses": np.array(losses),
+        "logits": logits,
+        "leaves": leaves,
+        "devices": mesh.devices.size,
+    }
 
 
 def compare() -> None:
@@ -69,24 +87,45 @@ def compare() -> None:
     for dtype, steps, rtol, atol in (("float64", STEPS, 1e-5, 1e-6), ("float32", 1, 1e-4, 1e-6)):
         one, eight = run_steps(1, dtype, steps), run_steps(8, dtype, steps)
         assert (one["devices"], eight["devices"]) == (1, 8)
-        np.testing.assert_allclose(one["losses"], eight["losses"], rtol=rtol, atol=atol, err_msg=f"{dtype} losses")
-        np.testing.assert_allclose(one["logits"], eight["logits"], rtol=rtol * 10, atol=atol * 10,
-                                   err_msg=f"{dtype} logits")
+        np.testing.assert_allclose(
+            one["losses"], eight["losses"], rtol=rtol, atol=atol, err_msg=f"{dtype} losses"
+        )
+        np.testing.assert_allclose(
+            one["logits"],
+            eight["logits"],
+            rtol=rtol * 10,
+            atol=atol * 10,
+            err_msg=f"{dtype} logits",
+        )
         assert len(one["leaves"]) == len(eight["leaves"]) > 100
         for i, (a, b) in enumerate(zip(one["leaves"], eight["leaves"])):
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"{dtype} leaf {i}")
-        print(f"{dtype}: 8 devices == 1 device (losses {eight['losses'].round(6).tolist()})", flush=True)
+        print(
+            f"{dtype}: 8 devices == 1 device (losses {eight['losses'].round(6).tolist()})",
+            flush=True,
+        )
 
 
 def test_eight_devices_match_one():
     import jax
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_ENABLE_X64="1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
     cache = jax.config.jax_compilation_cache_dir or ""
-    code = (f"import sys, jax; sys.path.insert(0, {HERE!r}); "
-            + (f"jax.config.update('jax_compilation_cache_dir', {cache!r}); " if cache else "")
-            + "import test_sharding; test_sharding.compare()")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
+    code = (
+        f"import sys, jax; sys.path.insert(0, {HERE!r}); "
+        + (f"jax.config.update('jax_compilation_cache_dir', {cache!r}); " if cache else "")
+        + "import test_sharding; test_sharding.compare()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "float64: 8 devices == 1 device" in res.stdout and "float32: 8 devices == 1 device" in res.stdout
+    assert (
+        "float64: 8 devices == 1 device" in res.stdout
+        and "float32: 8 devices == 1 device" in res.stdout
+    )

@@ -9,9 +9,9 @@ rather than the lesion, so its localisation scores against the lesion mask drop.
 from __future__ import annotations
 
 import numpy as np
+from phantom_training import train_phantom_model, unit_images
 
 from data_prep import phantoms
-from phantom_training import train_phantom_model, unit_images
 from xmedjax.explain import quality
 from xmedjax.explain.cams import METHODS, auto_cam_layer
 
@@ -25,24 +25,40 @@ def _scores(graphdef, state, data) -> dict:
     marker = np.zeros_like(masks)
     marker[:, : 1 + k + 2, : 1 + k + 2] = True
     layer = auto_cam_layer(graphdef, state, images.shape[1:])
-    maps = np.asarray(METHODS["gradcam"](graphdef, state, images, np.ones(len(images), np.int32), layer=layer).maps)
-    return {"lesion_pointing": float(np.mean(quality.pointing_game(maps, masks, tolerance=2))),
-            "lesion_energy": float(np.mean(quality.energy_in_mask(maps, masks))),
-            "marker_pointing": float(np.mean(quality.pointing_game(maps, marker))),
-            "marker_energy": float(np.mean(quality.energy_in_mask(maps, marker)))}
+    maps = np.asarray(
+        METHODS["gradcam"](
+            graphdef, state, images, np.ones(len(images), np.int32), layer=layer
+        ).maps
+    )
+    return {
+        "lesion_pointing": float(np.mean(quality.pointing_game(maps, masks, tolerance=2))),
+        "lesion_energy": float(np.mean(quality.energy_in_mask(maps, masks))),
+        "marker_pointing": float(np.mean(quality.pointing_game(maps, marker))),
+        "marker_energy": float(np.mean(quality.energy_in_mask(maps, marker))),
+    }
 
 
 def test_a_corner_marker_shortcut_is_visible_in_the_localisation_scores():
     clean = phantoms.generate("brain", 512, 64, seed=21)
-    marked = phantoms.generate("brain", 512, 64, seed=21, shortcut="corner_marker", shortcut_strength=1.0)
+    marked = phantoms.generate(
+        "brain", 512, 64, seed=21, shortcut="corner_marker", shortcut_strength=1.0
+    )
     assert np.array_equal(marked["nuisance"], marked["labels"] == 1)  # a perfect shortcut
-    test_marked = phantoms.generate("brain", 128, 64, seed=22, shortcut="corner_marker", shortcut_strength=1.0)
+    test_marked = phantoms.generate(
+        "brain", 128, 64, seed=22, shortcut="corner_marker", shortcut_strength=1.0
+    )
 
-    clean_model = _scores(*train_phantom_model(clean["images"], clean["labels"], steps=200), test_marked)
-    shortcut_model = _scores(*train_phantom_model(marked["images"], marked["labels"], steps=200), test_marked)
+    clean_model = _scores(
+        *train_phantom_model(clean["images"], clean["labels"], steps=200), test_marked
+    )
+    shortcut_model = _scores(
+        *train_phantom_model(marked["images"], marked["labels"], steps=200), test_marked
+    )
     summary = f"clean {clean_model}\nshortcut {shortcut_model}"
     # The shortcut model looks at the corner (measured: 48% of maxima there, clean 0%) ...
-    assert shortcut_model["marker_pointing"] >= 0.3 and clean_model["marker_pointing"] <= 0.1, summary
+    assert shortcut_model["marker_pointing"] >= 0.3 and clean_model["marker_pointing"] <= 0.1, (
+        summary
+    )
     assert shortcut_model["marker_energy"] > 2 * clean_model["marker_energy"], summary
     # ... and so localises the lesion worse (measured: energy 0.017 vs 0.060, pointing 0 vs 0.17).
     assert shortcut_model["lesion_energy"] < 0.6 * clean_model["lesion_energy"], summary

@@ -23,7 +23,9 @@ TINY_COUNTS = {"train": 32, "val": 16, "test": 16}
 
 def tiny_config(data_dir: str = "", **overrides):
     """configs/demo.py shrunk to seconds: 32 px, width 1/16, 4 steps per epoch."""
-    spec = importlib.util.spec_from_file_location("cfg_demo", os.path.join(ROOT, "configs", "demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "cfg_demo", os.path.join(ROOT, "configs", "demo.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -53,7 +55,9 @@ def tiny_config(data_dir: str = "", **overrides):
 def phantom_dir(tmp_path_factory) -> str:
     from data_prep.phantoms import build_phantom_dataset
 
-    return build_phantom_dataset(str(tmp_path_factory.mktemp("phantoms")), "brain", dict(TINY_COUNTS), size=32, seed=0)
+    return build_phantom_dataset(
+        str(tmp_path_factory.mktemp("phantoms")), "brain", dict(TINY_COUNTS), size=32, seed=0
+    )
 
 
 def test_demo_config_end_to_end(tmp_path, phantom_dir):
@@ -63,8 +67,17 @@ def test_demo_config_end_to_end(tmp_path, phantom_dir):
     saved = json.load(open(os.path.join(workdir, "metrics.json")))
     assert saved["val"]["accuracy"] == results["val"]["accuracy"]
     for split in ("val", "test"):
-        for key in ("accuracy", "auc_roc", "f1", "average_precision", "sensitivity", "specificity",
-                    "confusion_matrix", "ci95", "per_class"):
+        for key in (
+            "accuracy",
+            "auc_roc",
+            "f1",
+            "average_precision",
+            "sensitivity",
+            "specificity",
+            "confusion_matrix",
+            "ci95",
+            "per_class",
+        ):
             assert key in saved[split], (split, key)
         assert saved[split]["n"] == TINY_COUNTS[split]
     assert saved["val"]["threshold"] == saved["test"]["threshold"]
@@ -83,7 +96,10 @@ def test_demo_config_end_to_end(tmp_path, phantom_dir):
     np.testing.assert_array_equal(heat["predictions"][order], pred["predictions"])
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [1, 2]
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert any(
+        name.startswith("events.out.tfevents")
+        for name in os.listdir(os.path.join(workdir, "tensorboard"))
+    )
     mgr = checkpointing.RunCheckpoints(workdir)
     assert mgr.latest_step() == 8 and mgr.best_step() in (4, 8)
     mgr.close()
@@ -91,12 +107,19 @@ def test_demo_config_end_to_end(tmp_path, phantom_dir):
     # Rerunning a finished run goes straight to evaluation; evaluate and predict modes reuse the best checkpoint.
     before = saved["test"]
     again = train.evaluate(tiny_config(phantom_dir, mode="evaluate"), workdir)
-    assert again["test"]["accuracy"] == before["accuracy"] and again["test"]["auc_roc"] == before["auc_roc"]
+    assert (
+        again["test"]["accuracy"] == before["accuracy"]
+        and again["test"]["auc_roc"] == before["auc_roc"]
+    )
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):
-        PIL.Image.fromarray((np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    out = train.predict(tiny_config(phantom_dir, mode="predict", **{"predict.folder": str(folder)}), workdir)
+        PIL.Image.fromarray(
+            (np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)
+        ).save(folder / f"{i}.png")
+    out = train.predict(
+        tiny_config(phantom_dir, mode="predict", **{"predict.folder": str(folder)}), workdir
+    )
     assert out is not None
 
 
@@ -133,10 +156,20 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, phantom_di
     workdir = str(tmp_path / "nan")
     config = tiny_config(phantom_dir)
     run = train.build_run(config, workdir)
-    inner = input_pipeline.make_train_iterator(phantom_dir, "train", global_batch_size=8, image_size=32, channels=1,
-                                               normalization="imagenet", seed=0)
-    with pytest.raises(train.NonFiniteError, match=r"step 5: loss or gradients are not finite .* the last good "
-                                                   r"checkpoint is step 4"):
+    inner = input_pipeline.make_train_iterator(
+        phantom_dir,
+        "train",
+        global_batch_size=8,
+        image_size=32,
+        channels=1,
+        normalization="imagenet",
+        seed=0,
+    )
+    with pytest.raises(
+        train.NonFiniteError,
+        match=r"step 5: loss or gradients are not finite .* the last good "
+        r"checkpoint is step 4",
+    ):
         train.fit(run, train_iterator=_Poisoned(inner, bad=5))
     mgr = checkpointing.RunCheckpoints(workdir)
     assert mgr.latest_step() == 4  # step 3 (every 3) and 4 (epoch end); nothing after the bad step
@@ -153,7 +186,10 @@ def test_train_step_is_pure_and_guards_nonfinite_values():
     state = ts.place_state(state, mesh)
     step = ts.jit_train_step(mdef, state, mesh, class_weights=np.array([1.0, 3.0], np.float32))
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 2}
+    batch = {
+        "image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
+        "label": np.arange(8, dtype=np.int32) % 2,
+    }
     s1, m1 = step(state, batch)
     assert bool(m1["finite"]) and int(s1.step) == 1
     ref = jax.device_get(s1)
@@ -165,7 +201,10 @@ def test_train_step_is_pure_and_guards_nonfinite_values():
     assert not bool(m3["finite"]) and int(s3.step) == 2
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(jax.device_get(s3))):
         np.testing.assert_array_equal(a, b)
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(again.params)))
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(again.params))
+    )
     s4 = ts.set_learning_rate(s3, 1e-5)
     assert abs(ts.learning_rate(s4) - 1e-5) < 1e-12
 
@@ -177,14 +216,22 @@ def test_init_checkpoint_loads_converted_weights(tmp_path, phantom_dir):
     from xmedjax.models.weights_io import save_weights
 
     source = create_model("resnet50", 2, in_channels=1, width=0.0625, seed=7)
-    weights = save_weights(source, str(tmp_path / "weights"), {"arch": "resnet50", "num_classes": 2, "in_channels": 1})
+    weights = save_weights(
+        source, str(tmp_path / "weights"), {"arch": "resnet50", "num_classes": 2, "in_channels": 1}
+    )
     config = tiny_config(phantom_dir, **{"init.checkpoint": weights, "init.head": "strict"})
     model = train.build_model(config, 2)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(source)), nnx.to_flat_state(nnx.state(model)), strict=True):
-        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(source)), nnx.to_flat_state(nnx.state(model)), strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path)
+        )
     fresh = train.build_model(tiny_config(phantom_dir), 2)
-    assert not np.array_equal(np.asarray(nnx.state(fresh)["fc"]["kernel"].get_value()),
-                              np.asarray(nnx.state(source)["fc"]["kernel"].get_value()))
+    assert not np.array_equal(
+        np.asarray(nnx.state(fresh)["fc"]["kernel"].get_value()),
+        np.asarray(nnx.state(source)["fc"]["kernel"].get_value()),
+    )
 
 
 def test_plateau_and_early_stopping_schedules():
@@ -193,7 +240,9 @@ def test_plateau_and_early_stopping_schedules():
     t.early_stopping_patience, t.early_stopping_min_delta = 4, 0.01
     loop = train._new_loop_state(1.0)
     lrs, stops = [], []
-    for epoch, val_loss in enumerate([1.0, 0.9, 0.95, 0.92, 0.895, 0.899, 0.898, 0.897, 0.896], start=1):
+    for epoch, val_loss in enumerate(
+        [1.0, 0.9, 0.95, 0.92, 0.895, 0.899, 0.898, 0.897, 0.896], start=1
+    ):
         loop["epoch"] = epoch
         train.update_schedules(loop, val_loss, t)
         lrs.append(loop["learning_rate"])

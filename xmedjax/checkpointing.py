@@ -36,8 +36,12 @@ def _manager(directory: str, max_to_keep: int, name: str = LATEST) -> ocp.Checkp
     # Each manager gets its own barrier names: latest and best may save the same step, and
     # with several processes identical names collide ("Barrier ... is already ongoing").
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"xmedjax_{name}"))
+        max_to_keep=max_to_keep,
+        create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=f"xmedjax_{name}"
+        ),
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -63,8 +67,13 @@ class RunCheckpoints:
         """Keeps `state` as the best so far (replaces the previous best)."""
         if step in self.best.all_steps():
             return
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     loop=ocp.args.JsonSave(loop)), force=True)
+        self.best.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)
+            ),
+            force=True,
+        )
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -84,7 +93,10 @@ class RunCheckpoints:
     def restore_latest(self, state_like: Any, iterator: Any) -> tuple[Any, dict]:
         """(state, loop) of the latest step; `iterator` is moved to the saved position."""
         step = self.latest.latest_step()
-        args = {"state": ocp.args.StandardRestore(abstract_like(state_like)), "loop": ocp.args.JsonRestore()}
+        args = {
+            "state": ocp.args.StandardRestore(abstract_like(state_like)),
+            "loop": ocp.args.JsonRestore(),
+        }
         if iterator is not None:
             args["data_iter"] = grain.checkpoint.CheckpointRestore(iterator)
         restored = self.latest.restore(step, args=ocp.args.Composite(**args))
@@ -95,10 +107,17 @@ class RunCheckpoints:
         manager = self.best if which == BEST else self.latest
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no {which} checkpoint under {checkpoint_dir(self.workdir, which)}; "
-                                    "train first (config.mode=train) with this --workdir")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_like(state_like)), loop=ocp.args.JsonRestore()))
+            raise FileNotFoundError(
+                f"no {which} checkpoint under {checkpoint_dir(self.workdir, which)}; "
+                "train first (config.mode=train) with this --workdir"
+            )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_like(state_like)),
+                loop=ocp.args.JsonRestore(),
+            ),
+        )
         return restored["state"], restored["loop"], step
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -37,7 +38,10 @@ def explain_methods() -> tuple[str, ...]:
     except ImportError:
         return ("gradcam",)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
+)
 
 
 class ConfigError(ValueError):
@@ -80,7 +84,9 @@ def check_schema(config, schema=None) -> None:
         if name not in want and not free(name):
             parent = name.rsplit(".", 1)[0]
             known = sorted(k.rsplit(".", 1)[1] for k in want if k.rsplit(".", 1)[0] == parent)
-            raise ConfigError(f"{name} is not a known key (known under {parent}: {', '.join(known)})")
+            raise ConfigError(
+                f"{name} is not a known key (known under {parent}: {', '.join(known)})"
+            )
     for name in want:
         if name not in got and not free(name):
             raise ConfigError(f"{name} is missing (start the config from configs/default.py)")
@@ -115,7 +121,10 @@ def _require(ok: bool, message: str) -> None:
 
 def _choice(c, key: str, choices: tuple) -> None:
     value = _get(c, key)
-    _require(value in choices, f"config.{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    _require(
+        value in choices,
+        f"config.{key} must be one of {', '.join(map(str, choices))}; got {value!r}",
+    )
 
 
 def _get(c, key: str):
@@ -145,20 +154,29 @@ def check_values(c) -> None:
     _cmp(c, "data.worker_count", lambda v: v >= 0, ">= 0")
     _cmp(c, "data.phantom_seed", lambda v: v >= 0, ">= 0")
     if c.data.dataset == "prepared":
-        _require(bool(c.data.data_dir), "config.data.data_dir must name a prepared dataset when "
-                 "config.data.dataset is 'prepared' (make one with python -m data_prep.build "
-                 "--dataset=... --src=RAW --out=DIR), or set config.data.dataset=phantoms")
+        _require(
+            bool(c.data.data_dir),
+            "config.data.data_dir must name a prepared dataset when "
+            "config.data.dataset is 'prepared' (make one with python -m data_prep.build "
+            "--dataset=... --src=RAW --out=DIR), or set config.data.dataset=phantoms",
+        )
     else:
         counts = dict(c.data.phantom_counts)
         for split in (c.data.train_split, c.data.val_split, c.data.test_split):
-            _require(split in counts, f"config.data.phantom_counts must give a count for split "
-                     f"{split!r}, got {counts}")
+            _require(
+                split in counts,
+                f"config.data.phantom_counts must give a count for split {split!r}, got {counts}",
+            )
         for split, n in counts.items():
-            _require(isinstance(n, int) and not isinstance(n, bool) and n > 0,
-                     f"config.data.phantom_counts.{split} must be a positive integer, got {n!r}")
-        _require(counts[c.data.train_split] >= c.training.batch_size,
-                 f"config.data.phantom_counts.{c.data.train_split} must be >= "
-                 f"config.training.batch_size ({c.training.batch_size}), got {counts[c.data.train_split]}")
+            _require(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0,
+                f"config.data.phantom_counts.{split} must be a positive integer, got {n!r}",
+            )
+        _require(
+            counts[c.data.train_split] >= c.training.batch_size,
+            f"config.data.phantom_counts.{c.data.train_split} must be >= "
+            f"config.training.batch_size ({c.training.batch_size}), got {counts[c.data.train_split]}",
+        )
     for key in ("train_split", "val_split", "test_split"):
         _cmp(c, f"data.{key}", lambda v: bool(v), "a split name")
 
@@ -191,9 +209,11 @@ def check_values(c) -> None:
 
     _choice(c, "init.head", HEADS)
     if c.init.checkpoint and "://" not in c.init.checkpoint:
-        _require(os.path.isdir(os.path.expanduser(c.init.checkpoint)),
-                 f"config.init.checkpoint must be a folder written by python -m xmedjax.convert, "
-                 f"got {c.init.checkpoint!r} (not found)")
+        _require(
+            os.path.isdir(os.path.expanduser(c.init.checkpoint)),
+            f"config.init.checkpoint must be a folder written by python -m xmedjax.convert, "
+            f"got {c.init.checkpoint!r} (not found)",
+        )
 
     _cmp(c, "evaluate.bootstrap_samples", lambda v: v >= 0, ">= 0 (0 = no intervals)")
     _choice(c, "evaluate.threshold", THRESHOLDS)
@@ -201,15 +221,22 @@ def check_values(c) -> None:
     _cmp(c, "explain.methods", lambda v: len(v) > 0, "a non-empty list")
     known = explain_methods()
     for method in tuple(c.explain.methods) + tuple(c.explain.quality_methods):
-        _require(method in known, f"config.explain.methods: unknown method {method!r}; "
-                 f"choose from {', '.join(known)}")
+        _require(
+            method in known,
+            f"config.explain.methods: unknown method {method!r}; choose from {', '.join(known)}",
+        )
     _cmp(c, "explain.batch_size", lambda v: v > 0, "> 0")
     _cmp(c, "explain.quality_images", lambda v: v > 0, "> 0")
     _cmp(c, "explain.split", lambda v: bool(v), "a split name")
     if c.mode == "predict":
-        _require(bool(c.predict.folder), "config.predict.folder must name a folder of images in predict mode")
-        _require(os.path.isdir(os.path.expanduser(c.predict.folder)),
-                 f"config.predict.folder must be an existing folder, got {c.predict.folder!r}")
+        _require(
+            bool(c.predict.folder),
+            "config.predict.folder must name a folder of images in predict mode",
+        )
+        _require(
+            os.path.isdir(os.path.expanduser(c.predict.folder)),
+            f"config.predict.folder must be an existing folder, got {c.predict.folder!r}",
+        )
 
     _choice(c, "runtime.distributed", DISTRIBUTED)
     _cmp(c, "runtime.num_processes", lambda v: v >= 0, ">= 0")

@@ -16,10 +16,18 @@ from xmedjax.models import ARCHITECTURES, create_model, load_torchvision_weights
 from xmedjax.models.weights_io import save_weights
 
 _ARCH = flags.DEFINE_enum("arch", None, sorted(ARCHITECTURES), "Model architecture.")
-_SRC = flags.DEFINE_string("src", None, "A .safetensors or .pth checkpoint with torchvision/timm keys.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://) for the Orbax checkpoint.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier size; other than the checkpoint's re-initialises the head.")
-_IN_CHANNELS = flags.DEFINE_enum("in_channels", "3", ["1", "3"], "1 sums the stem's RGB kernels for greyscale input.")
+_SRC = flags.DEFINE_string(
+    "src", None, "A .safetensors or .pth checkpoint with torchvision/timm keys."
+)
+_OUT = flags.DEFINE_string(
+    "out", None, "Output directory (local or gs://) for the Orbax checkpoint."
+)
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", 1000, "Classifier size; other than the checkpoint's re-initialises the head."
+)
+_IN_CHANNELS = flags.DEFINE_enum(
+    "in_channels", "3", ["1", "3"], "1 sums the stem's RGB kernels for greyscale input."
+)
 
 
 def main(argv):
@@ -35,7 +43,9 @@ def main(argv):
         "head": head,
     }
     out = save_weights(model, _OUT.value, meta)
-    print(f"wrote {out} ({_ARCH.value}, {_NUM_CLASSES.value} classes, {_IN_CHANNELS.value} input channel(s))")
+    print(
+        f"wrote {out} ({_ARCH.value}, {_NUM_CLASSES.value} classes, {_IN_CHANNELS.value} input channel(s))"
+    )
 
 
 if __name__ == "__main__":

@@ -12,24 +12,37 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from xmedjax import input_pipeline, metrics
 
-SHORTCUT_NOTE = ("A classifier that sees only acquisition metadata (image size, aspect, intensity and "
-                 "border statistics), never the anatomy; if it scores close to the model, the model may "
-                 "be reading a shortcut rather than the lesion.")
+SHORTCUT_NOTE = (
+    "A classifier that sees only acquisition metadata (image size, aspect, intensity and "
+    "border statistics), never the anatomy; if it scores close to the model, the model may "
+    "be reading a shortcut rather than the lesion."
+)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def predict_split(eval_fn: Callable, state: Any, mesh, *, data_dir: str, split: str, batch_size: int,
-                  image_size: int, channels: int, normalization: str) -> dict[str, np.ndarray]:
+def predict_split(
+    eval_fn: Callable,
+    state: Any,
+    mesh,
+    *,
+    data_dir: str,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    channels: int,
+    normalization: str,
+) -> dict[str, np.ndarray]:
     """Runs `eval_fn(state, batch)` over every example of a split once.
 
     Returns numpy arrays in split order: index, labels, logits, probabilities, ids.
@@ -37,15 +50,24 @@ def predict_split(eval_fn: Callable, state: Any, mesh, *, data_dir: str, split: 
     """
     batch_size = _round_up(batch_size, max(mesh.devices.size, jax.process_count()))
     batches = input_pipeline.make_eval_iterator(
-        data_dir, split, global_batch_size=batch_size, image_size=image_size, channels=channels,
-        normalization=normalization)
+        data_dir,
+        split,
+        global_batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+    )
     logits, labels, index, valid, local_ids = [], [], [], [], {}
     for batch in batches:
         for i, name in zip(batch["index"], batch["id"]):
             if i >= 0:
                 local_ids[int(i)] = str(name)
-        host = {"image": batch["image"], "label": batch["label"], "valid": batch["valid"],
-                "index": batch["index"].astype(np.int32)}
+        host = {
+            "image": batch["image"],
+            "label": batch["label"],
+            "valid": batch["valid"],
+            "index": batch["index"].astype(np.int32),
+        }
         out = jax.device_get(eval_fn(state, input_pipeline.to_global_array(host, mesh)))
         logits.append(out["logits"])
         labels.append(out["label"])
@@ -58,7 +80,9 @@ def predict_split(eval_fn: Callable, state: Any, mesh, *, data_dir: str, split: 
     logits = np.concatenate(logits)[valid][order]
     labels = np.concatenate(labels)[valid][order]
     if len(index) != batches.num_examples or np.any(index != np.arange(batches.num_examples)):
-        raise RuntimeError(f"eval of {split} saw {len(index)} examples, expected {batches.num_examples}")
+        raise RuntimeError(
+            f"eval of {split} saw {len(index)} examples, expected {batches.num_examples}"
+        )
     missing = [int(i) for i in index if int(i) not in local_ids]
     if missing:  # other processes' rows: read their ids from the records
         source = input_pipeline.PreparedSource(data_dir, split)
@@ -66,15 +90,22 @@ def predict_split(eval_fn: Callable, state: Any, mesh, *, data_dir: str, split: 
             rid = source[i]["id"]
             local_ids[i] = rid.decode() if isinstance(rid, bytes) else str(rid)
     ids = np.array([local_ids[int(i)] for i in index])
-    return {"index": index, "labels": labels.astype(np.int64), "logits": logits,
-            "probabilities": metrics.softmax(logits), "ids": ids}
+    return {
+        "index": index,
+        "labels": labels.astype(np.int64),
+        "logits": logits,
+        "probabilities": metrics.softmax(logits),
+        "ids": ids,
+    }
 
 
 def loss_and_accuracy(pred: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean (unweighted) cross-entropy and accuracy of predictions."""
     p = np.clip(pred["probabilities"][np.arange(len(pred["labels"])), pred["labels"]], 1e-12, 1.0)
-    return {"loss": float(-np.mean(np.log(p))),
-            "accuracy": float(np.mean(np.argmax(pred["probabilities"], 1) == pred["labels"]))}
+    return {
+        "loss": float(-np.mean(np.log(p))),
+        "accuracy": float(np.mean(np.argmax(pred["probabilities"], 1) == pred["labels"])),
+    }
 
 
 def quick_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
@@ -121,12 +152,20 @@ def _clean(value):
 
 def save_predictions(path: str, pred: dict[str, np.ndarray], threshold: float) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, ids=pred["ids"], index=pred["index"], labels=pred["labels"],
-             probabilities=pred["probabilities"].astype(np.float32),
-             predictions=metrics.predict(pred["probabilities"], threshold), threshold=np.float32(threshold))
+    np.savez(
+        path,
+        ids=pred["ids"],
+        index=pred["index"],
+        labels=pred["labels"],
+        probabilities=pred["probabilities"].astype(np.float32),
+        predictions=metrics.predict(pred["probabilities"], threshold),
+        threshold=np.float32(threshold),
+    )
 
 
-def plot_split(figdir: str, split: str, pred: dict[str, np.ndarray], result: dict) -> dict[str, str]:
+def plot_split(
+    figdir: str, split: str, pred: dict[str, np.ndarray], result: dict
+) -> dict[str, str]:
     """roc_<split>.png, pr_<split>.png, confusion_<split>.png; returns their paths."""
     import matplotlib  # noqa: PLC0415
 
@@ -162,7 +201,9 @@ def plot_split(figdir: str, split: str, pred: dict[str, np.ndarray], result: dic
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 1.4 + 0.9 * len(names)))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.text(
+            j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black"
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="predicted", ylabel="true", title=f"Confusion, {split}")
@@ -173,20 +214,37 @@ def plot_split(figdir: str, split: str, pred: dict[str, np.ndarray], result: dic
     return paths
 
 
-def evaluate_splits(preds: dict[str, dict[str, np.ndarray]], *, workdir: str, label_names, val_split: str = "val",
-                    threshold_method: str = "youden", bootstrap_samples: int = 1000, seed: int = 0,
-                    data_dir: str | None = None, extra: dict | None = None) -> dict:
+def evaluate_splits(
+    preds: dict[str, dict[str, np.ndarray]],
+    *,
+    workdir: str,
+    label_names,
+    val_split: str = "val",
+    threshold_method: str = "youden",
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    data_dir: str | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Metrics of each split with the threshold chosen on `val_split`; writes metrics.json,
     predictions and figures (call on process 0 only). Returns the metrics dict."""
     val = preds.get(val_split)
-    threshold = (metrics.choose_threshold(val["labels"], val["probabilities"], threshold_method)
-                 if val is not None else 0.5)
+    threshold = (
+        metrics.choose_threshold(val["labels"], val["probabilities"], threshold_method)
+        if val is not None
+        else 0.5
+    )
     out: dict[str, Any] = {}
     figures = {}
     for split, pred in preds.items():
-        result = metrics.classification_metrics(pred["labels"], pred["probabilities"], threshold=threshold,
-                                                label_names=label_names, bootstrap_samples=bootstrap_samples,
-                                                seed=seed)
+        result = metrics.classification_metrics(
+            pred["labels"],
+            pred["probabilities"],
+            threshold=threshold,
+            label_names=label_names,
+            bootstrap_samples=bootstrap_samples,
+            seed=seed,
+        )
         result.update(loss_and_accuracy(pred) | {"accuracy": result["accuracy"]})
         result["threshold_source"] = val_split if val is not None else "default 0.5"
         out[split] = result

@@ -22,7 +22,8 @@ import json
 import math
 import os
 import threading
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grain
 import numpy as np
@@ -33,412 +34,495 @@ INFO_FILE = "xmedjax_dataset.json"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 NORMALIZATIONS = ("imagenet", "unit")
-_BUILD_HINT = ("make one with `python -m data_prep.build --dataset=brain_tumor_mri|"
-               "chest_xray|folder --src=RAW_DIR --out={d}` (or data_prep.phantoms."
-               "build_phantom_dataset)")
+_BUILD_HINT = (
+    "make one with `python -m data_prep.build --dataset=brain_tumor_mri|"
+    "chest_xray|folder --src=RAW_DIR --out={d}` (or data_prep.phantoms."
+    "build_phantom_dataset)"
+)
 
 
 # ----------------------------------------------------------------------------- info
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What ``xmedjax_dataset.json`` says about a prepared dataset."""
+    """What ``xmedjax_dataset.json`` says about a prepared dataset."""
 
-  name: str
-  num_classes: int
-  label_names: tuple[str, ...]
-  channels: int
-  splits: dict[str, int]
-  has_masks: bool
-  size: int
-  extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    name: str
+    num_classes: int
+    label_names: tuple[str, ...]
+    channels: int
+    splits: dict[str, int]
+    has_masks: bool
+    size: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
 def read_dataset_info(data_dir: str) -> DatasetInfo:
-  """Reads ``DIR/xmedjax_dataset.json``; a missing dataset raises FileNotFoundError."""
-  path = os.path.join(data_dir, INFO_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no prepared dataset at {data_dir} (missing {INFO_FILE}); "
-                            + _BUILD_HINT.format(d=data_dir))
-  with open(path) as f:
-    d = json.load(f)
-  keys = ("name", "num_classes", "label_names", "channels", "splits", "has_masks", "size")
-  return DatasetInfo(
-      name=d["name"], num_classes=int(d["num_classes"]), label_names=tuple(d["label_names"]),
-      channels=int(d["channels"]), splits={k: int(v) for k, v in d["splits"].items()},
-      has_masks=bool(d["has_masks"]), size=int(d["size"]),
-      extra={k: v for k, v in d.items() if k not in keys})
+    """Reads ``DIR/xmedjax_dataset.json``; a missing dataset raises FileNotFoundError."""
+    path = os.path.join(data_dir, INFO_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no prepared dataset at {data_dir} (missing {INFO_FILE}); "
+            + _BUILD_HINT.format(d=data_dir)
+        )
+    with open(path) as f:
+        d = json.load(f)
+    keys = ("name", "num_classes", "label_names", "channels", "splits", "has_masks", "size")
+    return DatasetInfo(
+        name=d["name"],
+        num_classes=int(d["num_classes"]),
+        label_names=tuple(d["label_names"]),
+        channels=int(d["channels"]),
+        splits={k: int(v) for k, v in d["splits"].items()},
+        has_masks=bool(d["has_masks"]),
+        size=int(d["size"]),
+        extra={k: v for k, v in d.items() if k not in keys},
+    )
 
 
 def _check_split(info: DatasetInfo, data_dir: str, split: str) -> int:
-  if split not in info.splits:
-    hint = (" (build with --dedup_test to get test_dedup)" if split == "test_dedup" else "")
-    raise ValueError(f"split {split!r} not in prepared dataset {data_dir} (has "
-                     f"{sorted(info.splits)}){hint}; rebuild with `python -m data_prep.build "
-                     f"... --out={data_dir}`")
-  return info.splits[split]
+    if split not in info.splits:
+        hint = " (build with --dedup_test to get test_dedup)" if split == "test_dedup" else ""
+        raise ValueError(
+            f"split {split!r} not in prepared dataset {data_dir} (has "
+            f"{sorted(info.splits)}){hint}; rebuild with `python -m data_prep.build "
+            f"... --out={data_dir}`"
+        )
+    return info.splits[split]
 
 
 def num_examples(data_dir: str, split: str) -> int:
-  """Number of examples of a split."""
-  return _check_split(read_dataset_info(data_dir), data_dir, split)
+    """Number of examples of a split."""
+    return _check_split(read_dataset_info(data_dir), data_dir, split)
 
 
 def steps_per_epoch(data_dir: str, split: str, global_batch_size: int) -> int:
-  """Full global batches per epoch (the train iterator drops the remainder)."""
-  return num_examples(data_dir, split) // global_batch_size
+    """Full global batches per epoch (the train iterator drops the remainder)."""
+    return num_examples(data_dir, split) // global_batch_size
 
 
 # ----------------------------------------------------------------------------- source
 class PreparedSource:
-  """Random access to one split's raw records (image/mask PNG bytes undecoded).
+    """Random access to one split's raw records (image/mask PNG bytes undecoded).
 
-  Opens the TFDS array_record data source lazily, so it pickles cheaply into Grain
-  worker processes.
-  """
+    Opens the TFDS array_record data source lazily, so it pickles cheaply into Grain
+    worker processes.
+    """
 
-  def __init__(self, data_dir: str, split: str):
-    self.data_dir = os.path.abspath(data_dir)
-    self.split = split
-    self.info = read_dataset_info(data_dir)
-    self._len = _check_split(self.info, data_dir, split)
-    self._src = None
-    self._lock = threading.Lock()
+    def __init__(self, data_dir: str, split: str):
+        self.data_dir = os.path.abspath(data_dir)
+        self.split = split
+        self.info = read_dataset_info(data_dir)
+        self._len = _check_split(self.info, data_dir, split)
+        self._src = None
+        self._lock = threading.Lock()
 
-  def _open(self):
-    import tensorflow_datasets as tfds  # heavy import, done once per process
-    skip = tfds.decode.SkipDecoding()
-    decoders = {"image": skip}
-    if self.info.has_masks:
-      decoders["mask"] = skip
-    name = self.info.extra.get("tfds_name", "xmedjax_prepared")
-    self._src = tfds.data_source(name, data_dir=self.data_dir, split=self.split,
-                                 decoders=decoders)
-    if len(self._src) != self._len:
-      raise ValueError(f"{self.data_dir}: split {self.split} holds {len(self._src)} "
-                       f"examples but {INFO_FILE} says {self._len}; rebuild it")
+    def _open(self):
+        import tensorflow_datasets as tfds  # heavy import, done once per process
 
-  def __len__(self) -> int:
-    return self._len
+        skip = tfds.decode.SkipDecoding()
+        decoders = {"image": skip}
+        if self.info.has_masks:
+            decoders["mask"] = skip
+        name = self.info.extra.get("tfds_name", "xmedjax_prepared")
+        self._src = tfds.data_source(
+            name, data_dir=self.data_dir, split=self.split, decoders=decoders
+        )
+        if len(self._src) != self._len:
+            raise ValueError(
+                f"{self.data_dir}: split {self.split} holds {len(self._src)} "
+                f"examples but {INFO_FILE} says {self._len}; rebuild it"
+            )
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    if self._src is None:
-      with self._lock:  # read threads start together
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
         if self._src is None:
-          self._open()
-    return self._src[int(index)]
+            with self._lock:  # read threads start together
+                if self._src is None:
+                    self._open()
+        return self._src[int(index)]
 
-  def __getstate__(self):
-    d = dict(self.__dict__)
-    d["_src"], d["_lock"] = None, None
-    return d
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_src"], d["_lock"] = None, None
+        return d
 
-  def __setstate__(self, d):
-    self.__dict__.update(d)
-    self._lock = threading.Lock()
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- decode
 def _norm_consts(normalization: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
-  if normalization == "imagenet":
-    if channels == 1:
-      return IMAGENET_MEAN.mean(keepdims=True), IMAGENET_STD.mean(keepdims=True)
-    return IMAGENET_MEAN, IMAGENET_STD
-  if normalization == "unit":
-    return np.zeros(channels, np.float32), np.ones(channels, np.float32)
-  raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "imagenet":
+        if channels == 1:
+            return IMAGENET_MEAN.mean(keepdims=True), IMAGENET_STD.mean(keepdims=True)
+        return IMAGENET_MEAN, IMAGENET_STD
+    if normalization == "unit":
+        return np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 _LUTS: dict[tuple[str, int], np.ndarray] = {}
 
 
 def _lut(normalization: str, channels: int) -> np.ndarray:
-  """(256, channels) float32 table: uint8 value -> normalised value per channel."""
-  key = (normalization, channels)
-  if key not in _LUTS:
-    mean, std = _norm_consts(normalization, channels)
-    v = np.arange(256, dtype=np.float64)[:, None] / 255.0
-    _LUTS[key] = ((v - mean) / std).astype(np.float32)
-  return _LUTS[key]
+    """(256, channels) float32 table: uint8 value -> normalised value per channel."""
+    key = (normalization, channels)
+    if key not in _LUTS:
+        mean, std = _norm_consts(normalization, channels)
+        v = np.arange(256, dtype=np.float64)[:, None] / 255.0
+        _LUTS[key] = ((v - mean) / std).astype(np.float32)
+    return _LUTS[key]
 
 
 def to_float(pixels: np.ndarray, channels: int, normalization: str) -> np.ndarray:
-  """uint8 (H, W) or (H, W, 3) -> float32 (H, W, channels), normalised.
+    """uint8 (H, W) or (H, W, 3) -> float32 (H, W, channels), normalised.
 
-  Greyscale is replicated to 3 channels when channels=3; RGB is averaged when channels=1.
-  ``imagenet``: x / 255, then ImageNet mean/std per channel (their averages for grey);
-  ``unit``: x / 255.
-  """
-  if channels not in (1, 3):
-    raise ValueError(f"channels must be 1 or 3, got {channels}")
-  if pixels.ndim == 3 and pixels.shape[2] == 1:
-    pixels = pixels[..., 0]
-  lut = _lut(normalization, channels)
-  if pixels.dtype != np.uint8:
-    raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
-  if pixels.ndim == 2:
-    return np.take(lut, pixels, axis=0)  # (H, W, channels) in one gather
-  if channels == 3:
-    return np.stack([np.take(lut[:, c], pixels[..., c]) for c in range(3)], axis=-1)
-  mean, std = _norm_consts(normalization, 1)
-  x = pixels.astype(np.float32).mean(-1, keepdims=True) * (1.0 / 255.0)
-  return (x - mean) / std
+    Greyscale is replicated to 3 channels when channels=3; RGB is averaged when channels=1.
+    ``imagenet``: x / 255, then ImageNet mean/std per channel (their averages for grey);
+    ``unit``: x / 255.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    lut = _lut(normalization, channels)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+    if pixels.ndim == 2:
+        return np.take(lut, pixels, axis=0)  # (H, W, channels) in one gather
+    if channels == 3:
+        return np.stack([np.take(lut[:, c], pixels[..., c]) for c in range(3)], axis=-1)
+    mean, std = _norm_consts(normalization, 1)
+    x = pixels.astype(np.float32).mean(-1, keepdims=True) * (1.0 / 255.0)
+    return (x - mean) / std
 
 
 def _decode_png(data: bytes) -> np.ndarray:
-  import io
-  import PIL.Image
-  img = PIL.Image.open(io.BytesIO(data))
-  a = np.asarray(img)
-  return a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
+    import io
+
+    import PIL.Image
+
+    img = PIL.Image.open(io.BytesIO(data))
+    a = np.asarray(img)
+    return a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
 
 
 @dataclasses.dataclass
 class _Decoder:
-  """Record -> example dict (decode, resize/augment, normalise)."""
+    """Record -> example dict (decode, resize/augment, normalise)."""
 
-  image_size: int
-  channels: int
-  normalization: str
-  has_masks: bool
-  augment: augment_lib.AugmentParams | None = None
+    image_size: int
+    channels: int
+    normalization: str
+    has_masks: bool
+    augment: augment_lib.AugmentParams | None = None
 
-  def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator | None
-               ) -> dict[str, Any]:
-    image = _decode_png(rec["image"])
-    arrays = [image]
-    if self.has_masks:
-      arrays.append(_decode_png(rec["mask"]).astype(np.float32) * (1.0 / 255.0))
-    transform = None
-    if self.augment is not None and rng is not None:
-      transform = augment_lib.sample_transform(rng, self.augment, self.image_size)
-    arrays = augment_lib.warp(arrays, transform, self.image_size)
-    out = {"image": to_float(arrays[0], self.channels, self.normalization),
-           "label": np.int32(rec["label"])}
-    if self.has_masks:
-      out["mask"] = np.clip(arrays[1].astype(np.float32), 0.0, 1.0)
-    return out
+    def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+        image = _decode_png(rec["image"])
+        arrays = [image]
+        if self.has_masks:
+            arrays.append(_decode_png(rec["mask"]).astype(np.float32) * (1.0 / 255.0))
+        transform = None
+        if self.augment is not None and rng is not None:
+            transform = augment_lib.sample_transform(rng, self.augment, self.image_size)
+        arrays = augment_lib.warp(arrays, transform, self.image_size)
+        out = {
+            "image": to_float(arrays[0], self.channels, self.normalization),
+            "label": np.int32(rec["label"]),
+        }
+        if self.has_masks:
+            out["mask"] = np.clip(arrays[1].astype(np.float32), 0.0, 1.0)
+        return out
 
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-  if shard_index is None or shard_count is None:
-    import jax
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
-  return shard_index, shard_count
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
+    return shard_index, shard_count
 
 
 def _per_process(global_batch_size: int, shard_count: int) -> int:
-  if global_batch_size <= 0 or global_batch_size % shard_count:
-    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
-                     f"of the process count {shard_count}")
-  return global_batch_size // shard_count
+    if global_batch_size <= 0 or global_batch_size % shard_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple "
+            f"of the process count {shard_count}"
+        )
+    return global_batch_size // shard_count
 
 
 # ----------------------------------------------------------------------------- train
 class _TrainElement:
-  """Per-process position -> augmented example (picklable, for Grain workers)."""
+    """Per-process position -> augmented example (picklable, for Grain workers)."""
 
-  def __init__(self, source: PreparedSource, decoder: _Decoder, seed: int,
-               global_batch: int, per_process: int, shard_index: int, epoch_len: int):
-    self.source, self.decoder, self.seed = source, decoder, seed
-    self.global_batch, self.per_process, self.shard_index = (global_batch, per_process,
-                                                              shard_index)
-    self.epoch_len = epoch_len  # examples used per epoch (full global batches)
-    self._perms: dict[int, np.ndarray] = {}
+    def __init__(
+        self,
+        source: PreparedSource,
+        decoder: _Decoder,
+        seed: int,
+        global_batch: int,
+        per_process: int,
+        shard_index: int,
+        epoch_len: int,
+    ):
+        self.source, self.decoder, self.seed = source, decoder, seed
+        self.global_batch, self.per_process, self.shard_index = (
+            global_batch,
+            per_process,
+            shard_index,
+        )
+        self.epoch_len = epoch_len  # examples used per epoch (full global batches)
+        self._perms: dict[int, np.ndarray] = {}
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    # Read threads share this cache; a permutation is a pure function of (seed, epoch),
-    # so a race only recomputes it, never mixes epochs.
-    perm = self._perms.get(epoch)
-    if perm is None:
-      perm = np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(len(self.source))
-      self._perms[epoch] = perm
-      for old in [e for e in list(self._perms) if e < epoch - 2]:
-        self._perms.pop(old, None)
-    return perm
+    def _permutation(self, epoch: int) -> np.ndarray:
+        # Read threads share this cache; a permutation is a pure function of (seed, epoch),
+        # so a race only recomputes it, never mixes epochs.
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(len(self.source))
+            self._perms[epoch] = perm
+            for old in [e for e in list(self._perms) if e < epoch - 2]:
+                self._perms.pop(old, None)
+        return perm
 
-  def __call__(self, position: int, _: Any) -> dict[str, Any]:
-    step, j = divmod(position, self.per_process)
-    g = step * self.global_batch + self.shard_index * self.per_process + j
-    epoch, k = divmod(g, self.epoch_len)
-    index = int(self._permutation(epoch)[k])
-    rng = np.random.default_rng([self.seed, epoch, index])
-    return self.decoder(self.source[index], rng)
+    def __call__(self, position: int, _: Any) -> dict[str, Any]:
+        step, j = divmod(position, self.per_process)
+        g = step * self.global_batch + self.shard_index * self.per_process + j
+        epoch, k = divmod(g, self.epoch_len)
+        index = int(self._permutation(epoch)[k])
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return self.decoder(self.source[index], rng)
 
-  def __getstate__(self):
-    d = dict(self.__dict__)
-    d["_perms"] = {}
-    return d
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_perms"] = {}
+        return d
 
 
-def make_train_iterator(data_dir: str, split: str, *, global_batch_size: int,
-                        image_size: int, channels: int,
-                        augment: Mapping[str, Any] | None = None,
-                        normalization: str = "imagenet", seed: int = 0,
-                        worker_count: int = 0, shard_index: int | None = None,
-                        shard_count: int | None = None,
-                        worker_buffer_size: int = 2,
-                        read_threads: int | None = None) -> grain.DatasetIterator:
-  """An endless iterator of per-process train batches (see the module docstring).
+def make_train_iterator(
+    data_dir: str,
+    split: str,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    channels: int,
+    augment: Mapping[str, Any] | None = None,
+    normalization: str = "imagenet",
+    seed: int = 0,
+    worker_count: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_buffer_size: int = 2,
+    read_threads: int | None = None,
+) -> grain.DatasetIterator:
+    """An endless iterator of per-process train batches (see the module docstring).
 
-  ``augment``: a mapping with keys rotation_range, width_shift_range, height_shift_range,
-  zoom_range, horizontal_flip (None or empty: no augmentation). The returned
-  ``grain.DatasetIterator`` supports ``get_state()`` / ``set_state()``.
-  ``read_threads``: decode threads per process (default: min(8, CPUs) without workers,
-  2 per worker); PIL releases the GIL while decoding and warping.
-  """
-  _norm_consts(normalization, channels)  # validates early
-  source = PreparedSource(data_dir, split)
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  b = _per_process(global_batch_size, shard_count)
-  steps = len(source) // global_batch_size
-  if steps == 0:
-    raise ValueError(f"split {split!r} of {data_dir} holds {len(source)} examples, fewer "
-                     f"than one global batch of {global_batch_size}")
-  decoder = _Decoder(image_size, channels, normalization, source.info.has_masks,
-                     augment_lib.AugmentParams.from_mapping(augment))
-  element = _TrainElement(source, decoder, seed, global_batch_size, b, shard_index,
-                          steps * global_batch_size)
-  ds = (grain.MapDataset.range(steps * b).repeat(None).map_with_index(element)
-        .batch(b, drop_remainder=True))
-  if read_threads is None:
-    read_threads = max(2, min(8, os.cpu_count() or 2)) if worker_count == 0 else 2
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                               prefetch_buffer_size=2 * b))
-  if worker_count > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
-  return iter(it_ds)
+    ``augment``: a mapping with keys rotation_range, width_shift_range, height_shift_range,
+    zoom_range, horizontal_flip (None or empty: no augmentation). The returned
+    ``grain.DatasetIterator`` supports ``get_state()`` / ``set_state()``.
+    ``read_threads``: decode threads per process (default: min(8, CPUs) without workers,
+    2 per worker); PIL releases the GIL while decoding and warping.
+    """
+    _norm_consts(normalization, channels)  # validates early
+    source = PreparedSource(data_dir, split)
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    b = _per_process(global_batch_size, shard_count)
+    steps = len(source) // global_batch_size
+    if steps == 0:
+        raise ValueError(
+            f"split {split!r} of {data_dir} holds {len(source)} examples, fewer "
+            f"than one global batch of {global_batch_size}"
+        )
+    decoder = _Decoder(
+        image_size,
+        channels,
+        normalization,
+        source.info.has_masks,
+        augment_lib.AugmentParams.from_mapping(augment),
+    )
+    element = _TrainElement(
+        source, decoder, seed, global_batch_size, b, shard_index, steps * global_batch_size
+    )
+    ds = (
+        grain.MapDataset.range(steps * b)
+        .repeat(None)
+        .map_with_index(element)
+        .batch(b, drop_remainder=True)
+    )
+    if read_threads is None:
+        read_threads = max(2, min(8, os.cpu_count() or 2)) if worker_count == 0 else 2
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * b)
+    )
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+            )
+        )
+    return iter(it_ds)
 
 
 # ----------------------------------------------------------------------------- eval
 class _EvalElement:
-  """Per-process position -> example (padding -> example 0 with valid False)."""
+    """Per-process position -> example (padding -> example 0 with valid False)."""
 
-  def __init__(self, source: PreparedSource, decoder: _Decoder, global_batch: int,
-               per_process: int, shard_index: int):
-    self.source, self.decoder = source, decoder
-    self.global_batch, self.per_process, self.shard_index = (global_batch, per_process,
-                                                              shard_index)
+    def __init__(
+        self,
+        source: PreparedSource,
+        decoder: _Decoder,
+        global_batch: int,
+        per_process: int,
+        shard_index: int,
+    ):
+        self.source, self.decoder = source, decoder
+        self.global_batch, self.per_process, self.shard_index = (
+            global_batch,
+            per_process,
+            shard_index,
+        )
 
-  def __call__(self, position: int, _: Any) -> dict[str, Any]:
-    step, j = divmod(position, self.per_process)
-    g = step * self.global_batch + self.shard_index * self.per_process + j
-    valid = g < len(self.source)
-    rec = self.source[g if valid else 0]
-    out = self.decoder(rec, None)
-    if not valid:
-      out["label"] = np.int32(0)
-      if "mask" in out:
-        out["mask"] = np.zeros_like(out["mask"])
-    out["valid"] = np.bool_(valid)
-    out["index"] = np.int64(g if valid else -1)
-    out["id"] = np.str_(_text(rec["id"]) if valid else "")
-    return out
+    def __call__(self, position: int, _: Any) -> dict[str, Any]:
+        step, j = divmod(position, self.per_process)
+        g = step * self.global_batch + self.shard_index * self.per_process + j
+        valid = g < len(self.source)
+        rec = self.source[g if valid else 0]
+        out = self.decoder(rec, None)
+        if not valid:
+            out["label"] = np.int32(0)
+            if "mask" in out:
+                out["mask"] = np.zeros_like(out["mask"])
+        out["valid"] = np.bool_(valid)
+        out["index"] = np.int64(g if valid else -1)
+        out["id"] = np.str_(_text(rec["id"]) if valid else "")
+        return out
 
 
 def _text(x: Any) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
 class EvalIterable:
-  """Re-iterable eval batches; ``len()`` is the number of (per-process) batches."""
+    """Re-iterable eval batches; ``len()`` is the number of (per-process) batches."""
 
-  def __init__(self, ds: grain.MapDataset, steps: int, num_examples: int):
-    self._ds, self._steps, self.num_examples = ds, steps, num_examples
+    def __init__(self, ds: grain.MapDataset, steps: int, num_examples: int):
+        self._ds, self._steps, self.num_examples = ds, steps, num_examples
 
-  def __len__(self) -> int:
-    return self._steps
+    def __len__(self) -> int:
+        return self._steps
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    opts = grain.ReadOptions(num_threads=max(2, min(8, os.cpu_count() or 2)),
-                             prefetch_buffer_size=64)
-    return iter(self._ds.to_iter_dataset(opts))
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        opts = grain.ReadOptions(
+            num_threads=max(2, min(8, os.cpu_count() or 2)), prefetch_buffer_size=64
+        )
+        return iter(self._ds.to_iter_dataset(opts))
 
 
-def make_eval_iterator(data_dir: str, split: str, *, global_batch_size: int,
-                       image_size: int, channels: int, normalization: str = "imagenet",
-                       shard_index: int | None = None,
-                       shard_count: int | None = None) -> EvalIterable:
-  """Per-process eval batches in a fixed order, each example once, last batch padded."""
-  _norm_consts(normalization, channels)
-  source = PreparedSource(data_dir, split)
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  b = _per_process(global_batch_size, shard_count)
-  steps = max(1, math.ceil(len(source) / global_batch_size))
-  decoder = _Decoder(image_size, channels, normalization, source.info.has_masks)
-  element = _EvalElement(source, decoder, global_batch_size, b, shard_index)
-  ds = grain.MapDataset.range(steps * b).map_with_index(element).batch(b)
-  return EvalIterable(ds, steps, len(source))
+def make_eval_iterator(
+    data_dir: str,
+    split: str,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    channels: int,
+    normalization: str = "imagenet",
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> EvalIterable:
+    """Per-process eval batches in a fixed order, each example once, last batch padded."""
+    _norm_consts(normalization, channels)
+    source = PreparedSource(data_dir, split)
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    b = _per_process(global_batch_size, shard_count)
+    steps = max(1, math.ceil(len(source) / global_batch_size))
+    decoder = _Decoder(image_size, channels, normalization, source.info.has_masks)
+    element = _EvalElement(source, decoder, global_batch_size, b, shard_index)
+    ds = grain.MapDataset.range(steps * b).map_with_index(element).batch(b)
+    return EvalIterable(ds, steps, len(source))
 
 
 # ----------------------------------------------------------------------------- random access
-def load_examples(data_dir: str, split: str, indices, *, image_size: int, channels: int,
-                  normalization: str = "imagenet") -> dict[str, np.ndarray]:
-  """Examples by position in the split, no augmentation: image, label, mask?, id."""
-  source = PreparedSource(data_dir, split)
-  decoder = _Decoder(image_size, channels, normalization, source.info.has_masks)
-  rows = []
-  ids = []
-  for i in np.asarray(indices, dtype=np.int64).ravel():
-    if not 0 <= i < len(source):
-      raise IndexError(f"index {i} outside split {split!r} of size {len(source)}")
-    rec = source[int(i)]
-    rows.append(decoder(rec, None))
-    ids.append(_text(rec["id"]))
-  if not rows:
-    raise ValueError("load_examples needs at least one index")
-  out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  out["id"] = np.array(ids)
-  return out
+def load_examples(
+    data_dir: str,
+    split: str,
+    indices,
+    *,
+    image_size: int,
+    channels: int,
+    normalization: str = "imagenet",
+) -> dict[str, np.ndarray]:
+    """Examples by position in the split, no augmentation: image, label, mask?, id."""
+    source = PreparedSource(data_dir, split)
+    decoder = _Decoder(image_size, channels, normalization, source.info.has_masks)
+    rows = []
+    ids = []
+    for i in np.asarray(indices, dtype=np.int64).ravel():
+        if not 0 <= i < len(source):
+            raise IndexError(f"index {i} outside split {split!r} of size {len(source)}")
+        rec = source[int(i)]
+        rows.append(decoder(rec, None))
+        ids.append(_text(rec["id"]))
+    if not rows:
+        raise ValueError("load_examples needs at least one index")
+    out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    out["id"] = np.array(ids)
+    return out
 
 
 # ----------------------------------------------------------------------------- devices
 def to_global_array(batch: Mapping[str, Any], mesh, axis: str = "data") -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded along ``axis`` of ``mesh``.
+    """Per-process numpy batch -> global jax.Arrays sharded along ``axis`` of ``mesh``.
 
-  Non-numeric arrays (such as ``id`` strings) are left out.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
+    Non-numeric arrays (such as ``id`` strings) are left out.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
-  sharding = NamedSharding(mesh, PartitionSpec(axis))
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    if v.dtype.kind in "USO":
-      continue
-    out[k] = jax.make_array_from_process_local_data(sharding, v)
-  return out
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.dtype.kind in "USO":
+            continue
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
 
 
 # ----------------------------------------------------------------------------- user files
 def list_image_files(folder: str) -> list[str]:
-  """Image and DICOM files under a folder (recursive, sorted, hidden files skipped)."""
-  from data_prep import image_io
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"not a folder: {folder}")
-  out = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    for name in sorted(files):
-      if not name.startswith(".") and image_io.is_image_name(name):
-        out.append(os.path.join(root, name))
-  return out
+    """Image and DICOM files under a folder (recursive, sorted, hidden files skipped)."""
+    from data_prep import image_io
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"not a folder: {folder}")
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and image_io.is_image_name(name):
+                out.append(os.path.join(root, name))
+    return out
 
 
-def load_image_file(path: str, *, image_size: int, channels: int,
-                    normalization: str = "imagenet") -> np.ndarray:
-  """One PNG/JPEG/DICOM file -> float32 (image_size, image_size, channels), normalised.
+def load_image_file(
+    path: str, *, image_size: int, channels: int, normalization: str = "imagenet"
+) -> np.ndarray:
+    """One PNG/JPEG/DICOM file -> float32 (image_size, image_size, channels), normalised.
 
-  DICOM: RescaleSlope/Intercept, then the VOI window (WindowCenter/Width) when present,
-  MONOCHROME1 inverted.
-  """
-  from data_prep import image_io
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such image file: {path}")
-  pixels = image_io.decode_file(path).pixels
-  resized = augment_lib.warp([pixels], None, image_size)[0]
-  return to_float(resized, channels, normalization)
+    DICOM: RescaleSlope/Intercept, then the VOI window (WindowCenter/Width) when present,
+    MONOCHROME1 inverted.
+    """
+    from data_prep import image_io
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such image file: {path}")
+    pixels = image_io.decode_file(path).pixels
+    resized = augment_lib.warp([pixels], None, image_size)[0]
+    return to_float(resized, channels, normalization)

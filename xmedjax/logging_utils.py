@@ -9,7 +9,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,9 @@ def progress(total: int, *, initial: int = 0, desc: str = "", enabled: bool = Tr
     if enabled:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+        return tqdm(
+            total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True
+        )
     return _NoBar()
 
 

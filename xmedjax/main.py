@@ -13,8 +13,12 @@ from ml_collections import config_flags
 
 from xmedjax import config_checks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics, report.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, logs, metrics, report."
+)
 
 
 def main(argv: list[str]) -> None:

@@ -18,8 +18,13 @@ DATA_AXIS = "data"
 
 # Environment variables that mark a multi-process launch jax.distributed understands
 # (Cloud TPU pods are detected by JAX itself; these are the explicit forms).
-_LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-               "XMEDJAX_NUM_PROCESSES")
+_LAUNCH_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "XMEDJAX_NUM_PROCESSES",
+)
 
 
 def setup_compilation_cache(directory: str) -> str | None:
@@ -42,8 +47,9 @@ def _launched_as_several_processes() -> bool:
     return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
 
-def initialize_distributed(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0,
-                           process_id: int = -1) -> bool:
+def initialize_distributed(
+    mode: str = "auto", coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> bool:
     """Calls `jax.distributed.initialize()` for a multi-process launch; True if it did.
 
     mode "auto": when the environment shows a multi-process launch (coordinator address,
@@ -51,7 +57,9 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str = "", nu
     address/count/id when given, else JAX's own detection); "off": never.
     Must run before anything touches a device.
     """
-    if mode == "off" or (mode == "auto" and not coordinator_address and not _launched_as_several_processes()):
+    if mode == "off" or (
+        mode == "auto" and not coordinator_address and not _launched_as_several_processes()
+    ):
         return False
     if jax.distributed.is_initialized():
         return True
@@ -92,11 +100,15 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, key: str = "config.training.batch_size") -> None:
+def check_batch_size(
+    global_batch_size: int, mesh: Mesh, key: str = "config.training.batch_size"
+) -> None:
     """The global batch must split evenly over devices and processes."""
     devices = mesh.devices.size
     if global_batch_size % devices or global_batch_size % jax.process_count():
         from xmedjax.config_checks import ConfigError  # noqa: PLC0415
 
-        raise ConfigError(f"{key} must be a multiple of the device count ({devices}) and process count "
-                         f"({jax.process_count()}), got {global_batch_size}")
+        raise ConfigError(
+            f"{key} must be a multiple of the device count ({devices}) and process count "
+            f"({jax.process_count()}), got {global_batch_size}"
+        )

@@ -8,7 +8,7 @@ argmax, with macro-averaged AUC-ROC (one-vs-rest), F1, average precision, sensit
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -63,7 +63,9 @@ def point_metrics(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray) -> d
         score = probs[:, 1]
         both = len(present) == 2
         out["auc_roc"] = float(skm.roc_auc_score(labels, score)) if both else float("nan")
-        out["average_precision"] = float(skm.average_precision_score(labels, score)) if both else float("nan")
+        out["average_precision"] = (
+            float(skm.average_precision_score(labels, score)) if both else float("nan")
+        )
         out["f1"] = float(skm.f1_score(labels, preds, pos_label=1, zero_division=0))
         tn, fp, fn, tp = cm.ravel()
         out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else float("nan")
@@ -72,18 +74,33 @@ def point_metrics(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray) -> d
         onehot = np.eye(k)[labels]
         cols = [c for c in classes if 0 < onehot[:, c].sum() < len(labels)]
         if len(cols) >= 2:
-            out["auc_roc"] = float(np.mean([skm.roc_auc_score(onehot[:, c], probs[:, c]) for c in cols]))
-            out["average_precision"] = float(np.mean([skm.average_precision_score(onehot[:, c], probs[:, c]) for c in cols]))
+            out["auc_roc"] = float(
+                np.mean([skm.roc_auc_score(onehot[:, c], probs[:, c]) for c in cols])
+            )
+            out["average_precision"] = float(
+                np.mean([skm.average_precision_score(onehot[:, c], probs[:, c]) for c in cols])
+            )
         else:
             out["auc_roc"] = out["average_precision"] = float("nan")
-        out["f1"] = float(skm.f1_score(labels, preds, average="macro", labels=classes, zero_division=0))
-        out["sensitivity"] = float(skm.recall_score(labels, preds, average="macro", labels=present, zero_division=0))
+        out["f1"] = float(
+            skm.f1_score(labels, preds, average="macro", labels=classes, zero_division=0)
+        )
+        out["sensitivity"] = float(
+            skm.recall_score(labels, preds, average="macro", labels=present, zero_division=0)
+        )
         out["specificity"] = float(np.nanmean(_specificities(cm)))
     return out
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, *, samples: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> dict[str, list[float]]:
+def bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    preds: np.ndarray,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, list[float]]:
     """Percentile bootstrap 95% intervals (resampling examples with replacement)."""
     if samples <= 0:
         return {}
@@ -99,14 +116,23 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, *, sa
     for m, v in draws.items():
         v = np.asarray(v, np.float64)
         v = v[np.isfinite(v)]
-        out[m] = ([float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
-                  if len(v) else [float("nan"), float("nan")])
+        out[m] = (
+            [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
+            if len(v)
+            else [float("nan"), float("nan")]
+        )
     return out
 
 
-def classification_metrics(labels: Sequence[int], probs: np.ndarray, *, threshold: float = 0.5,
-                           label_names: Sequence[str] | None = None, bootstrap_samples: int = 1000,
-                           seed: int = 0) -> dict:
+def classification_metrics(
+    labels: Sequence[int],
+    probs: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    label_names: Sequence[str] | None = None,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Every metric of one split, JSON-ready.
 
     Keys: n, threshold (binary), accuracy, auc_roc, f1, average_precision, sensitivity,
@@ -122,8 +148,9 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray, *, threshol
     out.update(point_metrics(labels, probs, preds))
     out["confusion_matrix"] = skm.confusion_matrix(labels, preds, labels=np.arange(k)).tolist()
     out["ci95"] = bootstrap_ci(labels, probs, preds, samples=bootstrap_samples, seed=seed)
-    report = skm.classification_report(labels, preds, labels=np.arange(k), target_names=names,
-                                       output_dict=True, zero_division=0)
+    report = skm.classification_report(
+        labels, preds, labels=np.arange(k), target_names=names, output_dict=True, zero_division=0
+    )
     out["per_class"] = {name: {key: float(v) for key, v in report[name].items()} for name in names}
     out["label_names"] = names
     return out
@@ -134,12 +161,17 @@ def curves(labels: np.ndarray, probs: np.ndarray) -> dict[str, dict]:
     labels = np.asarray(labels, np.int64)
     k = probs.shape[1]
     out = {}
-    for c in ([1] if k == 2 else range(k)):
+    for c in [1] if k == 2 else range(k):
         y = (labels == c).astype(np.int64)
         if 0 < y.sum() < len(y):
             fpr, tpr, _ = skm.roc_curve(y, probs[:, c])
             precision, recall, _ = skm.precision_recall_curve(y, probs[:, c])
-            out[int(c)] = {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall,
-                           "auc": float(skm.auc(fpr, tpr)),
-                           "ap": float(skm.average_precision_score(y, probs[:, c]))}
+            out[int(c)] = {
+                "fpr": fpr,
+                "tpr": tpr,
+                "precision": precision,
+                "recall": recall,
+                "auc": float(skm.auc(fpr, tpr)),
+                "ap": float(skm.average_precision_score(y, probs[:, c])),
+            }
     return out

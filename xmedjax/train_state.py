@@ -17,7 +17,8 @@ state unchanged with `finite=False`, and the loop stops (the last good checkpoin
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -48,7 +49,9 @@ class ModelDef:
     tx: Any = flax.struct.field(pytree_node=False)
 
 
-def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0, momentum: float = 0.9):
+def make_optimizer(
+    name: str, learning_rate: float, *, weight_decay: float = 0.0, momentum: float = 0.9
+):
     """An optax optimiser whose learning rate sits in its state (`set_learning_rate`).
 
     `optax.inject_hyperparams` keeps the rate in `opt_state.hyperparams`, so reduce-on-plateau
@@ -57,7 +60,9 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0
     if name == "adam":
         return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
     if name == "adamw":
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, weight_decay=weight_decay)
+        return optax.inject_hyperparams(optax.adamw)(
+            learning_rate=learning_rate, weight_decay=weight_decay
+        )
     if name == "sgd":
         return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum)
     raise ValueError(f"config.optimizer.name must be adam, adamw or sgd, got {name!r}")
@@ -83,7 +88,9 @@ def create_train_state(model: nnx.Module, tx) -> tuple[ModelDef, TrainState]:
     model.eval()
     eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
     model.train()
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
+    )
     return ModelDef(graphdef, eval_graphdef, tx), state
 
 
@@ -98,14 +105,22 @@ def class_weights_from_counts(counts, mode: str) -> np.ndarray | None:
         return None
     counts = np.asarray(counts, np.float64)
     if np.any(counts == 0):
-        raise ValueError(f"config.training.class_weighting=balanced needs every class in train, got counts {counts.tolist()}")
+        raise ValueError(
+            f"config.training.class_weighting=balanced needs every class in train, got counts {counts.tolist()}"
+        )
     return (counts.sum() / (len(counts) * counts)).astype(np.float32)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
-                  valid: jax.Array | None = None) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array | None = None,
+    valid: jax.Array | None = None,
+) -> jax.Array:
     """Mean softmax cross-entropy; per-class `weights` scale each example (Keras semantics)."""
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels
+    )
     if weights is not None:
         per_example = per_example * jnp.asarray(weights)[labels]
     if valid is None:
@@ -119,7 +134,9 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def train_step(mdef: ModelDef, class_weights, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+def train_step(
+    mdef: ModelDef, class_weights, state: TrainState, batch: dict
+) -> tuple[TrainState, dict]:
     """One optimiser step on a (global) batch {'image', 'label'}; pure."""
 
     def loss_fn(params, rest):
@@ -129,9 +146,9 @@ def train_step(mdef: ModelDef, class_weights, state: TrainState, batch: dict) ->
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss, (logits, new_rest)
 
-    (loss, (logits, new_rest)), (grads, _) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.params, state.rest
-    )
+    (loss, (logits, new_rest)), (grads, _) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True
+    )(state.params, state.rest)
     updates, new_opt = mdef.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -139,15 +156,23 @@ def train_step(mdef: ModelDef, class_weights, state: TrainState, batch: dict) ->
     # A non-finite step changes nothing: the caller stops on finite=False.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite,
-                       "grad_norm": optax.tree.norm(grads)}
+    return new_state, {
+        "loss": loss,
+        "accuracy": accuracy,
+        "finite": finite,
+        "grad_norm": optax.tree.norm(grads),
+    }
 
 
 def eval_step(mdef: ModelDef, state: TrainState, batch: dict) -> dict:
     """Eval-mode forward (running BatchNorm statistics) -> float32 logits; pure."""
     model = nnx.merge(mdef.eval_graphdef, state.params, state.rest)
-    return {"logits": model(batch["image"]).astype(jnp.float32), "label": batch["label"],
-            "valid": batch["valid"], "index": batch["index"]}
+    return {
+        "logits": model(batch["image"]).astype(jnp.float32),
+        "label": batch["label"],
+        "valid": batch["valid"],
+        "index": batch["index"],
+    }
 
 
 def state_sharding(state: TrainState, mesh) -> Any:
@@ -175,5 +200,8 @@ def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:
     """`(state, batch) -> outputs` jitted over the mesh; outputs replicated on every process."""
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
-    return jax.jit(functools.partial(eval_step, mdef), in_shardings=(state_sharding(state, mesh), data),
-                   out_shardings=rep)
+    return jax.jit(
+        functools.partial(eval_step, mdef),
+        in_shardings=(state_sharding(state, mesh), data),
+        out_shardings=rep,
+    )

@@ -40,7 +40,13 @@ METHODS = {
     "xgradcam": XGradCAM,
     "scorecam": ScoreCAM,
 }
-SIZES = {"gradcampp": (64, 128), "hirescam": (64, 128), "layercam": (64, 128), "xgradcam": (64, 128), "scorecam": (64,)}
+SIZES = {
+    "gradcampp": (64, 128),
+    "hirescam": (64, 128),
+    "layercam": (64, 128),
+    "xgradcam": (64, 128),
+    "scorecam": (64,),
+}
 
 
 class DenseNetOutOfPlace(torch.nn.Module):
@@ -62,7 +68,10 @@ def build(arch: str):
     net = getattr(torchvision.models, arch)(weights=None)
     state = {k: torch.from_numpy(v) for k, v in parity.recipe_state_dict(arch).items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (
+        missing,
+        unexpected,
+    )
     if arch == "densenet121":
         net = DenseNetOutOfPlace(net)
         layer = net.relu
@@ -77,7 +86,9 @@ def main() -> None:
     for arch in ("resnet50", "densenet121"):
         net, layer = build(arch)
         for size in (64, 128):
-            x = torch.from_numpy(np.ascontiguousarray(parity.recipe_input(size).transpose(0, 3, 1, 2)))
+            x = torch.from_numpy(
+                np.ascontiguousarray(parity.recipe_input(size).transpose(0, 3, 1, 2))
+            )
             with torch.no_grad():
                 target = net(x).argmax(1).numpy()
             if size == 64:
@@ -89,7 +100,9 @@ def main() -> None:
                 with cls(model=net, target_layers=[layer]) as cam:
                     if name == "scorecam":
                         cam.batch_size = 64
-                    maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+                    maps = cam(
+                        input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target]
+                    )
                 out[f"{arch}_{name}_{size}"] = np.asarray(maps, np.float32)
                 print(arch, size, name, out[f"{arch}_{name}_{size}"].shape, flush=True)
     out["versions"] = np.array([torch.__version__, torchvision.__version__, "grad-cam 1.5.7"])

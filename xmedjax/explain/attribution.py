@@ -29,7 +29,9 @@ from xmedjax.explain.gradcam import CamResult
 from xmedjax.explain.maps import normalize_per_image
 
 
-def input_gradients(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array) -> jax.Array:
+def input_gradients(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array
+) -> jax.Array:
     """d logit[b, targets[b]] / d images[b] for every image, NHWC float32."""
 
     def score(x):
@@ -39,7 +41,9 @@ def input_gradients(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def mean_input_gradient(graphdef: nnx.GraphDef, state: nnx.State, stack: jax.Array, targets: jax.Array) -> jax.Array:
+def mean_input_gradient(
+    graphdef: nnx.GraphDef, state: nnx.State, stack: jax.Array, targets: jax.Array
+) -> jax.Array:
     """Mean over k of input_gradients(stack[k]): (S, B, H, W, C) -> (B, H, W, C), one scan."""
 
     def step(total, images):
@@ -62,7 +66,9 @@ def _ig_path(images: jax.Array, baseline: jax.Array, steps: int) -> jax.Array:
 
 
 @jax.jit
-def _ig_maps(images: jax.Array, baseline: jax.Array, mean_grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _ig_maps(
+    images: jax.Array, baseline: jax.Array, mean_grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     raw = jnp.sum((images - baseline) * mean_grad, axis=-1)
     return raw, normalize_per_image(jnp.abs(raw))
 
@@ -79,7 +85,11 @@ def integrated_gradients_fn(
     """Integrated gradients from `baseline` (zeros by default) with a `steps`-point midpoint rule."""
     images = jnp.asarray(images, jnp.float32)
     logits, chosen = _logits_and_targets(graphdef, state, images, targets)
-    x0 = jnp.zeros_like(images) if baseline is None else jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), images.shape)
+    x0 = (
+        jnp.zeros_like(images)
+        if baseline is None
+        else jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), images.shape)
+    )
     mean_grad = mean_input_gradient(graphdef, state, _ig_path(images, x0, steps), chosen)
     raw, maps = _ig_maps(images, x0, mean_grad)
     return CamResult(raw, maps, logits, chosen)
@@ -87,7 +97,9 @@ def integrated_gradients_fn(
 
 @functools.partial(jax.jit, static_argnames=("samples",))
 def _noisy_copies(images: jax.Array, noise: jax.Array, seed: jax.Array, samples: int) -> jax.Array:
-    span = jnp.max(images, axis=(1, 2, 3), keepdims=True) - jnp.min(images, axis=(1, 2, 3), keepdims=True)
+    span = jnp.max(images, axis=(1, 2, 3), keepdims=True) - jnp.min(
+        images, axis=(1, 2, 3), keepdims=True
+    )
     eps = jax.random.normal(jax.random.PRNGKey(seed), (samples, *images.shape), images.dtype)
     return images[None] + noise * span[None] * eps
 

@@ -29,7 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xmedjax.explain.capture import capture_target_gradients, eval_model, forward_fn, forward_with_activation
+from xmedjax.explain.capture import (
+    capture_target_gradients,
+    eval_model,
+    forward_fn,
+    forward_with_activation,
+)
 from xmedjax.explain.gradcam import CamResult
 from xmedjax.explain.maps import to_input_size
 
@@ -71,7 +76,12 @@ def _gradient_cam(raw_fn):
 
     @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
     def cam_fn(
-        graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, layer: str | None = None
+        graphdef: nnx.GraphDef,
+        state: nnx.State,
+        images: jax.Array,
+        targets: jax.Array | None,
+        *,
+        layer: str | None = None,
     ) -> CamResult:
         capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
         raw = raw_fn(capture.activation, capture.gradient)
@@ -121,7 +131,11 @@ def scorecam_fn(
 ) -> CamResult:
     """Score-CAM (Wang et al. 2020), masked forward passes chunked over channels on device."""
     logits, activation = forward_with_activation(graphdef, state, images, layer)
-    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets.astype(jnp.int32)
+    chosen = (
+        jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if targets is None
+        else targets.astype(jnp.int32)
+    )
     batch, h, w, channels = activation.shape
     chunk = max(1, min(int(chunk), channels))
     n_chunks = -(-channels // chunk)
@@ -141,7 +155,9 @@ def scorecam_fn(
     score = jax.lax.map(scores, slices)  # (n_chunks, B, chunk)
     score = jnp.moveaxis(score, 0, 1).reshape(batch, n_chunks * chunk)[:, :channels]
     weights = jax.nn.softmax(score, axis=-1)
-    raw = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activation, weights, precision=jax.lax.Precision.HIGHEST))
+    raw = jax.nn.relu(
+        jnp.einsum("bhwc,bc->bhw", activation, weights, precision=jax.lax.Precision.HIGHEST)
+    )
     return CamResult(raw, to_input_size(raw, size), logits, chosen)
 
 
@@ -152,14 +168,25 @@ def uniform_maps(batch: int, height: int, width: int, seed: jax.Array) -> jax.Ar
     return jax.vmap(lambda k: jax.random.uniform(k, (height, width)))(keys)
 
 
-def random_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, seed: int = 0) -> CamResult:
+def random_fn(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array | None,
+    *,
+    seed: int = 0,
+) -> CamResult:
     """The `random` baseline: seeded uniform maps at the input size, independent of the model.
 
     Built from two jitted pieces (the shared `capture.forward_fn` for the logits, and
     `uniform_maps`), so it adds no compile of the model of its own.
     """
     logits, _ = forward_fn(graphdef, state, images, None)
-    chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else jnp.asarray(targets, jnp.int32)
+    chosen = (
+        jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if targets is None
+        else jnp.asarray(targets, jnp.int32)
+    )
     raw = uniform_maps(images.shape[0], images.shape[1], images.shape[2], seed)
     return CamResult(raw, raw, logits, chosen)
 
@@ -171,7 +198,9 @@ CAM_LAYER_CANDIDATES = {
 }
 
 
-def auto_cam_layer(graphdef: nnx.GraphDef, state: nnx.State, image_shape: tuple[int, ...], min_grid: int = 7) -> str | None:
+def auto_cam_layer(
+    graphdef: nnx.GraphDef, state: nnx.State, image_shape: tuple[int, ...], min_grid: int = 7
+) -> str | None:
     """The CAM target layer for an input shape (H, W, C): None (the model's own) when its grid
     is at least `min_grid` on each side (ResNet50 at 224 px: 7x7), else the deepest earlier
     stage that is (at 64 px: ResNet50 `layer2`, DenseNet121 `features.denseblock2`, 8x8).
@@ -182,7 +211,9 @@ def auto_cam_layer(graphdef: nnx.GraphDef, state: nnx.State, image_shape: tuple[
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
 
     def grid(layer):
-        _, act = jax.eval_shape(lambda s, x: forward_with_activation(graphdef, s, x, layer), state, images)
+        _, act = jax.eval_shape(
+            lambda s, x: forward_with_activation(graphdef, s, x, layer), state, images
+        )
         return min(act.shape[1:3])
 
     if grid(None) >= min_grid:
@@ -254,7 +285,11 @@ def compute_methods(
         raise ValueError(f"unknown saliency methods {unknown}; choose from {sorted(METHODS)}")
     # all five at once whenever one is asked for: one compile serves every call
     grouped = tuple(GRADIENT_RULES) if any(n in GRADIENT_RULES for n in names) else ()
-    out = dict(gradient_cams_fn(graphdef, state, images, targets, names=grouped, layer=layer)) if grouped else {}
+    out = (
+        dict(gradient_cams_fn(graphdef, state, images, targets, names=grouped, layer=layer))
+        if grouped
+        else {}
+    )
     for name in names:
         if name not in out:
             out[name] = METHODS[name](graphdef, state, images, targets, **method_opts.get(name, {}))

@@ -76,7 +76,9 @@ def tap_layer(model: nnx.Module, layer: str) -> None:
         setattr(parent, key, _Tap(node))
 
 
-def _model_and_name(graphdef: nnx.GraphDef, state: nnx.State, layer: str | None) -> tuple[nnx.Module, str]:
+def _model_and_name(
+    graphdef: nnx.GraphDef, state: nnx.State, layer: str | None
+) -> tuple[nnx.Module, str]:
     model = eval_model(graphdef, state)
     if layer is None:
         return model, CAM_TARGET
@@ -92,7 +94,9 @@ def _find(captured: nnx.State, name: str) -> jax.Array:
     raise KeyError(f"the model sowed no {name!r}: was it built by xmedjax.models.create_model?")
 
 
-def forward_with_activation(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, layer: str | None = None):
+def forward_with_activation(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, layer: str | None = None
+):
     """Returns (float32 logits, float32 target activation) for a batch of NHWC images."""
     model, name = _model_and_name(graphdef, state, layer)
     logits, captured = nnx.capture(model, nnx.Intermediate)(images)
@@ -109,7 +113,11 @@ def select_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def capture_target_gradients(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, layer: str | None = None
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array | None,
+    layer: str | None = None,
 ) -> tuple[TargetCapture, jax.Array]:
     """Forward plus the gradient of each image's target logit w.r.t. the CAM target.
 

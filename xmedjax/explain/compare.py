@@ -20,7 +20,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,11 +38,20 @@ COLUMNS = (
 )
 
 
-def load_subset(data_dir: str, split: str, *, image_size: int, channels: int, normalization: str, n_images: int) -> dict[str, np.ndarray]:
+def load_subset(
+    data_dir: str, split: str, *, image_size: int, channels: int, normalization: str, n_images: int
+) -> dict[str, np.ndarray]:
     """The first `n_images` images of a split with a non-empty mask (all images when no masks)."""
     subset: dict[str, list] = {"images": [], "labels": [], "masks": []}
     has_masks = False
-    for batch in _batches(data_dir, split, batch_size=32, image_size=image_size, channels=channels, normalization=normalization):
+    for batch in _batches(
+        data_dir,
+        split,
+        batch_size=32,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+    ):
         _collect_subset(subset, batch, np.asarray(batch["valid"], bool), n_images)
         has_masks = has_masks or "mask" in batch
         if sum(len(x) for x in subset["images"]) >= n_images:
@@ -78,20 +88,42 @@ def compare_models(
     for entry in models:
         started = time.time()
         subset = load_subset(
-            entry["data_dir"], split, image_size=entry["image_size"], channels=entry["channels"],
-            normalization=entry["normalization"], n_images=n_images,
+            entry["data_dir"],
+            split,
+            image_size=entry["image_size"],
+            channels=entry["channels"],
+            normalization=entry["normalization"],
+            n_images=n_images,
         )
         layer = cam_layer
         if layer == "auto":
-            layer = auto_cam_layer(entry["graphdef"], entry["state"], (entry["image_size"], entry["image_size"], entry["channels"]))
+            layer = auto_cam_layer(
+                entry["graphdef"],
+                entry["state"],
+                (entry["image_size"], entry["image_size"], entry["channels"]),
+            )
         scores = quality_lib.score_methods(
-            entry["graphdef"], entry["state"], subset["images"], subset["labels"], subset["masks"], tuple(methods),
-            method_opts=opts, steps=steps, cascade="ends", layer=layer, seed=seed,
+            entry["graphdef"],
+            entry["state"],
+            subset["images"],
+            subset["labels"],
+            subset["masks"],
+            tuple(methods),
+            method_opts=opts,
+            steps=steps,
+            cascade="ends",
+            layer=layer,
+            seed=seed,
         )
         out[entry["label"]] = {
             "scores": scores,
-            "meta": {"n_images": int(len(subset["images"])), "cam_layer": layer or "model target", "split": split,
-                     "image_size": entry["image_size"], "seconds": round(time.time() - started, 1)},
+            "meta": {
+                "n_images": int(len(subset["images"])),
+                "cam_layer": layer or "model target",
+                "split": split,
+                "image_size": entry["image_size"],
+                "seconds": round(time.time() - started, 1),
+            },
         }
     return out
 
@@ -100,7 +132,12 @@ def _fmt(value) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
-def markdown_table(results: dict[str, dict], *, title: str = "Saliency methods compared", command: str | None = None) -> str:
+def markdown_table(
+    results: dict[str, dict],
+    *,
+    title: str = "Saliency methods compared",
+    command: str | None = None,
+) -> str:
     """Methods as rows; per model, pointing game, energy in mask, deletion/insertion AUC, rand-weights Spearman."""
     labels = list(results)
     methods = list(next(iter(results.values()))["scores"]) if results else []
@@ -133,11 +170,15 @@ def markdown_table(results: dict[str, dict], *, title: str = "Saliency methods c
     lines.append("")
     for label in labels:
         scores = {m: s for m, s in results[label]["scores"].items() if m != "random"}
-        ranked = sorted(scores, key=lambda m: -np.nan_to_num(scores[m].get("pointing_game", np.nan), nan=-1))
+        ranked = sorted(
+            scores, key=lambda m: -np.nan_to_num(scores[m].get("pointing_game", np.nan), nan=-1)
+        )
         if ranked:
             rnd = results[label]["scores"].get("random", {}).get("pointing_game")
-            lines.append(f"- {label}: best pointing game `{ranked[0]}` ({_fmt(scores[ranked[0]].get('pointing_game'))}), "
-                         f"worst `{ranked[-1]}` ({_fmt(scores[ranked[-1]].get('pointing_game'))}), random {_fmt(rnd)}.")
+            lines.append(
+                f"- {label}: best pointing game `{ranked[0]}` ({_fmt(scores[ranked[0]].get('pointing_game'))}), "
+                f"worst `{ranked[-1]}` ({_fmt(scores[ranked[-1]].get('pointing_game'))}), random {_fmt(rnd)}."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -162,8 +203,12 @@ def load_workdir(workdir: str, config_path: str | None = None) -> dict[str, Any]
     state, _ = train.restore_best(run)
     d = config.data
     return {
-        "label": f"{config.model.arch}", "graphdef": run.mdef.graphdef, "state": train.host_model_state(state),
-        "data_dir": run.data_dir, "image_size": int(d.image_size), "channels": int(d.channels),
+        "label": f"{config.model.arch}",
+        "graphdef": run.mdef.graphdef,
+        "state": train.host_model_state(state),
+        "data_dir": run.data_dir,
+        "image_size": int(d.image_size),
+        "channels": int(d.channels),
         "normalization": str(d.normalization),
     }
 
@@ -173,11 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdirs", required=True, help="comma-separated training run directories")
-    parser.add_argument("--configs", default="", help="comma-separated config files (default: WORKDIR/config.json)")
+    parser.add_argument(
+        "--workdirs", required=True, help="comma-separated training run directories"
+    )
+    parser.add_argument(
+        "--configs", default="", help="comma-separated config files (default: WORKDIR/config.json)"
+    )
     parser.add_argument("--split", default="test")
-    parser.add_argument("--images", type=int, default=64, help="images with a lesion scored per model")
-    parser.add_argument("--cam_layer", default="auto", help="'auto', 'model' (the model's own target) or a layer path")
+    parser.add_argument(
+        "--images", type=int, default=64, help="images with a lesion scored per model"
+    )
+    parser.add_argument(
+        "--cam_layer",
+        default="auto",
+        help="'auto', 'model' (the model's own target) or a layer path",
+    )
     parser.add_argument("--out", default="docs/cam_comparison.md")
     args = parser.parse_args(argv)
     workdirs = [w for w in args.workdirs.split(",") if w]
@@ -197,13 +252,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries.append(entry)
     layer = None if args.cam_layer == "model" else args.cam_layer
     results = compare_models(entries, split=args.split, n_images=args.images, cam_layer=layer)
-    command = "python -m xmedjax.explain.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m xmedjax.explain.compare " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     text = markdown_table(results, command=command)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({k: {"meta": v["meta"], "scores": v["scores"]} for k, v in results.items()}, f, indent=1, default=float)
+        json.dump(
+            {k: {"meta": v["meta"], "scores": v["scores"]} for k, v in results.items()},
+            f,
+            indent=1,
+            default=float,
+        )
     print(text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

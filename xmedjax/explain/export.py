@@ -20,12 +20,17 @@ import html
 import io
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 HEATMAP_KEYS = ("ids", "labels", "predictions", "probabilities", "targets", "raw", "maps")
-GRID_GROUPS = ("correct, most confident", "correct, least confident", "wrong, most confident", "wrong, least confident")
+GRID_GROUPS = (
+    "correct, most confident",
+    "correct, least confident",
+    "wrong, most confident",
+    "wrong, least confident",
+)
 
 
 def heatmap_path(workdir: str, split: str, method: str) -> str:
@@ -65,7 +70,9 @@ def display_image(image: np.ndarray) -> np.ndarray:
     return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet"
+) -> np.ndarray:
     """uint8 (H, W, 3): (1 - alpha) * image + alpha * cmap(heatmap), heatmap in [0, 1] at the image size."""
     from matplotlib import colormaps
 
@@ -77,7 +84,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: st
     return np.round(255.0 * ((1.0 - alpha) * base + alpha * colour)).astype(np.uint8)
 
 
-def save_overlay_png(path: str, image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> str:
+def save_overlay_png(
+    path: str, image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet"
+) -> str:
     """Writes `overlay(image, heatmap)` as a PNG (parent folders created)."""
     from PIL import Image
 
@@ -89,13 +98,19 @@ def save_overlay_png(path: str, image: np.ndarray, heatmap: np.ndarray, alpha: f
 # ----------------------------------------------------------------------------- grids
 
 
-def select_grid_cases(labels: np.ndarray, predictions: np.ndarray, probabilities: np.ndarray, per_group: int = 2) -> list[list[list[int]]]:
+def select_grid_cases(
+    labels: np.ndarray, predictions: np.ndarray, probabilities: np.ndarray, per_group: int = 2
+) -> list[list[list[int]]]:
     """Row indices per class c and group g (GRID_GROUPS order), at most `per_group` each.
 
     Confidence is the probability of the predicted class; correct/wrong by true label c.
     """
     labels, predictions = np.asarray(labels), np.asarray(predictions)
-    conf = np.asarray(probabilities)[np.arange(len(labels)), predictions] if len(labels) else np.zeros(0)
+    conf = (
+        np.asarray(probabilities)[np.arange(len(labels)), predictions]
+        if len(labels)
+        else np.zeros(0)
+    )
     num_classes = np.asarray(probabilities).shape[1] if np.asarray(probabilities).ndim == 2 else 0
     out = []
     for c in range(num_classes):
@@ -133,7 +148,9 @@ def heatmap_grid_figure(
     num_classes = len(cases)
     per_group = max([len(g) for row in cases for g in row] + [1])
     cols = len(GRID_GROUPS) * per_group
-    fig, axes = plt.subplots(max(num_classes, 1), cols, figsize=(1.6 * cols, 1.9 * max(num_classes, 1)), squeeze=False)
+    fig, axes = plt.subplots(
+        max(num_classes, 1), cols, figsize=(1.6 * cols, 1.9 * max(num_classes, 1)), squeeze=False
+    )
     names = list(label_names) if label_names is not None else [str(c) for c in range(num_classes)]
     for c, row in enumerate(cases):
         for g, group in enumerate(row):
@@ -152,7 +169,9 @@ def heatmap_grid_figure(
                 i = group[k]
                 ax.imshow(overlay(images[i], maps[i], alpha))
                 pred = int(predictions[i])
-                ax.set_xlabel(f"pred {names[pred]} p={float(probabilities[i][pred]):.2f}", fontsize=6)
+                ax.set_xlabel(
+                    f"pred {names[pred]} p={float(probabilities[i][pred]):.2f}", fontsize=6
+                )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -183,7 +202,11 @@ QUALITY_COLUMNS = (
 
 def quality_table_html(quality: dict[str, dict]) -> str:
     """An HTML table of explain_quality.json (methods x scores)."""
-    cols = [(k, name) for k, name in QUALITY_COLUMNS if any(k in v for v in quality.values() if isinstance(v, dict))]
+    cols = [
+        (k, name)
+        for k, name in QUALITY_COLUMNS
+        if any(k in v for v in quality.values() if isinstance(v, dict))
+    ]
     head = "".join(f"<th>{html.escape(name)}</th>" for _, name in cols)
     rows = []
     for method, scores in quality.items():
@@ -204,7 +227,9 @@ def _fmt(value) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.3f}"
 
 
-def report_section_html(workdir: str, *, methods: Sequence[str] | None = None, dpi: int = 80) -> str:
+def report_section_html(
+    workdir: str, *, methods: Sequence[str] | None = None, dpi: int = 80
+) -> str:
     """HTML fragment for the run report: quality table plus per-method heatmap grids.
 
     Reads `WORKDIR/explain_quality.json` and every `WORKDIR/heatmaps/<split>_grid.npz`
@@ -229,8 +254,14 @@ def report_section_html(workdir: str, *, methods: Sequence[str] | None = None, d
         available = [str(m) for m in grid["methods"]]
         for method in [m for m in (methods or available) if m in available]:
             fig = heatmap_grid_figure(
-                grid["images"], grid[f"maps_{method}"], grid["labels"], grid["predictions"], grid["probabilities"], cases,
-                label_names=names, title=f"{method} on {split}",
+                grid["images"],
+                grid[f"maps_{method}"],
+                grid["labels"],
+                grid["predictions"],
+                grid["probabilities"],
+                cases,
+                label_names=names,
+                title=f"{method} on {split}",
             )
             parts.append(
                 f"<h4>{html.escape(method)} ({html.escape(split)})</h4>"

@@ -30,7 +30,12 @@ def gradcam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
 def grad_cam_fn(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, targets: jax.Array | None, *, layer: str | None = None
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    targets: jax.Array | None,
+    *,
+    layer: str | None = None,
 ) -> CamResult:
     """Pure Grad-CAM of (graphdef, state): compiled once per graphdef and input shape.
 

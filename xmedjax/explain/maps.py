@@ -17,7 +17,9 @@ def normalize_per_image(maps: jax.Array) -> jax.Array:
 def upsample(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize of (B, h, w) maps to (B, H, W) (half-pixel centres, like OpenCV)."""
     batch = maps.shape[0]
-    return jax.image.resize(maps.astype(jnp.float32), (batch, *size), method="bilinear", antialias=False)
+    return jax.image.resize(
+        maps.astype(jnp.float32), (batch, *size), method="bilinear", antialias=False
+    )
 
 
 def to_input_size(raw: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,9 @@ def deletion_insertion_fn(
     blurred = gaussian_blur(images, sigma)
     order = jnp.argsort(-maps.reshape(batch, -1), axis=1, stable=True)
     rank = jnp.argsort(order, axis=1).reshape(batch, height, width, 1)
-    counts = jnp.round(jnp.arange(steps + 1, dtype=jnp.float32) / steps * height * width).astype(jnp.int32)
+    counts = jnp.round(jnp.arange(steps + 1, dtype=jnp.float32) / steps * height * width).astype(
+        jnp.int32
+    )
     model = eval_model(graphdef, state)
     both_targets = jnp.concatenate([targets, targets]).astype(jnp.int32)
 
@@ -166,7 +168,9 @@ def spearman(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, rho, np.where((sa == 0) & (sb == 0), 1.0, 0.0))
 
 
-def ssim(maps_a: np.ndarray, maps_b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
+def ssim(
+    maps_a: np.ndarray, maps_b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5
+) -> np.ndarray:
     """Per-image SSIM (Wang et al. 2004, Gaussian window) of two (N, H, W) map sets in [0, data_range]."""
     a = np.asarray(maps_a, np.float64)
     b = np.asarray(maps_b, np.float64)
@@ -179,7 +183,9 @@ def ssim(maps_a: np.ndarray, maps_b: np.ndarray, data_range: float = 1.0, sigma:
     var_a = blur(a * a) - mu_a**2
     var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
-    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
     return index.mean(axis=(1, 2))
 
 
@@ -216,7 +222,9 @@ def _stage_rank(key: tuple) -> float:
 
 def randomization_stages(state: nnx.State) -> list[str]:
     """The model's parameter groups from the head down (ResNet: fc, layer4 .. layer1, stem)."""
-    keys = {_stage_key(path) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)}
+    keys = {
+        _stage_key(path) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)
+    }
     ordered = sorted(keys, key=lambda k: (-_stage_rank(k), tuple(map(str, k))))
     return [".".join(map(str, k)) for k in ordered]
 
@@ -232,7 +240,11 @@ def randomize_stages(state: nnx.State, stages: Sequence[str], seed: int = 0) -> 
     out = []
     for i, (path, var) in enumerate(nnx.to_flat_state(state)):
         value = var.get_value()
-        if isinstance(var, nnx.Param) and ".".join(map(str, _stage_key(path))) in wanted and value.ndim >= 2:
+        if (
+            isinstance(var, nnx.Param)
+            and ".".join(map(str, _stage_key(path))) in wanted
+            and value.ndim >= 2
+        ):
             fan_in = int(np.prod(value.shape[:-1]))
             noise = jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
             var = var.replace((noise * np.sqrt(2.0 / fan_in)).astype(value.dtype))
@@ -296,7 +308,9 @@ def shuffled_label_head(
     is a lower bound on how much a method depends on the labels.
     """
     if len(np.unique(np.asarray(labels))) < 2:
-        raise ValueError("shuffled_label_head needs images of at least two classes (shuffling one class changes nothing)")
+        raise ValueError(
+            "shuffled_label_head needs images of at least two classes (shuffling one class changes nothing)"
+        )
     kernel_path, bias_path = _head_paths(state)
     flat = {path: var for path, var in nnx.to_flat_state(state)}
     num_classes = flat[kernel_path].get_value().shape[-1]
@@ -330,12 +344,19 @@ def shuffled_label_head(
 # ----------------------------------------------------------------------------- all together
 
 
-def localisation_scores(maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def localisation_scores(
+    maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
     """Mean pointing game, energy in mask and IoU over the images with a non-empty mask."""
     masks = binarize_masks(masks)
     keep = masks.reshape(len(masks), -1).any(axis=1)
     if not keep.any():
-        return {"pointing_game": float("nan"), "energy_in_mask": float("nan"), "iou": float("nan"), "n_localisation": 0}
+        return {
+            "pointing_game": float("nan"),
+            "energy_in_mask": float("nan"),
+            "iou": float("nan"),
+            "n_localisation": 0,
+        }
     maps, masks = np.asarray(maps)[keep], masks[keep]
     return {
         "pointing_game": float(pointing_game(maps, masks).mean()),
@@ -387,7 +408,9 @@ def score_methods(
         if masks is not None:
             out[name].update(localisation_scores(maps[name], masks))
         if faithfulness:
-            d_auc, i_auc, _, _ = deletion_insertion_fn(graphdef, state, images, original[name].maps, targets, steps=steps)
+            d_auc, i_auc, _, _ = deletion_insertion_fn(
+                graphdef, state, images, original[name].maps, targets, steps=steps
+            )
             out[name]["deletion_auc"] = float(jnp.mean(d_auc))
             out[name]["insertion_auc"] = float(jnp.mean(i_auc))
     if sanity:
@@ -396,9 +419,16 @@ def score_methods(
         cascades: dict[str, list] = {name: [] for name in names}
         for n in cuts:
             randomized = randomize_stages(state, stages[:n], seed)
-            other = compute_methods(graphdef, randomized, images, targets, names, method_opts, layer)
+            other = compute_methods(
+                graphdef, randomized, images, targets, names, method_opts, layer
+            )
             for name in names:
-                cascades[name].append({"stage": stages[n - 1], **compare_maps(maps[name], np.asarray(other[name].maps))})
+                cascades[name].append(
+                    {
+                        "stage": stages[n - 1],
+                        **compare_maps(maps[name], np.asarray(other[name].maps)),
+                    }
+                )
         for name in names:
             out[name]["sanity_randomization_spearman"] = cascades[name][-1]["spearman"]
             out[name]["sanity_randomization_ssim"] = cascades[name][-1]["ssim"]

@@ -26,7 +26,8 @@ import csv
 import json
 import os
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from xmedjax.explain import export, quality as quality_lib
-from xmedjax.explain.capture import forward_fn
+from xmedjax.explain import export
+from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer, compute_methods
+from xmedjax.explain.capture import forward_fn
 
 QUALITY_METHODS = (
     "gradcam",
@@ -57,18 +59,34 @@ FAST_OPTS: dict[str, dict] = {
 }
 
 
-def predict_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+def predict_fn(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(float32 logits, softmax probabilities) of a batch in eval mode (the shared jitted forward)."""
     logits, _ = forward_fn(graphdef, state, images, None)
     return logits, jax.nn.softmax(logits, axis=-1)
 
 
-def _batches(data_dir: str, split: str, *, batch_size: int, image_size: int, channels: int, normalization: str) -> Iterable[dict]:
+def _batches(
+    data_dir: str,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    channels: int,
+    normalization: str,
+) -> Iterable[dict]:
     from xmedjax import input_pipeline
 
     return input_pipeline.make_eval_iterator(
-        data_dir, split, global_batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization,
-        shard_index=0, shard_count=1,
+        data_dir,
+        split,
+        global_batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+        shard_index=0,
+        shard_count=1,
     )
 
 
@@ -131,12 +149,26 @@ def explain_split(
         cam_layer = auto_cam_layer(graphdef, state, (image_size, image_size, channels))
     started = time.time()
     collected: dict[str, list] = {k: [] for k in ("ids", "index", "labels", "logits", "probs")}
-    per_method: dict[str, dict[str, list]] = {m: {"raw": [], "maps": [], "targets": []} for m in methods}
+    per_method: dict[str, dict[str, list]] = {
+        m: {"raw": [], "maps": [], "targets": []} for m in methods
+    }
     subset: dict[str, list] = {"images": [], "labels": [], "masks": []}
-    label_fit: dict[str, list] = {"images": [], "labels": []}  # any class, for the shuffled-label head
+    label_fit: dict[str, list] = {
+        "images": [],
+        "labels": [],
+    }  # any class, for the shuffled-label head
     has_masks = False
-    batches = _batches(data_dir, split, batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization)
-    for batch in tqdm(batches, desc=f"explain {split}", unit="batch", disable=not progress, leave=False):
+    batches = _batches(
+        data_dir,
+        split,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+    )
+    for batch in tqdm(
+        batches, desc=f"explain {split}", unit="batch", disable=not progress, leave=False
+    ):
         valid = np.asarray(batch["valid"], bool)
         images = jnp.asarray(batch["image"], jnp.float32)
         logits, probs = predict_fn(graphdef, state, images)
@@ -144,8 +176,14 @@ def explain_split(
         if predictions is None:
             predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
-            predicted = jnp.asarray(np.asarray(predictions)[np.where(valid, batch["index"], 0)], jnp.int32)
-        results = compute_methods(graphdef, state, images, predicted, methods, opts, cam_layer) if methods else {}
+            predicted = jnp.asarray(
+                np.asarray(predictions)[np.where(valid, batch["index"], 0)], jnp.int32
+            )
+        results = (
+            compute_methods(graphdef, state, images, predicted, methods, opts, cam_layer)
+            if methods
+            else {}
+        )
         collected["ids"].append(np.asarray(batch["id"]).astype(str)[valid])
         collected["index"].append(np.asarray(batch["index"])[valid])
         collected["labels"].append(np.asarray(batch["label"])[valid])
@@ -158,7 +196,11 @@ def explain_split(
         if quality and sum(len(x) for x in subset["images"]) < quality_images:
             _collect_subset(subset, batch, valid, quality_images)
             has_masks = has_masks or "mask" in batch
-        if quality and label_state is None and sum(len(x) for x in label_fit["images"]) < 2 * quality_images:
+        if (
+            quality
+            and label_state is None
+            and sum(len(x) for x in label_fit["images"]) < 2 * quality_images
+        ):
             label_fit["images"].append(np.asarray(batch["image"], np.float32)[valid])
             label_fit["labels"].append(np.asarray(batch["label"])[valid])
     arrays = {k: np.concatenate(v) for k, v in collected.items()}
@@ -166,44 +208,86 @@ def explain_split(
         predictions = np.argmax(arrays["probs"], axis=1).astype(np.int32)
     else:
         predictions = np.asarray(predictions, np.int32)[arrays["index"]]
-    out: dict[str, Any] = {"heatmaps": {}, "grid": None, "quality": None, "quality_path": None, "seconds": {}, "cam_layer": cam_layer}
+    out: dict[str, Any] = {
+        "heatmaps": {},
+        "grid": None,
+        "quality": None,
+        "quality_path": None,
+        "seconds": {},
+        "cam_layer": cam_layer,
+    }
     maps_by_method = {}
     for name in methods:
         stacked = {k: np.concatenate(v) for k, v in per_method[name].items()}
         maps_by_method[name] = stacked["maps"]
         out["heatmaps"][name] = export.write_heatmaps(
             export.heatmap_path(workdir, split, name),
-            ids=arrays["ids"], index=arrays["index"], labels=arrays["labels"].astype(np.int32), predictions=predictions,
-            probabilities=arrays["probs"].astype(np.float32), targets=stacked["targets"].astype(np.int32),
-            raw=stacked["raw"].astype(np.float32), maps=stacked["maps"],
+            ids=arrays["ids"],
+            index=arrays["index"],
+            labels=arrays["labels"].astype(np.int32),
+            predictions=predictions,
+            probabilities=arrays["probs"].astype(np.float32),
+            targets=stacked["targets"].astype(np.int32),
+            raw=stacked["raw"].astype(np.float32),
+            maps=stacked["maps"],
         )
     if methods:
         out["grid"] = _write_grid(
-            workdir, split, data_dir, arrays, predictions, maps_by_method, grid_per_group,
-            image_size=image_size, channels=channels, normalization=normalization,
+            workdir,
+            split,
+            data_dir,
+            arrays,
+            predictions,
+            maps_by_method,
+            grid_per_group,
+            image_size=image_size,
+            channels=channels,
+            normalization=normalization,
         )
     out["seconds"]["maps"] = round(time.time() - started, 2)
     if quality and subset["images"]:
         started = time.time()
         images = np.concatenate(subset["images"])[:quality_images]
         labels = np.concatenate(subset["labels"])[:quality_images].astype(np.int32)
-        masks = np.concatenate(subset["masks"])[:quality_images] if has_masks and subset["masks"] else None
+        masks = (
+            np.concatenate(subset["masks"])[:quality_images]
+            if has_masks and subset["masks"]
+            else None
+        )
         label_model = "caller-supplied model trained on shuffled labels"
         fit_labels = np.concatenate(label_fit["labels"]) if label_fit["labels"] else np.zeros(0)
         if label_state is None and len(np.unique(fit_labels)) >= 2:
             fit_images = np.concatenate(label_fit["images"])
-            label_state = quality_lib.shuffled_label_head(graphdef, state, fit_images, fit_labels, seed=seed, batch_size=batch_size)
+            label_state = quality_lib.shuffled_label_head(
+                graphdef, state, fit_images, fit_labels, seed=seed, batch_size=batch_size
+            )
             label_model = f"linear head refit by ridge on {len(fit_labels)} images with shuffled labels, features kept"
         elif label_state is None:
             label_model = "none (the split has a single class)"
         scores = quality_lib.score_methods(
-            graphdef, state, images, labels, masks, tuple(quality_methods), method_opts=opts, cascade="ends", steps=quality_steps,
-            label_state=label_state, label_model=label_model, layer=cam_layer, seed=seed,
+            graphdef,
+            state,
+            images,
+            labels,
+            masks,
+            tuple(quality_methods),
+            method_opts=opts,
+            cascade="ends",
+            steps=quality_steps,
+            label_state=label_state,
+            label_model=label_model,
+            layer=cam_layer,
+            seed=seed,
         )
         scores["_meta"] = {
-            "split": split, "n_images": int(len(images)), "targets": "true label", "label_model": label_model,
+            "split": split,
+            "n_images": int(len(images)),
+            "targets": "true label",
+            "label_model": label_model,
             "subset": "first images with a non-empty mask" if masks is not None else "first images",
-            "method_opts": opts, "cam_layer": cam_layer or "model target", "seconds": round(time.time() - started, 2),
+            "method_opts": opts,
+            "cam_layer": cam_layer or "model target",
+            "seconds": round(time.time() - started, 2),
         }
         path = os.path.join(workdir, "explain_quality.json")
         os.makedirs(workdir, exist_ok=True)
@@ -224,7 +308,9 @@ def _collect_subset(subset: dict, batch: dict, valid: np.ndarray, limit: int) ->
     subset["labels"].append(np.asarray(batch["label"])[keep])
 
 
-def _write_grid(workdir, split, data_dir, arrays, predictions, maps_by_method, per_group, **load_kw) -> str | None:
+def _write_grid(
+    workdir, split, data_dir, arrays, predictions, maps_by_method, per_group, **load_kw
+) -> str | None:
     """Stores the report grid's cases (display images + every method's maps) in <split>_grid.npz."""
     from xmedjax import input_pipeline
 
@@ -233,15 +319,24 @@ def _write_grid(workdir, split, data_dir, arrays, predictions, maps_by_method, p
     if not rows:
         return None
     loaded = input_pipeline.load_examples(data_dir, split, arrays["index"][rows], **load_kw)
-    display = np.stack([np.round(255 * export.display_image(im)).astype(np.uint8) for im in loaded["image"]])
+    display = np.stack(
+        [np.round(255 * export.display_image(im)).astype(np.uint8) for im in loaded["image"]]
+    )
     remap = {i: j for j, i in enumerate(rows)}
     local = [[[remap[i] for i in group] for group in per_class] for per_class in cases]
     extra = {f"maps_{m}": v[rows] for m, v in maps_by_method.items()}
     path = os.path.join(workdir, "heatmaps", f"{split}_grid.npz")
     np.savez_compressed(
-        path, images=display, labels=arrays["labels"][rows], predictions=predictions[rows], probabilities=arrays["probs"][rows],
-        ids=arrays["ids"][rows], cases=np.array(json.dumps(local)), methods=np.array(list(maps_by_method)),
-        label_names=np.array(_label_names(data_dir) or []), **extra,
+        path,
+        images=display,
+        labels=arrays["labels"][rows],
+        predictions=predictions[rows],
+        probabilities=arrays["probs"][rows],
+        ids=arrays["ids"][rows],
+        cases=np.array(json.dumps(local)),
+        methods=np.array(list(maps_by_method)),
+        label_names=np.array(_label_names(data_dir) or []),
+        **extra,
     )
     return path
 
@@ -261,14 +356,30 @@ def _jsonable(x):
 # ----------------------------------------------------------------------------- user folders
 
 
-def _folder_batches(files: list[str], *, batch_size: int, image_size: int, channels: int, normalization: str, desc: str, progress: bool):
+def _folder_batches(
+    files: list[str],
+    *,
+    batch_size: int,
+    image_size: int,
+    channels: int,
+    normalization: str,
+    desc: str,
+    progress: bool,
+):
     """Yields (paths, images padded to batch_size, n_valid): constant shapes, one compile."""
     from xmedjax import input_pipeline
 
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(files), batch_size), desc=desc, unit="batch", disable=not progress
+    ):
         paths = files[start : start + batch_size]
         images = np.stack(
-            [input_pipeline.load_image_file(p, image_size=image_size, channels=channels, normalization=normalization) for p in paths]
+            [
+                input_pipeline.load_image_file(
+                    p, image_size=image_size, channels=channels, normalization=normalization
+                )
+                for p in paths
+            ]
         ).astype(np.float32)
         pad = batch_size - len(paths)
         if pad:
@@ -284,7 +395,9 @@ def _decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     return np.argmax(probs, axis=1).astype(np.int32)
 
 
-def _write_predictions(workdir: str, name: str, rows: list[dict], label_names: Sequence[str] | None) -> dict[str, str]:
+def _write_predictions(
+    workdir: str, name: str, rows: list[dict], label_names: Sequence[str] | None
+) -> dict[str, str]:
     os.makedirs(workdir, exist_ok=True)
     csv_path = os.path.join(workdir, f"{name}.csv")
     json_path = os.path.join(workdir, f"{name}.json")
@@ -292,11 +405,28 @@ def _write_predictions(workdir: str, name: str, rows: list[dict], label_names: S
     names = list(label_names) if label_names else [str(c) for c in range(num_classes)]
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "prediction", "prediction_name", "confidence", *[f"p_{n}" for n in names]])
+        writer.writerow(
+            ["id", "prediction", "prediction_name", "confidence", *[f"p_{n}" for n in names]]
+        )
         for r in rows:
-            writer.writerow([r["id"], r["prediction"], names[r["prediction"]], f"{max(r['probabilities']):.6f}", *[f"{p:.6f}" for p in r["probabilities"]]])
+            writer.writerow(
+                [
+                    r["id"],
+                    r["prediction"],
+                    names[r["prediction"]],
+                    f"{max(r['probabilities']):.6f}",
+                    *[f"{p:.6f}" for p in r["probabilities"]],
+                ]
+            )
     with open(json_path, "w") as f:
-        json.dump({"label_names": names, "predictions": [{**r, "prediction_name": names[r["prediction"]]} for r in rows]}, f, indent=1)
+        json.dump(
+            {
+                "label_names": names,
+                "predictions": [{**r, "prediction_name": names[r["prediction"]]} for r in rows],
+            },
+            f,
+            indent=1,
+        )
     return {"csv": csv_path, "json": json_path}
 
 
@@ -324,21 +454,42 @@ def predict_folder(
 
     if methods:
         return explain_folder(
-            graphdef, state, folder=folder, workdir=workdir, image_size=image_size, channels=channels,
-            normalization=normalization, methods=methods, batch_size=batch_size, label_names=label_names,
-            threshold=threshold, progress=progress,
+            graphdef,
+            state,
+            folder=folder,
+            workdir=workdir,
+            image_size=image_size,
+            channels=channels,
+            normalization=normalization,
+            methods=methods,
+            batch_size=batch_size,
+            label_names=label_names,
+            threshold=threshold,
+            progress=progress,
         )
     files = input_pipeline.list_image_files(folder)
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
     rows = []
     for paths, images, n in _folder_batches(
-        files, batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization, desc="predict", progress=progress
+        files,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+        desc="predict",
+        progress=progress,
     ):
         _, probs = predict_fn(graphdef, state, jnp.asarray(images))
         probs = np.asarray(probs)[:n]
         for p, pr, pred in zip(paths, probs, _decide(probs, threshold)):
-            rows.append({"id": os.path.relpath(p, folder), "prediction": int(pred), "probabilities": [float(v) for v in pr]})
+            rows.append(
+                {
+                    "id": os.path.relpath(p, folder),
+                    "prediction": int(pred),
+                    "probabilities": [float(v) for v in pr],
+                }
+            )
     return {"predictions": _write_predictions(workdir, "predictions_folder", rows, label_names)}
 
 
@@ -357,15 +508,26 @@ def predict_split(
 ) -> dict[str, str]:
     """Predictions for a prepared split: WORKDIR/predictions_<split>.{csv,json} (with the true label)."""
     rows = []
-    batches = _batches(data_dir, split, batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization)
+    batches = _batches(
+        data_dir,
+        split,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+    )
     for batch in tqdm(batches, desc=f"predict {split}", unit="batch", disable=not progress):
         valid = np.asarray(batch["valid"], bool)
         _, probs = predict_fn(graphdef, state, jnp.asarray(batch["image"], jnp.float32))
         for i in np.flatnonzero(valid):
             pr = np.asarray(probs)[i]
             rows.append(
-                {"id": str(np.asarray(batch["id"])[i]), "label": int(batch["label"][i]), "prediction": int(np.argmax(pr)),
-                 "probabilities": [float(v) for v in pr]}
+                {
+                    "id": str(np.asarray(batch["id"])[i]),
+                    "label": int(batch["label"][i]),
+                    "prediction": int(np.argmax(pr)),
+                    "probabilities": [float(v) for v in pr],
+                }
             )
     return _write_predictions(workdir, f"predictions_{split}", rows, _label_names(data_dir))
 
@@ -403,9 +565,17 @@ def explain_folder(
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
     ids, probs_all = [], []
-    per_method: dict[str, dict[str, list]] = {m: {"raw": [], "maps": [], "targets": []} for m in methods}
+    per_method: dict[str, dict[str, list]] = {
+        m: {"raw": [], "maps": [], "targets": []} for m in methods
+    }
     for paths, images, n in _folder_batches(
-        files, batch_size=batch_size, image_size=image_size, channels=channels, normalization=normalization, desc="explain", progress=progress
+        files,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        normalization=normalization,
+        desc="explain",
+        progress=progress,
     ):
         images_j = jnp.asarray(images)
         logits, probs = predict_fn(graphdef, state, images_j)
@@ -421,20 +591,39 @@ def explain_folder(
             per_method[name]["targets"].append(np.asarray(result.targets)[:n])
             if overlays:
                 for r, image, heat in zip(rel, images[:n], maps):
-                    export.save_overlay_png(os.path.join(workdir, "overlays", name, os.path.splitext(r)[0] + ".png"), image, heat)
+                    export.save_overlay_png(
+                        os.path.join(workdir, "overlays", name, os.path.splitext(r)[0] + ".png"),
+                        image,
+                        heat,
+                    )
     probs_all = np.concatenate(probs_all)
     predictions = _decide(probs_all, threshold)
     out: dict[str, Any] = {"heatmaps": {}}
     for name in methods:
         stacked = {k: np.concatenate(v) for k, v in per_method[name].items()}
         out["heatmaps"][name] = export.write_heatmaps(
-            export.heatmap_path(workdir, "folder", name), ids=np.array(ids), labels=np.full(len(ids), -1, np.int32),
-            predictions=predictions, probabilities=probs_all.astype(np.float32), targets=stacked["targets"].astype(np.int32),
-            raw=stacked["raw"].astype(np.float32), maps=stacked["maps"],
+            export.heatmap_path(workdir, "folder", name),
+            ids=np.array(ids),
+            labels=np.full(len(ids), -1, np.int32),
+            predictions=predictions,
+            probabilities=probs_all.astype(np.float32),
+            targets=stacked["targets"].astype(np.int32),
+            raw=stacked["raw"].astype(np.float32),
+            maps=stacked["maps"],
         )
-    rows = [{"id": i, "prediction": int(p), "probabilities": [float(v) for v in pr]} for i, p, pr in zip(ids, predictions, probs_all)]
+    rows = [
+        {"id": i, "prediction": int(p), "probabilities": [float(v) for v in pr]}
+        for i, p, pr in zip(ids, predictions, probs_all)
+    ]
     out["predictions"] = _write_predictions(workdir, "predictions_folder", rows, label_names)
     return out
 
 
-__all__ = ["QUALITY_METHODS", "explain_folder", "explain_split", "predict_fn", "predict_folder", "predict_split"]
+__all__ = [
+    "QUALITY_METHODS",
+    "explain_folder",
+    "explain_split",
+    "predict_fn",
+    "predict_folder",
+    "predict_split",
+]

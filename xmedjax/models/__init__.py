@@ -70,7 +70,10 @@ def create_model(
     if arch == "resnet50":
         sizing = {"base_width": max(1, round(64 * width))}
     else:
-        sizing = {"growth_rate": max(1, round(32 * width)), "init_features": max(1, round(64 * width))}
+        sizing = {
+            "growth_rate": max(1, round(32 * width)),
+            "init_features": max(1, round(64 * width)),
+        }
     return ARCHITECTURES[arch](
         num_classes=int(num_classes),
         in_channels=in_channels,

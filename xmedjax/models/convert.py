@@ -24,7 +24,12 @@ STEM_KEYS = ("conv1.weight", "features.conv0.weight")
 _PARAM_NAMES = {
     nnx.Conv: {"weight": "kernel", "bias": "bias"},
     nnx.Linear: {"weight": "kernel", "bias": "bias"},
-    nnx.BatchNorm: {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"},
+    nnx.BatchNorm: {
+        "weight": "scale",
+        "bias": "bias",
+        "running_mean": "mean",
+        "running_var": "var",
+    },
 }
 
 # torchvision < 0.4 named DenseNet layers `norm.1`, `conv.2`, ...; `load_state_dict_from_url`
@@ -53,7 +58,9 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
         elif path.endswith((".pth", ".pt", ".bin")):
             raw = _read_torch_file(path)
         else:
-            raise ValueError(f"{path}: unknown checkpoint format (expected .safetensors, .pth or .pt)")
+            raise ValueError(
+                f"{path}: unknown checkpoint format (expected .safetensors, .pth or .pt)"
+            )
     return {key: _to_numpy(value) for key, value in raw.items()}
 
 
@@ -67,7 +74,11 @@ def _read_torch_file(path: str) -> dict[str, Any]:
         ) from err
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model", "model_state"):
-        if isinstance(loaded, Mapping) and wrapper in loaded and isinstance(loaded[wrapper], Mapping):
+        if (
+            isinstance(loaded, Mapping)
+            and wrapper in loaded
+            and isinstance(loaded[wrapper], Mapping)
+        ):
             loaded = loaded[wrapper]
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path}: expected a state dict, found {type(loaded).__name__}")
@@ -77,7 +88,11 @@ def _read_torch_file(path: str) -> dict[str, Any]:
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy dtype
         value = value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32) if np.asarray(value).dtype != np.float32 else np.asarray(value)
+    return (
+        np.asarray(value, dtype=np.float32)
+        if np.asarray(value).dtype != np.float32
+        else np.asarray(value)
+    )
 
 
 def canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

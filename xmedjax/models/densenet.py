@@ -36,7 +36,9 @@ class DenseBlock(nnx.Module):
     def __init__(self, num_layers: int, in_ch: int, growth_rate: int, bn_size: int, *, dtype, rngs):
         self.num_layers = num_layers
         for i in range(num_layers):
-            layer = DenseLayer(in_ch + i * growth_rate, growth_rate, bn_size, dtype=dtype, rngs=rngs)
+            layer = DenseLayer(
+                in_ch + i * growth_rate, growth_rate, bn_size, dtype=dtype, rngs=rngs
+            )
             setattr(self, f"denselayer{i + 1}", layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -61,8 +63,12 @@ class Transition(nnx.Module):
 class Features(nnx.Module):
     """torchvision's `densenet.features`: stem, dense blocks, transitions, `norm5`."""
 
-    def __init__(self, block_config, growth_rate, bn_size, init_features, in_channels, *, dtype, rngs):
-        self.conv0 = layers.conv(in_channels, init_features, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, block_config, growth_rate, bn_size, init_features, in_channels, *, dtype, rngs
+    ):
+        self.conv0 = layers.conv(
+            in_channels, init_features, 7, stride=2, padding=3, dtype=dtype, rngs=rngs
+        )
         self.norm0 = layers.batch_norm(init_features, dtype=dtype, rngs=rngs)
         channels = init_features
         self.num_blocks = len(block_config)
@@ -71,7 +77,11 @@ class Features(nnx.Module):
             setattr(self, f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
             if i != len(block_config) - 1:
-                setattr(self, f"transition{i + 1}", Transition(channels, channels // 2, dtype=dtype, rngs=rngs))
+                setattr(
+                    self,
+                    f"transition{i + 1}",
+                    Transition(channels, channels // 2, dtype=dtype, rngs=rngs),
+                )
                 channels //= 2
         self.norm5 = layers.batch_norm(channels, dtype=dtype, rngs=rngs)
         self.num_features = channels
@@ -119,4 +129,6 @@ class DenseNet(nnx.Module):
 
 def DenseNet121(*, growth_rate: int = 32, init_features: int = 64, **kwargs) -> DenseNet:
     """torchvision `densenet121` (growth 32, bn_size 4, blocks 6-12-24-16)."""
-    return DenseNet((6, 12, 24, 16), growth_rate=growth_rate, bn_size=4, init_features=init_features, **kwargs)
+    return DenseNet(
+        (6, 12, 24, 16), growth_rate=growth_rate, bn_size=4, init_features=init_features, **kwargs
+    )

@@ -61,7 +61,9 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.conv1 = layers.conv(in_channels, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
+        self.conv1 = layers.conv(
+            in_channels, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=rngs
+        )
         self.bn1 = layers.batch_norm(base_width, dtype=dtype, rngs=rngs)
         in_ch = base_width
         stage_widths = tuple(base_width * 2**i for i in range(len(stage_sizes)))
@@ -69,7 +71,9 @@ class ResNet(nnx.Module):
             stride = 1 if index == 0 else 2
             stage = []
             for block in range(blocks):
-                stage.append(Bottleneck(in_ch, width, stride if block == 0 else 1, dtype=dtype, rngs=rngs))
+                stage.append(
+                    Bottleneck(in_ch, width, stride if block == 0 else 1, dtype=dtype, rngs=rngs)
+                )
                 in_ch = width * Bottleneck.expansion
             setattr(self, f"layer{index + 1}", nnx.List(stage))
         self.num_features = in_ch

@@ -70,7 +70,13 @@ def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
 
 def _as_torchvision(model: nnx.Module, flat: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
     """Renames a pure-dict state to torchvision keys so loading shares one code path."""
-    names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+    names = {
+        "kernel": "weight",
+        "scale": "weight",
+        "bias": "bias",
+        "mean": "running_mean",
+        "var": "running_var",
+    }
     out = {}
     for path, value in flat.items():
         key = ".".join(str(p) for p in path[:-1]) + "." + names.get(str(path[-1]), str(path[-1]))
