@@ -117,16 +117,11 @@ def quick_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def shortcut_baseline(data_dir: str) -> dict | None:
-    """`data_prep.shortcut.prepared_baseline(data_dir)` when the data package offers it."""
+    """`data_prep.shortcut.prepared_baseline(data_dir)`, or {"error": ...} when it fails."""
+    from data_prep import shortcut  # noqa: PLC0415 (scikit-learn fits: load on use)
+
     try:
-        from data_prep import shortcut  # noqa: PLC0415
-    except ImportError:
-        return None
-    fn = getattr(shortcut, "prepared_baseline", None)
-    if fn is None:
-        return None
-    try:
-        result = dict(fn(data_dir))
+        result = dict(shortcut.prepared_baseline(data_dir))
     except Exception as exc:  # noqa: BLE001 - a baseline failure must not lose the run's metrics
         return {"error": f"{type(exc).__name__}: {exc}", "note": SHORTCUT_NOTE}
     result.setdefault("note", SHORTCUT_NOTE)

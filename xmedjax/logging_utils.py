@@ -35,12 +35,9 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter  # noqa: PLC0415
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (a dependency; slow import)
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # optional at run time
-                self._tb = None
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, Any], *, kind: str = "train") -> None:
         if not self.enabled:

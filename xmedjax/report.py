@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 from typing import Any
 
@@ -22,12 +21,6 @@ def _img_tag(path: str, width: int | None = None) -> str:
         data = base64.b64encode(f.read()).decode()
     style = f' style="width:{width}px"' if width else ""
     return f'<img src="data:image/png;base64,{data}"{style}>'
-
-
-def _fig_tag(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def _fmt(value: Any) -> str:

@@ -8,7 +8,7 @@ therefore normalises over the global batch (XLA inserts the all-reduce).
 
 The gradient is taken with respect to `(params, rest)` and the second half dropped: merging
 `rest` captured from the outer trace inside `value_and_grad` fails with "Cannot mutate
-BatchStat from a different trace level" (see ARCHITECTURE.md).
+BatchStat from a different trace level" in flax 0.12.
 
 Each train step checks that the loss and every gradient are finite; a bad step returns the
 state unchanged with `finite=False`, and the loop stops (the last good checkpoint stays).
