@@ -10,12 +10,15 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from data_prep import phantoms
-from xmedjax.explain import export, run
+from xmedjax.explain import export, predictions_io, run
+from xmedjax.input_pipeline import Preprocess
 from xmedjax.models import create_model
 
 SIZE = 32
+PRE = Preprocess(SIZE, 1, "unit")
 FAST = {
     "scorecam": {"chunk": 64},
     "integrated_gradients": {"steps": 2},
@@ -44,13 +47,10 @@ def test_explain_split_writes_heatmaps_grid_and_quality(model, dataset, tmp_path
         data_dir=dataset,
         split="test",
         workdir=workdir,
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
+        preprocess=PRE,
         methods=("gradcam", "hirescam"),
         batch_size=8,
-        quality_images=8,
-        quality_steps=4,
+        quality=run.QualitySettings(n_images=8, steps=4),
         method_opts=FAST,
         progress=False,
     )
@@ -92,12 +92,10 @@ def test_explain_split_with_given_predictions(model, dataset, tmp_path):
         data_dir=dataset,
         split="test",
         workdir=str(tmp_path),
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
+        preprocess=PRE,
         methods=("gradcam",),
         batch_size=8,
-        quality=False,
+        quality=None,
         predictions=given,
         progress=False,
     )
@@ -106,23 +104,51 @@ def test_explain_split_with_given_predictions(model, dataset, tmp_path):
     np.testing.assert_array_equal(data["targets"], given[data["index"]])
 
 
-def test_predict_split(model, dataset, tmp_path):
+def test_predictions_io_csv_and_json(tmp_path):
+    rows = predictions_io.prediction_rows(
+        ["a.png", "b.dcm"], np.array([1, 0]), np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
+    )
+    paths = predictions_io.write_predictions(str(tmp_path), "predictions_x", rows, ["no", "yes"])
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [r["id"] for r in table] == ["a.png", "b.dcm"]
+    assert table[0] == {
+        "id": "a.png",
+        "prediction": "1",
+        "prediction_name": "yes",
+        "confidence": "0.750000",
+        "p_no": "0.250000",
+        "p_yes": "0.750000",
+    }
+    with open(paths["json"]) as f:
+        saved = json.load(f)
+    assert saved["label_names"] == ["no", "yes"]
+    assert saved["predictions"][1] == {
+        "id": "b.dcm",
+        "prediction": 0,
+        "probabilities": [0.5, 0.5],
+        "prediction_name": "no",
+    }
+    unnamed = predictions_io.write_predictions(str(tmp_path), "p", rows, None)
+    assert json.load(open(unnamed["json"]))["label_names"] == ["0", "1"]
+
+
+def predict_folder(model, folder, workdir, **kwargs) -> tuple[dict, list[dict], dict]:
+    """`run.predict_folder` at the test's preprocessing: (result, CSV rows, JSON content)."""
     graphdef, state = model
-    paths = run.predict_split(
+    out = run.predict_folder(
         graphdef,
         state,
-        data_dir=dataset,
-        split="test",
-        workdir=str(tmp_path),
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
-        batch_size=8,
+        folder=str(folder),
+        workdir=str(workdir),
+        preprocess=PRE,
         progress=False,
+        **kwargs,
     )
-    with open(paths["csv"]) as f:
+    with open(out["predictions"]["csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 21 and {"id", "prediction", "confidence"} <= set(rows[0])
+    with open(out["predictions"]["json"]) as f:
+        return out, rows, json.load(f)
 
 
 def write_user_folder(folder: str) -> list[str]:
@@ -165,9 +191,7 @@ def test_explain_and_predict_folder(model, tmp_path):
         state,
         folder=folder,
         workdir=workdir,
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
+        preprocess=PRE,
         methods=("gradcam",),
         batch_size=2,
         label_names=["normal", "tumor"],
@@ -183,21 +207,49 @@ def test_explain_and_predict_folder(model, tmp_path):
     with open(out["predictions"]["json"]) as f:
         preds = json.load(f)
     assert preds["label_names"] == ["normal", "tumor"] and len(preds["predictions"]) == 3
-    only = run.predict_folder(
-        graphdef,
-        state,
-        folder=folder,
-        workdir=str(tmp_path / "p"),
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
-        batch_size=2,
-        threshold=0.0,
-        progress=False,
-    )
-    with open(only["predictions"]["csv"]) as f:
-        rows = list(csv.DictReader(f))
+    only, rows, _ = predict_folder(model, folder, tmp_path / "p", batch_size=2, threshold=0.0)
     assert len(rows) == 3 and all(r["prediction"] == "1" for r in rows)  # p1 >= 0 always
+    assert {"id", "prediction", "prediction_name", "confidence", "p_0", "p_1"} <= set(rows[0])
+    assert only["heatmaps"] == {} and not os.path.exists(str(tmp_path / "p" / "overlays"))
+
+
+def test_folder_explains_the_reported_thresholded_class(model, tmp_path):
+    """With a (val-chosen) threshold, every explained target is the reported prediction.
+
+    The threshold is placed so that argmax and the thresholded decision differ on some
+    images: an explain loop that explained the argmax would fail here.
+    """
+    folder = str(tmp_path / "user")
+    names = write_user_folder(folder)
+    rng = np.random.default_rng(1)
+    for i in range(4):  # 7 images over batches of 3: the last batch is padded
+        image = rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)
+        Image.fromarray(image).save(os.path.join(folder, f"n{i}.png"))
+    _, _, probe = predict_folder(model, folder, tmp_path / "probe", batch_size=3)
+    p1 = np.array([r["probabilities"][1] for r in probe["predictions"]])
+    threshold = float(p1.min()) if p1.min() < 0.5 else float(p1.max()) + 1e-3
+    out, rows, saved = predict_folder(
+        model,
+        folder,
+        tmp_path / "work",
+        methods=("gradcam", "hirescam", "scorecam"),
+        method_opts=FAST,
+        batch_size=3,
+        threshold=threshold,
+        label_names=["normal", "tumor"],
+    )
+    by_csv = {r["id"]: int(r["prediction"]) for r in rows}
+    by_json = {r["id"]: r["prediction"] for r in saved["predictions"]}
+    assert by_csv == by_json and len(by_csv) == len(names) + 4
+    for method in ("gradcam", "hirescam", "scorecam"):
+        data = export.read_heatmaps(out["heatmaps"][method])
+        ids = data["ids"].tolist()
+        assert sorted(ids) == sorted(by_csv)
+        np.testing.assert_array_equal(data["targets"], data["predictions"])
+        np.testing.assert_array_equal(data["predictions"], [by_csv[i] for i in ids])
+        p = data["probabilities"]
+        np.testing.assert_array_equal(data["predictions"], p[:, 1] >= np.float32(threshold))
+        assert np.any(np.argmax(p, axis=1) != data["predictions"])  # the case that matters
 
 
 def test_compare_models_markdown_table(model, dataset):

@@ -38,9 +38,7 @@ def predict_split(
     data_dir: str,
     split: str,
     batch_size: int,
-    image_size: int,
-    channels: int,
-    normalization: str,
+    preprocess: input_pipeline.Preprocess,
 ) -> dict[str, np.ndarray]:
     """Runs `eval_fn(state, batch)` over every example of a split once.
 
@@ -52,9 +50,7 @@ def predict_split(
         data_dir,
         split,
         global_batch_size=batch_size,
-        image_size=image_size,
-        channels=channels,
-        normalization=normalization,
+        preprocess=preprocess,
     )
     logits, labels, index, valid, local_ids = [], [], [], [], {}
     for batch in batches:
