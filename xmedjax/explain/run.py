@@ -16,7 +16,8 @@ labels by ridge regression unless the settings carry `label_state`, a model trai
 shuffled labels).
 
 `explain_folder` and `predict_folder` do the same for a folder of the user's PNG/JPEG/DICOM
-files and write `WORKDIR/predictions_folder.{csv,json}` (`predictions_io`). Both paths run
+files and write `WORKDIR/predictions_folder.{csv,json}` (`predictions_io`), one row per
+file, with status "error" for a file that cannot be read (the rest goes on). Both paths run
 one batch loop, `explain_batches`, whose `choose_targets` rule picks each image's class
 once: the class explained is the class reported (a val-chosen threshold included).
 Progress bars go to stderr (tqdm). Everything with side effects lives here, in `export.py`
@@ -26,9 +27,10 @@ and `predictions_io.py`; the maths is in pure jitted functions of (graphdef, sta
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
-import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -39,7 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from xmedjax import input_pipeline, json_io, metrics
+from xmedjax import input_pipeline, json_io, logging_utils, metrics
 from xmedjax.explain import export, predictions_io
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer, compute_methods
@@ -198,6 +200,8 @@ def explain_batches(
             per_method[name]["targets"].append(np.asarray(result.targets, np.int32)[valid])
         if on_batch is not None:
             on_batch(batch, valid, results)
+    if not rows["ids"]:  # no batch at all (a folder of unreadable files)
+        return {k: np.zeros(0) for k in rows}, {m: {} for m in methods}
     stacked = {k: np.concatenate(v) for k, v in rows.items()}
     return stacked, {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in per_method.items()}
 
@@ -392,37 +396,89 @@ _collect_subset = quality_lib.collect_subset
 # ----------------------------------------------------------------------------- user folders
 
 
-def _folder_batches(
-    folder: str, files: Sequence[str], *, batch_size: int, preprocess: Preprocess
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the files (the `explain_batches` layout), the last padded with copies of
-    its first image (valid False): constant shapes, one compile."""
-    for start in range(0, len(files), batch_size):
-        paths = files[start : start + batch_size]
-        images = np.stack(
-            [input_pipeline.load_image_file(p, preprocess=preprocess) for p in paths]
-        ).astype(np.float32)
-        n, pad = len(paths), batch_size - len(paths)
-        if pad:
-            images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
-        yield {
-            "image": images,
-            "valid": np.arange(batch_size) < n,
-            "id": np.array([os.path.relpath(p, folder) for p in paths] + [""] * pad),
-            "index": np.where(np.arange(batch_size) < n, start + np.arange(batch_size), -1),
-            "label": np.full(batch_size, -1, np.int32),
+class _FolderImages:
+    """The readable files of a folder as `explain_batches` batches; the others in `errors`.
+
+    A file that cannot be read or decoded (truncated, not an image, a DICOM without pixel
+    data or without its codec) is left out of the batches and recorded as
+    errors[file index] = message: one bad file does not stop the folder. Batches are full
+    but the last, padded with copies of its first image (valid False): one compile.
+    """
+
+    def __init__(
+        self, folder: str, files: Sequence[str], *, batch_size: int, preprocess: Preprocess
+    ):
+        self.files, self.batch_size, self.preprocess = list(files), batch_size, preprocess
+        self.ids = [os.path.relpath(p, folder) for p in self.files]
+        self.errors: dict[int, str] = {}
+
+    def _load(self, index: int) -> np.ndarray | None:
+        path = self.files[index]
+        try:
+            return input_pipeline.load_image_file(path, preprocess=self.preprocess)
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the folder
+            message = str(e).removeprefix(f"{path}: ")
+            self.errors[index] = f"{type(e).__name__}: {message}"
+            return None
+
+    def _batch(self, pending: list[tuple[int, np.ndarray]]) -> dict[str, np.ndarray]:
+        pad = self.batch_size - len(pending)
+        index = np.array([i for i, _ in pending] + [-1] * pad)
+        return {
+            "image": np.stack([im for _, im in pending] + [pending[0][1]] * pad, dtype=np.float32),
+            "valid": index >= 0,
+            "id": np.array([self.ids[i] for i, _ in pending] + [""] * pad),
+            "index": index,
+            "label": np.full(self.batch_size, -1, np.int32),
         }
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        pending: list[tuple[int, np.ndarray]] = []
+        for index in range(len(self.files)):
+            image = self._load(index)
+            if image is not None:
+                pending.append((index, image))
+            if pending and (len(pending) == self.batch_size or index == len(self.files) - 1):
+                yield self._batch(pending)
+                pending = []
 
-def _overlay_writer(workdir: str) -> Callable[[Mapping[str, Any], np.ndarray, dict], None]:
-    """on_batch hook: WORKDIR/overlays/<method>/<relative path without extension>.png."""
+    def table(self, rows: dict[str, np.ndarray]) -> list[dict]:
+        """Prediction rows of every file in folder order: `rows` (explain_batches'), errors."""
+        ok = predictions_io.prediction_rows(rows["ids"], rows["predictions"], rows["probabilities"])
+        by_index = dict(zip(rows["index"].tolist(), ok))
+        return [
+            by_index[i] if i in by_index else predictions_io.error_row(self.ids[i], self.errors[i])
+            for i in range(len(self.files))
+        ]
+
+
+# what a folder run writes (overlays are staged in the hidden folder, then moved in)
+_FOLDER_OUTPUTS = ("predictions_folder.csv", "predictions_folder.json", "overlays")
+_OVERLAY_STAGING = ".overlays.partial"
+
+
+def _clear_folder_outputs(workdir: str) -> None:
+    """Removes what an earlier folder run wrote (predictions_folder.*, overlays/,
+    heatmaps/folder_*.npz, a killed run's staged overlays), so that a run that fails leaves
+    nothing stale that looks fresh and overlays of two runs never mix."""
+    stale = [os.path.join(workdir, name) for name in (*_FOLDER_OUTPUTS, _OVERLAY_STAGING)]
+    stale += glob.glob(os.path.join(glob.escape(workdir), "heatmaps", "folder_*.npz"))
+    for path in stale:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _overlay_writer(folder: str) -> Callable[[Mapping[str, Any], np.ndarray, dict], None]:
+    """on_batch hook: FOLDER/<method>/<relative path, extension kept>.png (a.jpg -> a.jpg.png,
+    so a.jpg, a.png and a.dcm keep three overlays)."""
 
     def write(batch: Mapping[str, Any], valid: np.ndarray, results: dict) -> None:
         ids, images = np.asarray(batch["id"])[valid], np.asarray(batch["image"])[valid]
         for name, result in results.items():
             for rel, image, heat in zip(ids, images, np.asarray(result.maps)[valid]):
-                path = os.path.join(workdir, "overlays", name, os.path.splitext(rel)[0] + ".png")
-                export.save_overlay_png(path, image, heat)
+                export.save_overlay_png(os.path.join(folder, name, f"{rel}.png"), image, heat)
 
     return write
 
@@ -448,36 +504,50 @@ def explain_folder(
     Each image's class is `decide(probabilities, threshold)` (two classes with a threshold:
     class 1 when its probability >= threshold, else argmax), and that class is the one
     explained. Writes WORKDIR/heatmaps/folder_<method>.npz (labels = -1: unknown),
-    WORKDIR/overlays/<method>/<relative path>.png and WORKDIR/predictions_folder.{csv,json}.
+    WORKDIR/overlays/<method>/<relative path>.png and WORKDIR/predictions_folder.{csv,json}
+    with a row per file: status "ok", or "error" and the error for a file that could not be
+    read (left out of the maps; the count is printed). The previous run's folder outputs are
+    removed first, overlays are written aside and moved in at the end, the predictions last.
+    Raises RuntimeError, after writing the predictions, when no file could be read.
     Returns {"heatmaps": {method: path}, "predictions": {"csv": path, "json": path}}.
     """
     methods = tuple(methods)
     files = input_pipeline.list_image_files(folder)
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
-    batches = _folder_batches(folder, files, batch_size=batch_size, preprocess=preprocess)
-    rows, per_method = explain_batches(
-        graphdef,
-        state,
-        _progress(
-            batches,
-            "explain" if methods else "predict",
-            progress,
-            total=math.ceil(len(files) / batch_size),
-        ),
-        choose=choose_targets(threshold=threshold),
-        methods=methods,
-        method_opts=_merge_opts(method_opts),
-        cam_layer=_cam_layer(graphdef, state, preprocess, cam_layer) if methods else None,
-        on_batch=_overlay_writer(workdir) if overlays and methods else None,
+    _clear_folder_outputs(workdir)
+    images = _FolderImages(folder, files, batch_size=batch_size, preprocess=preprocess)
+    staging = os.path.join(workdir, _OVERLAY_STAGING)
+    try:
+        rows, per_method = explain_batches(
+            graphdef,
+            state,
+            _progress(images, "explain" if methods else "predict", progress),
+            choose=choose_targets(threshold=threshold),
+            methods=methods,
+            method_opts=_merge_opts(method_opts),
+            cam_layer=_cam_layer(graphdef, state, preprocess, cam_layer) if methods else None,
+            on_batch=_overlay_writer(staging) if overlays and methods else None,
+        )
+        heatmaps = (
+            _write_heatmaps(workdir, "folder", rows, per_method, with_index=False)
+            if len(rows["ids"])
+            else {}
+        )
+        if os.path.isdir(staging):
+            os.replace(staging, os.path.join(workdir, "overlays"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    table = images.table(rows)
+    paths = predictions_io.write_predictions(workdir, "predictions_folder", table, label_names)
+    n_ok = len(files) - len(images.errors)
+    logging_utils.log(
+        f"predicted {n_ok} of {len(files)} files under {folder}; {len(images.errors)} could "
+        f"not be read (status error in {paths['csv']})"
     )
-    table = predictions_io.prediction_rows(rows["ids"], rows["predictions"], rows["probabilities"])
-    return {
-        "heatmaps": _write_heatmaps(workdir, "folder", rows, per_method, with_index=False),
-        "predictions": predictions_io.write_predictions(
-            workdir, "predictions_folder", table, label_names
-        ),
-    }
+    if not n_ok:
+        raise RuntimeError(f"none of the {len(files)} files under {folder} could be read")
+    return {"heatmaps": heatmaps, "predictions": paths}
 
 
 def predict_folder(
