@@ -117,25 +117,26 @@ def pil_to_array(img: PIL.Image.Image) -> np.ndarray:
 
 
 def decode_dicom(data: bytes) -> tuple[np.ndarray, str]:
-    """Decodes DICOM bytes: rescale slope/intercept, VOI window, MONOCHROME1 inversion."""
+    """Decodes DICOM bytes: rescale slope/intercept, VOI window, MONOCHROME1 inversion.
+
+    A multi-frame image (NumberOfFrames > 1: a cine loop, a volume) gives its middle frame,
+    frame NumberOfFrames // 2, the only one decoded. Colour comes out RGB: pydicom converts
+    YBR photometric interpretations while decoding (the mode keeps the file's own name).
+    """
     import pydicom  # local import: only DICOM users pay for it
+    from pydicom.pixels import pixel_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        arr = ds.pixel_array
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        arr = pixel_array(ds, index=frames // 2 if frames > 1 else None)
     except Exception as e:  # pydicom raises many kinds
         raise DecodeError(f"not a readable DICOM image ({type(e).__name__}: {e})") from e
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if arr.ndim == 3 and arr.shape[-1] == 3 and not photometric.startswith("MONOCHROME"):
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
+    if int(getattr(ds, "SamplesPerPixel", 1) or 1) == 3 and arr.ndim == 3:
         return collapse_grey(_scale_to_uint8(arr) if arr.dtype != np.uint8 else arr), (
             f"DICOM:{photometric}"
         )
-    if arr.ndim == 3:  # multi-frame: take the middle frame
-        arr = arr[arr.shape[0] // 2]
     a = arr.astype(np.float64)
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)

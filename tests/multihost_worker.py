@@ -80,10 +80,8 @@ def run_steps(
         data_dir,
         "train",
         global_batch_size=8,
-        image_size=64,
-        channels=1,
+        preprocess=input_pipeline.Preprocess(64, 1, "unit"),
         augment=augment,
-        normalization="unit",
         seed=0,
     )
     digests, losses = [], []

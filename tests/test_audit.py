@@ -208,3 +208,20 @@ def test_dicom_decode(tmp_path):
     write(p2, arr, "MONOCHROME1")
     d2 = image_io.decode_file(p2).pixels
     assert d2[0, 0] == 255 and d2[0, -1] == 0  # inverted, min-max scaled
+
+
+@pytest.mark.parametrize(
+    "name, frames", [("SC_rgb_rle_2frame.dcm", 2), ("examples_ybr_color.dcm", 30)]
+)
+def test_multiframe_colour_dicom_gives_its_middle_frame_in_rgb(name, frames):
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    path = pydicom.data.get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    decoded = image_io.decode_file(path)
+    every = pixel_array(path)  # all frames, YBR converted to RGB
+    assert every.shape[0] == frames and decoded.pixels.shape == every.shape[1:]
+    np.testing.assert_array_equal(decoded.pixels, every[frames // 2])
+    assert decoded.mode == f"DICOM:{pydicom.dcmread(path).PhotometricInterpretation}"

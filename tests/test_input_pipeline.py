@@ -35,10 +35,8 @@ def data_dir(tmp_path_factory) -> str:
 def _train(data_dir, **kw):
     args = dict(
         global_batch_size=8,
-        image_size=24,
-        channels=1,
+        preprocess=ip.Preprocess(24, 1, "unit"),
         augment=AUG,
-        normalization="unit",
         seed=0,
         shard_index=0,
         shard_count=1,
@@ -68,15 +66,14 @@ def test_info_and_errors(data_dir, tmp_path):
             data_dir,
             "test_dedup",
             global_batch_size=4,
-            image_size=24,
-            channels=1,
+            preprocess=ip.Preprocess(24, 1, "unit"),
             shard_index=0,
             shard_count=1,
         )
 
 
 def test_train_batches_shapes_and_seed(data_dir):
-    b = next(_train(data_dir, channels=3, normalization="imagenet"))
+    b = next(_train(data_dir, preprocess=ip.Preprocess(24, 3, "imagenet")))
     assert b["image"].shape == (8, 24, 24, 3) and b["image"].dtype == np.float32
     assert b["label"].dtype == np.int32 and b["mask"].shape == (8, 24, 24)
     first = _take(_train(data_dir), 4)
@@ -129,9 +126,7 @@ def test_eval_sees_every_example_once(data_dir, shards):
             data_dir,
             "test",
             global_batch_size=4,
-            image_size=24,
-            channels=1,
-            normalization="unit",
+            preprocess=ip.Preprocess(24, 1, "unit"),
             shard_index=p,
             shard_count=shards,
         )
@@ -150,9 +145,7 @@ def test_eval_sees_every_example_once(data_dir, shards):
         data_dir,
         "test",
         global_batch_size=4,
-        image_size=24,
-        channels=1,
-        normalization="unit",
+        preprocess=ip.Preprocess(24, 1, "unit"),
         shard_index=0,
         shard_count=1,
     )
@@ -160,16 +153,14 @@ def test_eval_sees_every_example_once(data_dir, shards):
 
 
 def test_load_examples_matches_eval(data_dir):
-    ex = ip.load_examples(data_dir, "test", [2, 0], image_size=24, channels=1, normalization="unit")
+    ex = ip.load_examples(data_dir, "test", [2, 0], preprocess=ip.Preprocess(24, 1, "unit"))
     assert ex["image"].shape == (2, 24, 24, 1) and ex["mask"].shape == (2, 24, 24)
     ev = list(
         ip.make_eval_iterator(
             data_dir,
             "test",
             global_batch_size=4,
-            image_size=24,
-            channels=1,
-            normalization="unit",
+            preprocess=ip.Preprocess(24, 1, "unit"),
             shard_index=0,
             shard_count=1,
         )
@@ -179,19 +170,14 @@ def test_load_examples_matches_eval(data_dir):
 
 
 def test_normalization_and_channels(data_dir):
-    u = ip.load_examples(data_dir, "val", [0], image_size=32, channels=1, normalization="unit")[
-        "image"
-    ]
-    g = ip.load_examples(data_dir, "val", [0], image_size=32, channels=3, normalization="imagenet")[
-        "image"
-    ]
+    u = ip.load_examples(data_dir, "val", [0], preprocess=ip.Preprocess(32, 1, "unit"))["image"]
+    g = ip.load_examples(data_dir, "val", [0], preprocess=ip.Preprocess(32, 3, "imagenet"))["image"]
     assert u.min() >= 0 and u.max() <= 1
     for c in range(3):
         want = (u[..., 0] - ip.IMAGENET_MEAN[c]) / ip.IMAGENET_STD[c]
         np.testing.assert_allclose(g[..., c], want, atol=1e-5)
-    grey = ip.load_examples(
-        data_dir, "val", [0], image_size=32, channels=1, normalization="imagenet"
-    )["image"]
+    grey_preprocess = ip.Preprocess(32, 1, "imagenet")
+    grey = ip.load_examples(data_dir, "val", [0], preprocess=grey_preprocess)["image"]
     np.testing.assert_allclose(grey[..., 0], (u[..., 0] - 0.449) / 0.226, atol=1e-3)
 
 
@@ -232,9 +218,7 @@ def test_to_global_array(data_dir):
         data_dir,
         "test",
         global_batch_size=jax.device_count() * 2,
-        image_size=24,
-        channels=1,
-        normalization="unit",
+        preprocess=ip.Preprocess(24, 1, "unit"),
         shard_index=0,
         shard_count=1,
     )
@@ -260,7 +244,7 @@ def test_user_files_png_and_dicom(tmp_path):
     files = ip.list_image_files(str(tmp_path))
     assert [os.path.basename(f) for f in files] == (["ct.dcm"] if ct else []) + ["x.png"]
     for f in files:
-        x = ip.load_image_file(f, image_size=16, channels=3, normalization="unit")
+        x = ip.load_image_file(f, preprocess=ip.Preprocess(16, 3, "unit"))
         assert x.shape == (16, 16, 3) and x.dtype == np.float32
         assert 0 <= x.min() <= x.max() <= 1 and x.std() > 0
 
@@ -294,8 +278,8 @@ flags.FLAGS.mark_as_parsed()
 from xmedjax import input_pipeline as ip
 d = sys.argv[1]
 mesh = jax.make_mesh((8,), ("data",))
-it = ip.make_train_iterator(d, "train", global_batch_size=16, image_size=24, channels=1,
-                            augment=None, normalization="unit", seed=0)
+it = ip.make_train_iterator(d, "train", global_batch_size=16, preprocess=ip.Preprocess(24, 1, "unit"),
+                            augment=None, seed=0)
 b = next(it)
 g = ip.to_global_array(b, mesh)
 assert g["image"].shape == (16, 24, 24, 1), g["image"].shape
@@ -338,3 +322,17 @@ def test_orbax_checkpoint_of_iterator(data_dir, tmp_path):
     fresh = _train(data_dir)
     mngr.restore(2, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(fresh)))
     assert _same(expected, _take(fresh, 2))
+
+
+def test_preprocess_validates_and_reads_the_config():
+    from ml_collections import ConfigDict
+
+    config = ConfigDict({"data": {"image_size": 64, "channels": 1, "normalization": "unit"}})
+    pre = ip.Preprocess.from_config(config)
+    assert pre == ip.Preprocess(64, 1, "unit") and pre.shape == (64, 64, 1)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        ip.Preprocess(64, 2, "unit")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        ip.Preprocess(64, 1, "zscore")
+    with pytest.raises(ValueError, match="image_size must be positive"):
+        ip.Preprocess(0, 1, "unit")

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from xmedjax import evaluate, metrics, report
 
@@ -95,3 +96,24 @@ def test_multiclass_and_degenerate_splits():
         np.zeros(5, int), np.tile([[0.7, 0.3]], (5, 1)), bootstrap_samples=10
     )
     assert np.isnan(single["auc_roc"]) and single["accuracy"] == 1.0
+
+
+def test_json_io_writes_strict_json_atomically(tmp_path):
+    from xmedjax import json_io
+
+    value = {
+        1: np.float32(0.5),
+        "nan": float("nan"),
+        "arr": np.array([1.0, np.inf]),
+        "t": (np.int64(3), np.bool_(True), None),
+        "other": tmp_path,
+    }
+    want = {"1": 0.5, "nan": None, "arr": [1.0, None], "t": [3, True, None], "other": str(tmp_path)}
+    assert json_io.to_jsonable(value) == want
+    path = str(tmp_path / "sub" / "x.json")
+    assert json_io.write_json(path, value) == path
+    with open(path) as f:
+        assert json.loads(f.read(), parse_constant=lambda c: pytest.fail(c)) == want
+    with pytest.raises(TypeError):  # a failed write leaves the old file whole, and no temp
+        json_io.write_text_atomic(path, object())
+    assert json.load(open(path)) == want and os.listdir(tmp_path / "sub") == ["x.json"]

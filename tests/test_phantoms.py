@@ -64,7 +64,7 @@ def test_phantom_dataset_with_geometry_shortcut(tmp_path):
         rec = src[i]
         want = [24, 32] if rec["label"] == 1 else [24, 24]
         assert list(rec["orig_size"]) == want
-    ex = ip.load_examples(out, "train", range(8), image_size=24, channels=1, normalization="unit")
+    ex = ip.load_examples(out, "train", range(8), preprocess=ip.Preprocess(24, 1, "unit"))
     assert ex["image"].shape == (8, 24, 24, 1) and ex["mask"].shape == (8, 24, 24)
     assert np.all((ex["mask"].reshape(8, -1).max(1) > 0.5) == (ex["label"] == 1))
 

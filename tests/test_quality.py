@@ -19,7 +19,7 @@ from test_cams import TinyCam
 
 from data_prep import phantoms
 from xmedjax.explain import quality
-from xmedjax.explain.cams import CAM_METHODS, METHODS, auto_cam_layer
+from xmedjax.explain.cams import CAM_METHODS, METHODS, auto_cam_layer, compute_methods
 from xmedjax.models import create_model
 
 # ----------------------------------------------------------------------------- by hand
@@ -132,6 +132,56 @@ def test_randomization_stages_go_from_the_head_down():
         same = np.array_equal(var.get_value(), after[path].get_value())
         changed_kernel = path[0] in ("fc", "layer4") and var.get_value().ndim >= 2
         assert same != changed_kernel, path
+
+
+def test_quality_subset_keeps_the_first_lesion_images():
+    masks = np.zeros((4, 2, 2), np.float32)
+    masks[[0, 2, 3], 0, 0] = 1.0  # image 1 has an empty mask, image 3 is padding
+    batch = {
+        "image": np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * np.ones((1, 2, 2, 1)),
+        "label": np.array([1, 0, 1, 1]),
+        "mask": masks,
+    }
+    valid = np.array([True, True, True, False])
+    subset = quality.QualitySubset(n_images=3, fit_images=2)
+    assert subset.arrays() is None
+    subset.add(batch, valid)
+    got = subset.arrays()
+    assert got["images"][:, 0, 0, 0].tolist() == [0.0, 2.0] and got["masks"].dtype == bool
+    subset.add(batch, valid)  # one more lesion image fills it; the fit set is already full
+    got = subset.arrays()
+    assert got["images"][:, 0, 0, 0].tolist() == [0.0, 2.0, 0.0] and subset.has_masks
+    fit_images, fit_labels = subset.fit_arrays()
+    assert fit_labels.tolist() == [1, 0, 1] and len(fit_images) == 3  # whole valid batches
+    no_masks = quality.QualitySubset(n_images=2)
+    no_masks.add({k: v for k, v in batch.items() if k != "mask"}, valid)
+    assert no_masks.arrays()["masks"] is None and no_masks.arrays()["labels"].tolist() == [1, 0]
+    assert no_masks.fit_arrays()[1].size == 0
+
+
+def test_cascading_randomization_of_one_method_or_several():
+    rng = np.random.default_rng(0)
+    graphdef, state = nnx.split(TinyCam(np.ones(3), rng.normal(size=(3, 2)), np.zeros(2)))
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+    targets = jnp.array([0, 1], jnp.int32)
+    stages = quality.randomization_stages(state)
+    one = quality.cascading_randomization(METHODS["hirescam"], graphdef, state, x, targets, seed=3)
+    assert [entry["stage"] for entry in one] == stages
+    several = quality.cascading_randomization(
+        compute_methods,
+        graphdef,
+        state,
+        x,
+        targets,
+        seed=3,
+        cuts=(1, len(stages)),
+        names=("hirescam", "random"),
+    )
+    assert set(several) == {"hirescam", "random"}
+    for got, want in zip(several["hirescam"], (one[0], one[-1])):
+        assert got["stage"] == want["stage"]
+        assert got["spearman"] == pytest.approx(want["spearman"], abs=1e-6)
+    assert [entry["spearman"] for entry in several["random"]] == [1.0, 1.0]
 
 
 def test_random_baseline_is_seeded_and_model_free():

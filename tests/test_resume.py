@@ -150,10 +150,8 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted_run(tmp_path, phan
         phantom_dir,
         "train",
         global_batch_size=8,
-        image_size=32,
-        channels=1,
+        preprocess=input_pipeline.Preprocess(32, 1, "imagenet"),
         augment=dict(config.augment),
-        normalization="imagenet",
         seed=0,
     )
     with pytest.raises(train.Preempted, match="SIGTERM: saved step 3"):

@@ -160,9 +160,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, phantom_di
         phantom_dir,
         "train",
         global_batch_size=8,
-        image_size=32,
-        channels=1,
-        normalization="imagenet",
+        preprocess=input_pipeline.Preprocess(32, 1, "imagenet"),
         seed=0,
     )
     with pytest.raises(

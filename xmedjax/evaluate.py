@@ -9,7 +9,6 @@ The binary decision threshold is chosen on val and applied, unchanged, to test.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xmedjax import input_pipeline, metrics
+from xmedjax import input_pipeline, json_io, metrics
 
 SHORTCUT_NOTE = (
     "A classifier that sees only acquisition metadata (image size, aspect, intensity and "
@@ -39,9 +38,7 @@ def predict_split(
     data_dir: str,
     split: str,
     batch_size: int,
-    image_size: int,
-    channels: int,
-    normalization: str,
+    preprocess: input_pipeline.Preprocess,
 ) -> dict[str, np.ndarray]:
     """Runs `eval_fn(state, batch)` over every example of a split once.
 
@@ -53,9 +50,7 @@ def predict_split(
         data_dir,
         split,
         global_batch_size=batch_size,
-        image_size=image_size,
-        channels=channels,
-        normalization=normalization,
+        preprocess=preprocess,
     )
     logits, labels, index, valid, local_ids = [], [], [], [], {}
     for batch in batches:
@@ -125,24 +120,7 @@ def shortcut_baseline(data_dir: str) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - a baseline failure must not lose the run's metrics
         return {"error": f"{type(exc).__name__}: {exc}", "note": SHORTCUT_NOTE}
     result.setdefault("note", SHORTCUT_NOTE)
-    return json.loads(json.dumps(result, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    return str(value)
-
-
-def _clean(value):
-    """NaN/inf -> None so metrics.json is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    return json_io.to_jsonable(result)
 
 
 def save_predictions(path: str, pred: dict[str, np.ndarray], threshold: float) -> None:
@@ -248,7 +226,6 @@ def evaluate_splits(
     out["shortcut_baseline"] = shortcut_baseline(data_dir) if data_dir else None
     if extra:
         out.update(extra)
-    out = _clean(out)
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    out = json_io.to_jsonable(out)  # strict JSON: NaN/inf -> null
+    json_io.write_json(os.path.join(workdir, "metrics.json"), out, indent=2)
     return out

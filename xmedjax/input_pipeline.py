@@ -13,6 +13,9 @@ Batches are dicts of numpy arrays: ``image`` float32 (b, H, W, C), ``label`` int
 ``id``. ``b = global_batch_size // shard_count``; process ``p`` gets rows
 ``[p * b, (p + 1) * b)`` of each global batch. ``to_global_array`` turns a batch into
 global ``jax.Array``s sharded along the data axis of a mesh.
+
+Every image, prepared or a user's file, goes through one ``Preprocess(image_size,
+channels, normalization)`` (``Preprocess.from_config(config)`` in the modes).
 """
 
 from __future__ import annotations
@@ -39,6 +42,35 @@ _BUILD_HINT = (
     "chest_xray|folder --src=RAW_DIR --out={d}` (or data_prep.phantoms."
     "build_phantom_dataset)"
 )
+
+
+# ----------------------------------------------------------------------------- preprocessing
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How a decoded image becomes model input: resized (stretched) to `image_size` square,
+    `channels` 1 or 3, normalised by `normalization` ("imagenet" or "unit", see `to_float`)."""
+
+    image_size: int
+    channels: int
+    normalization: str
+
+    def __post_init__(self):
+        if int(self.image_size) <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        _norm_consts(self.normalization, self.channels)  # validates the normalisation
+
+    @classmethod
+    def from_config(cls, config) -> Preprocess:
+        """From `config.data.{image_size, channels, normalization}`."""
+        d = config.data
+        return cls(int(d.image_size), int(d.channels), str(d.normalization))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One image's model input shape (H, W, C)."""
+        return (self.image_size, self.image_size, self.channels)
 
 
 # ----------------------------------------------------------------------------- info
@@ -214,9 +246,7 @@ def _decode_png(data: bytes) -> np.ndarray:
 class _Decoder:
     """Record -> example dict (decode, resize/augment, normalise)."""
 
-    image_size: int
-    channels: int
-    normalization: str
+    preprocess: Preprocess
     has_masks: bool
     augment: augment_lib.AugmentParams | None = None
 
@@ -225,12 +255,13 @@ class _Decoder:
         arrays = [image]
         if self.has_masks:
             arrays.append(_decode_png(rec["mask"]).astype(np.float32) * (1.0 / 255.0))
+        size = self.preprocess.image_size
         transform = None
         if self.augment is not None and rng is not None:
-            transform = augment_lib.sample_transform(rng, self.augment, self.image_size)
-        arrays = augment_lib.warp(arrays, transform, self.image_size)
+            transform = augment_lib.sample_transform(rng, self.augment, size)
+        arrays = augment_lib.warp(arrays, transform, size)
         out = {
-            "image": to_float(arrays[0], self.channels, self.normalization),
+            "image": to_float(arrays[0], self.preprocess.channels, self.preprocess.normalization),
             "label": np.int32(rec["label"]),
         }
         if self.has_masks:
@@ -311,10 +342,8 @@ def make_train_iterator(
     split: str,
     *,
     global_batch_size: int,
-    image_size: int,
-    channels: int,
+    preprocess: Preprocess,
     augment: Mapping[str, Any] | None = None,
-    normalization: str = "imagenet",
     seed: int = 0,
     worker_count: int = 0,
     shard_index: int | None = None,
@@ -330,7 +359,6 @@ def make_train_iterator(
     ``read_threads``: decode threads per process (default: min(8, CPUs) without workers,
     2 per worker); PIL releases the GIL while decoding and warping.
     """
-    _norm_consts(normalization, channels)  # validates early
     source = PreparedSource(data_dir, split)
     shard_index, shard_count = _shard(shard_index, shard_count)
     b = _per_process(global_batch_size, shard_count)
@@ -341,11 +369,7 @@ def make_train_iterator(
             f"than one global batch of {global_batch_size}"
         )
     decoder = _Decoder(
-        image_size,
-        channels,
-        normalization,
-        source.info.has_masks,
-        augment_lib.AugmentParams.from_mapping(augment),
+        preprocess, source.info.has_masks, augment_lib.AugmentParams.from_mapping(augment)
     )
     element = _TrainElement(
         source, decoder, seed, global_batch_size, b, shard_index, steps * global_batch_size
@@ -430,19 +454,16 @@ def make_eval_iterator(
     split: str,
     *,
     global_batch_size: int,
-    image_size: int,
-    channels: int,
-    normalization: str = "imagenet",
+    preprocess: Preprocess,
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> EvalIterable:
     """Per-process eval batches in a fixed order, each example once, last batch padded."""
-    _norm_consts(normalization, channels)
     source = PreparedSource(data_dir, split)
     shard_index, shard_count = _shard(shard_index, shard_count)
     b = _per_process(global_batch_size, shard_count)
     steps = max(1, math.ceil(len(source) / global_batch_size))
-    decoder = _Decoder(image_size, channels, normalization, source.info.has_masks)
+    decoder = _Decoder(preprocess, source.info.has_masks)
     element = _EvalElement(source, decoder, global_batch_size, b, shard_index)
     ds = grain.MapDataset.range(steps * b).map_with_index(element).batch(b)
     return EvalIterable(ds, steps, len(source))
@@ -454,13 +475,11 @@ def load_examples(
     split: str,
     indices,
     *,
-    image_size: int,
-    channels: int,
-    normalization: str = "imagenet",
+    preprocess: Preprocess,
 ) -> dict[str, np.ndarray]:
     """Examples by position in the split, no augmentation: image, label, mask?, id."""
     source = PreparedSource(data_dir, split)
-    decoder = _Decoder(image_size, channels, normalization, source.info.has_masks)
+    decoder = _Decoder(preprocess, source.info.has_masks)
     rows = []
     ids = []
     for i in np.asarray(indices, dtype=np.int64).ravel():
@@ -511,9 +530,7 @@ def list_image_files(folder: str) -> list[str]:
     return out
 
 
-def load_image_file(
-    path: str, *, image_size: int, channels: int, normalization: str = "imagenet"
-) -> np.ndarray:
+def load_image_file(path: str, *, preprocess: Preprocess) -> np.ndarray:
     """One PNG/JPEG/DICOM file -> float32 (image_size, image_size, channels), normalised.
 
     DICOM: RescaleSlope/Intercept, then the VOI window (WindowCenter/Width) when present,
@@ -524,5 +541,5 @@ def load_image_file(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such image file: {path}")
     pixels = image_io.decode_file(path).pixels
-    resized = augment_lib.warp([pixels], None, image_size)[0]
-    return to_float(resized, channels, normalization)
+    resized = augment_lib.warp([pixels], None, preprocess.image_size)[0]
+    return to_float(resized, preprocess.channels, preprocess.normalization)

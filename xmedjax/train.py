@@ -186,12 +186,9 @@ def train_label_counts(data_dir: str, split: str, num_classes: int) -> np.ndarra
 
 
 def _eval_kwargs(run: Run) -> dict:
-    d = run.config.data
     return {
         "data_dir": run.data_dir,
-        "image_size": d.image_size,
-        "channels": d.channels,
-        "normalization": d.normalization,
+        "preprocess": input_pipeline.Preprocess.from_config(run.config),
     }
 
 
@@ -286,10 +283,8 @@ def fit(run: Run, *, train_iterator=None) -> dict:
             run.data_dir,
             c.data.train_split,
             global_batch_size=t.batch_size,
-            image_size=c.data.image_size,
-            channels=c.data.channels,
+            preprocess=input_pipeline.Preprocess.from_config(c),
             augment=dict(c.augment),
-            normalization=c.data.normalization,
             seed=t.seed,
             worker_count=c.data.worker_count,
         )
@@ -509,28 +504,25 @@ def explain_split(
     `predictions` (by example index, e.g. from the val-tuned threshold) are the classes
     explained, so the heatmaps explain the same decisions as metrics.json.
     """
-    from xmedjax.explain.run import explain_split as explain_prepared_split  # noqa: PLC0415
+    from xmedjax.explain import run as explain_run  # noqa: PLC0415
 
     c = run.config
     quality_methods = (
-        {"quality_methods": tuple(c.explain.quality_methods)} if c.explain.quality_methods else {}
+        {"methods": tuple(c.explain.quality_methods)} if c.explain.quality_methods else {}
     )
-    return explain_prepared_split(
+    quality = explain_run.QualitySettings(n_images=c.explain.quality_images, **quality_methods)
+    return explain_run.explain_split(
         run.mdef.graphdef,
         host_model_state(state),
         data_dir=run.data_dir,
         split=split,
         workdir=run.workdir,
-        image_size=c.data.image_size,
-        channels=c.data.channels,
-        normalization=c.data.normalization,
+        preprocess=input_pipeline.Preprocess.from_config(c),
         methods=tuple(c.explain.methods),
         batch_size=c.explain.batch_size,
-        quality=c.explain.quality,
-        quality_images=c.explain.quality_images,
+        quality=quality if c.explain.quality else None,
         predictions=predictions,
         progress=c.runtime.progress_bar,
-        **quality_methods,
     )
 
 
@@ -688,9 +680,7 @@ def predict(config, workdir: str) -> dict | None:
         host_model_state(state),
         folder=c.predict.folder,
         workdir=run.workdir,
-        image_size=c.data.image_size,
-        channels=c.data.channels,
-        normalization=c.data.normalization,
+        preprocess=input_pipeline.Preprocess.from_config(c),
         methods=tuple(c.explain.methods),
         batch_size=c.explain.batch_size,
         threshold=threshold,

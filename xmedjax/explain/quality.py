@@ -16,14 +16,17 @@
   Spearman rank correlation and SSIM to the original maps; a map that does not depend on
   the model keeps a correlation near 1, a faithful one drops.
 
-`score_methods` runs all of it for a set of registry methods on one batch of images.
+`score_methods` runs all of it for a set of registry methods on one batch of images;
+`QualitySubset` gathers a split's fixed subset while its batches stream by and
+`score_subset` scores it (with `_meta`) for `xmedjax.explain.run`, which writes the JSON.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -259,26 +262,43 @@ def cascading_randomization(
     images: jax.Array,
     targets: jax.Array,
     *,
-    original: np.ndarray | None = None,
+    original: np.ndarray | Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
     stages: Sequence[str] | None = None,
+    cuts: Sequence[int] | None = None,
     **opts,
-) -> list[dict]:
+) -> list[dict] | dict[str, list[dict]]:
     """Adebayo et al.'s cascade: randomise stage after stage from the head down.
 
     Returns one entry per cumulative stage: {"stage": last stage randomised, "spearman",
     "ssim"} (means over images) of the randomised model's maps against `original` (the
-    trained model's maps, computed here when not given), same targets.
+    trained model's maps, computed here when not given), same targets. `cuts` (default:
+    every stage) are the numbers of stages randomised, e.g. (1, len(stages)) for the two ends.
+
+    `method(graphdef, state, images, targets, **opts)` is one registry method (a CamResult:
+    the result is one list) or several at once, returning {name: CamResult} (such as
+    `cams.compute_methods` with `names=`, which shares the gradient CAMs' backward pass:
+    the result is {name: list}, and `original`, when given, is {name: maps}).
     """
+
+    def maps_of(model_state) -> dict:
+        result = method(graphdef, model_state, images, targets, **opts)
+        if isinstance(result, Mapping):
+            return {name: np.asarray(r.maps) for name, r in result.items()}
+        return {None: np.asarray(result.maps)}
+
     if original is None:
-        original = np.asarray(method(graphdef, state, images, targets, **opts).maps)
+        original = maps_of(state)
+    elif not isinstance(original, Mapping):
+        original = {None: np.asarray(original)}
     stages = list(randomization_stages(state) if stages is None else stages)
-    results = []
-    for n in range(1, len(stages) + 1):
-        randomized = randomize_stages(state, stages[:n], seed)
-        maps = np.asarray(method(graphdef, randomized, images, targets, **opts).maps)
-        results.append({"stage": stages[n - 1], **compare_maps(original, maps)})
-    return results
+    cuts = range(1, len(stages) + 1) if cuts is None else cuts
+    results: dict = {name: [] for name in original}
+    for n in cuts:
+        maps = maps_of(randomize_stages(state, stages[:n], seed))
+        for name, entries in results.items():
+            entries.append({"stage": stages[n - 1], **compare_maps(original[name], maps[name])})
+    return results[None] if None in results else results
 
 
 def _head_paths(state: nnx.State) -> tuple[tuple, tuple]:
@@ -415,20 +435,20 @@ def score_methods(
             out[name]["insertion_auc"] = float(jnp.mean(i_auc))
     if sanity:
         stages = randomization_stages(state)
-        cuts = range(1, len(stages) + 1) if cascade == "full" else sorted({1, len(stages)})
-        cascades: dict[str, list] = {name: [] for name in names}
-        for n in cuts:
-            randomized = randomize_stages(state, stages[:n], seed)
-            other = compute_methods(
-                graphdef, randomized, images, targets, names, method_opts, layer
-            )
-            for name in names:
-                cascades[name].append(
-                    {
-                        "stage": stages[n - 1],
-                        **compare_maps(maps[name], np.asarray(other[name].maps)),
-                    }
-                )
+        cascades = cascading_randomization(
+            compute_methods,
+            graphdef,
+            state,
+            images,
+            targets,
+            original=maps,
+            seed=seed,
+            stages=stages,
+            cuts=None if cascade == "full" else sorted({1, len(stages)}),
+            names=names,
+            method_opts=method_opts,
+            layer=layer,
+        )
         for name in names:
             out[name]["sanity_randomization_spearman"] = cascades[name][-1]["spearman"]
             out[name]["sanity_randomization_ssim"] = cascades[name][-1]["ssim"]
@@ -445,20 +465,181 @@ def score_methods(
     return out
 
 
+# ----------------------------------------------------------------------------- a split's subset
+
+
+def _count(parts: dict[str, list]) -> int:
+    return sum(len(x) for x in parts["images"])
+
+
+def collect_subset(
+    subset: dict[str, list], batch: Mapping, valid: np.ndarray, limit: int | None = None
+) -> None:
+    """Appends a batch's valid images that have a non-empty lesion mask (every valid image
+    when the batch has no masks) to subset["images"], ["labels"] and ["masks"], up to
+    `limit` images in all (None: no limit)."""
+    keep = np.asarray(valid, bool).copy()
+    masks = None
+    if "mask" in batch:
+        masks = binarize_masks(np.asarray(batch["mask"]))
+        keep &= masks.reshape(len(masks), -1).any(axis=1)
+    if limit is not None:
+        keep &= np.cumsum(keep) <= max(0, limit - _count(subset))
+    if masks is not None:
+        subset["masks"].append(masks[keep])
+    subset["images"].append(np.asarray(batch["image"], np.float32)[keep])
+    subset["labels"].append(np.asarray(batch["label"])[keep])
+
+
+class QualitySubset:
+    """The fixed subset of a split that the quality scores use, gathered as batches stream by.
+
+    The first `n_images` images with a non-empty lesion mask (the first images when the
+    dataset has no masks), and, while fewer than `fit_images` are held, every valid image
+    of each batch, any class, for `shuffled_label_head` (0: none).
+    """
+
+    def __init__(self, n_images: int, fit_images: int = 0):
+        self.n_images, self.fit_images = n_images, fit_images
+        self.has_masks = False
+        self._subset: dict[str, list] = {"images": [], "labels": [], "masks": []}
+        self._fit: dict[str, list] = {"images": [], "labels": []}
+
+    def add(self, batch: Mapping, valid: np.ndarray) -> None:
+        """Takes what it still needs from one batch (dict of image, label, mask?)."""
+        valid = np.asarray(valid, bool)
+        if _count(self._subset) < self.n_images:
+            collect_subset(self._subset, batch, valid, self.n_images)
+            self.has_masks = self.has_masks or "mask" in batch
+        if _count(self._fit) < self.fit_images:
+            self._fit["images"].append(np.asarray(batch["image"], np.float32)[valid])
+            self._fit["labels"].append(np.asarray(batch["label"])[valid])
+
+    def arrays(self) -> dict[str, np.ndarray | None] | None:
+        """{"images", "labels" (int32), "masks" (None without masks)}; None when empty."""
+        if not _count(self._subset):
+            return None
+        parts = self._subset
+        return {
+            "images": np.concatenate(parts["images"]),
+            "labels": np.concatenate(parts["labels"]).astype(np.int32),
+            "masks": np.concatenate(parts["masks"]) if self.has_masks else None,
+        }
+
+    def fit_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) gathered for the shuffled-label head (empty arrays when none)."""
+        if not self._fit["labels"]:
+            return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
+        return np.concatenate(self._fit["images"]), np.concatenate(self._fit["labels"])
+
+
+def label_randomization_model(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    fit_images: np.ndarray,
+    fit_labels: np.ndarray,
+    *,
+    label_state: nnx.State | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[nnx.State | None, str]:
+    """(state, how it was made) of the model for the label-randomisation check.
+
+    `label_state` (a model trained on shuffled labels) when the caller has one, else the
+    `shuffled_label_head` refit on (`fit_images`, `fit_labels`), else None when those hold
+    a single class.
+    """
+    if label_state is not None:
+        return label_state, "caller-supplied model trained on shuffled labels"
+    if len(np.unique(fit_labels)) < 2:
+        return None, "none (the split has a single class)"
+    head = shuffled_label_head(
+        graphdef, state, fit_images, fit_labels, seed=seed, batch_size=batch_size
+    )
+    return head, (
+        f"linear head refit by ridge on {len(fit_labels)} images with shuffled labels, "
+        "features kept"
+    )
+
+
+def score_subset(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    subset: QualitySubset,
+    methods: Sequence[str],
+    *,
+    split: str,
+    method_opts: dict[str, dict] | None = None,
+    steps: int = 10,
+    layer: str | None = None,
+    label_state: nnx.State | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, dict] | None:
+    """`score_methods` of `methods` on a split's `QualitySubset`, explaining the TRUE class,
+    with the cheap cascade ("ends") and label randomisation; None when the subset is empty.
+
+    The scores come with `_meta`: split, n_images, targets, label_model, subset,
+    method_opts, cam_layer and seconds (this call, the head refit included).
+    """
+    started = time.time()
+    arrays = subset.arrays()
+    if arrays is None:
+        return None
+    label_state, label_model = label_randomization_model(
+        graphdef,
+        state,
+        *subset.fit_arrays(),
+        label_state=label_state,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    scores = score_methods(
+        graphdef,
+        state,
+        arrays["images"],
+        arrays["labels"],
+        arrays["masks"],
+        tuple(methods),
+        method_opts=method_opts,
+        cascade="ends",
+        steps=steps,
+        label_state=label_state,
+        label_model=label_model,
+        layer=layer,
+        seed=seed,
+    )
+    scores["_meta"] = {
+        "split": split,
+        "n_images": int(len(arrays["images"])),
+        "targets": "true label",
+        "label_model": label_model,
+        "subset": "first images with a non-empty mask" if subset.has_masks else "first images",
+        "method_opts": method_opts,
+        "cam_layer": layer or "model target",
+        "seconds": round(time.time() - started, 2),
+    }
+    return scores
+
+
 __all__ = [
+    "QualitySubset",
     "binarize_masks",
     "boxes_to_masks",
     "cascading_randomization",
+    "collect_subset",
     "compare_maps",
     "deletion_insertion_fn",
     "energy_in_mask",
     "gaussian_blur",
     "iou",
+    "label_randomization_model",
     "localisation_scores",
     "pointing_game",
     "randomization_stages",
     "randomize_stages",
     "score_methods",
+    "score_subset",
     "shuffled_label_head",
     "spearman",
     "ssim",
