@@ -35,22 +35,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from xmedjax import names
 from xmedjax.explain import export
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer, compute_methods
 from xmedjax.explain.capture import forward_fn
 
-QUALITY_METHODS = (
-    "gradcam",
-    "gradcampp",
-    "hirescam",
-    "layercam",
-    "xgradcam",
-    "scorecam",
-    "integrated_gradients",
-    "smoothgrad",
-    "random",
-)
+QUALITY_METHODS = names.QUALITY_METHODS  # every registry method, the random baseline last
 # Options that keep the quality stage cheap on CPU; callers may override per method.
 FAST_OPTS: dict[str, dict] = {
     "scorecam": {"chunk": 32},
