@@ -10,15 +10,7 @@ Rerun the same command to resume an interrupted run; --config.mode=evaluate|expl
 (with --config.predict.folder=DIR) reuse WORKDIR's best checkpoint.
 """
 
-import importlib.util
-import pathlib
-
-# default.py sits beside this file; load it by path so any working directory works.
-_spec = importlib.util.spec_from_file_location(
-    "xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py")
-)
-default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(default)
+from configs import default
 
 
 def get_config():

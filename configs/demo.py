@@ -7,15 +7,7 @@ checkpoint on val and test (WORKDIR/metrics.json, WORKDIR/report.html) and write
 maps of the test split (WORKDIR/heatmaps/test_gradcam.npz). Rerunning resumes.
 """
 
-import importlib.util
-import pathlib
-
-# default.py sits beside this file; load it by path so any working directory works.
-_spec = importlib.util.spec_from_file_location(
-    "xmedjax_configs_default", pathlib.Path(__file__).with_name("default.py")
-)
-default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(default)
+from configs import default
 
 
 def get_config():

@@ -7,8 +7,10 @@ Modules:
   hashing    byte/pixel hashes, perceptual hashes, near-duplicate search
   audit      ``python -m data_prep.audit --src=DIR --out=OUTDIR [--shortcut]``
   shortcut   metadata-only classifiers: can the label be guessed without the lesion?
-  builder    the prepared-dataset format (TFDS GeneratorBasedBuilder + xmedjax_dataset.json)
+  dataset_format  the prepared-dataset format: xmedjax_dataset.json, record keys,
+             PreparedSource (raw records); shared with ``xmedjax``
+  builder    the writer (TFDS GeneratorBasedBuilder + xmedjax_dataset.json)
   build      ``python -m data_prep.build --dataset=... --src=DIR --out=DIR``
   phantoms   synthetic brain-MRI / chest-X-ray phantoms with lesion masks
-Readers live in ``xmedjax.input_pipeline``.
+Training pipelines live in ``xmedjax.input_pipeline``. Nothing here imports ``xmedjax``.
 """

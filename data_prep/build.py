@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from data_prep import audit as audit_lib
-from data_prep import builder, hashing, image_io, layouts
+from data_prep import builder, dataset_format, hashing, image_io, layouts
 
 BAD_KINDS = ("undecodable", "not_an_image", "empty_file")
 
@@ -251,10 +251,7 @@ def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
 
 
 def _info(out: str) -> dict:
-    import json
-
-    with open(os.path.join(out, builder.INFO_FILE)) as f:
-        return json.load(f)
+    return dataset_format.read_info(out)
 
 
 def main(argv: list[str]) -> None:

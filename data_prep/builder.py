@@ -1,20 +1,19 @@
-"""The prepared-dataset format: a TFDS ``GeneratorBasedBuilder`` writing array_record files,
-plus a small ``xmedjax_dataset.json`` beside it.
+"""The prepared-dataset writer: a TFDS ``GeneratorBasedBuilder`` writing array_record files,
+plus a small ``xmedjax_dataset.json`` beside it (the format: ``data_prep.dataset_format``).
 
 Layout of a prepared dataset directory ``DIR``::
 
   DIR/xmedjax_dataset.json                 name, classes, channels, split counts, ...
   DIR/xmedjax_prepared/1.0.0/*.array_record  (+ TFDS dataset_info.json, features.json)
 
-Read it back without TensorFlow with
-``tfds.data_source(TFDS_NAME, data_dir=DIR, decoders=...)`` (see xmedjax.input_pipeline).
+Read it back without TensorFlow with ``dataset_format.PreparedSource`` (which calls
+``tfds.data_source(TFDS_NAME, data_dir=DIR, decoders=...)``).
 Images and masks are PNG bytes encoded by us with PIL (TFDS would call TensorFlow to encode
 numpy arrays); TFDS does not check shapes, so ``encode_example`` does.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
@@ -25,11 +24,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import image_io
-
-TFDS_NAME = "xmedjax_prepared"
-VERSION = "1.0.0"
-INFO_FILE = "xmedjax_dataset.json"
-SPLIT_ORDER = ("train", "val", "test", "test_dedup")
+from data_prep.dataset_format import (
+    FEATURE_KEYS,
+    MASK_KEY,
+    SPLIT_ORDER,
+    TFDS_NAME,
+    VERSION,
+    write_info,
+)
 
 
 @dataclass
@@ -98,8 +100,10 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "file_format": tfds.features.Text(),
             "file_size": tfds.features.Tensor(shape=(), dtype=np.int64),
         }
+        if tuple(feats) != FEATURE_KEYS:  # the format lists what every record holds
+            raise AssertionError(f"features {tuple(feats)} != dataset_format.FEATURE_KEYS")
         if self._spec.has_masks:
-            feats["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+            feats[MASK_KEY] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"xmedjax prepared dataset {self._spec.name}",
@@ -162,7 +166,7 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     if m.dtype == bool or m.max() <= 1
                     else (m.astype(np.uint8))
                 )
-            out["mask"] = image_io.encode_png(m)
+            out[MASK_KEY] = image_io.encode_png(m)
         return out
 
 
@@ -199,8 +203,7 @@ def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> st
     downloads = os.path.join(out_dir, "downloads")  # TFDS leaves an empty one behind
     if os.path.isdir(downloads) and not any(f for _, _, fs in os.walk(downloads) for f in fs):
         shutil.rmtree(downloads)
-    with open(os.path.join(out_dir, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=1)
+    write_info(out_dir, info)
     return out_dir
 
 

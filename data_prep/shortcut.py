@@ -220,13 +220,12 @@ def prepared_baseline(
     Returns {"accuracy", "auc_roc", "majority_baseline", "risk", "groups": {...}} where the
     top-level numbers are those of the ``all`` group (train + val -> test).
     """
-    from data_prep import audit, image_io
-    from xmedjax import input_pipeline as ip
+    from data_prep import audit, dataset_format, image_io
 
-    info = ip.read_dataset_info(data_dir)
+    info = dataset_format.read_dataset_info(data_dir)
 
     def load(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        src = ip.PreparedSource(data_dir, split)
+        src = dataset_format.PreparedSource(data_dir, split)
         rows, ys = [], []
         for i in range(len(src)):
             rec = src[i]

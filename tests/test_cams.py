@@ -15,11 +15,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from xmedjax import names
 from xmedjax.explain import METHODS, compute_methods
-from xmedjax.explain.cams import CAM_METHODS, align_corners_matrix, scorecam_fn
-from xmedjax.explain.capture import capture_target_gradients
+from xmedjax.explain.cams import (
+    CAM_METHODS,
+    GRADIENT_RULES,
+    align_corners_matrix,
+    auto_cam_layer,
+    scorecam_fn,
+)
+from xmedjax.explain.capture import capture_target_gradients, forward_with_activation
 from xmedjax.explain.gradcam import grad_cam_fn
-from xmedjax.models import create_model
+from xmedjax.models import DenseNet, ResNet, create_model, model_spec
 from xmedjax.models.layers import mark_cam_target
 
 
@@ -206,3 +213,54 @@ def test_layer_option_targets_an_earlier_feature_map(small_resnet):
         assert finer[name].raw.shape == (2, 4, 4), name  # 32 px / 8
     with pytest.raises(ValueError):
         grad_cam_fn(graphdef, state, x, targets, layer="layer9")
+
+
+def test_registry_keys_are_the_names_registry():
+    assert tuple(METHODS) == names.SALIENCY_METHODS
+    assert tuple(GRADIENT_RULES) == names.GRADIENT_CAMS
+    assert CAM_METHODS == names.CAM_METHODS
+    assert set(CAM_METHODS) | set(names.ATTRIBUTIONS) | {names.RANDOM} == set(METHODS)
+
+
+# The same classes at one block per stage and a few channels: real forwards cost nothing.
+TINY_MODELS = {
+    "resnet50": lambda: ResNet(
+        (1, 1, 1, 1), num_classes=2, in_channels=1, base_width=2, rngs=nnx.Rngs(0)
+    ),
+    "densenet121": lambda: DenseNet(
+        (1, 1, 1, 1), growth_rate=2, init_features=4, num_classes=2, in_channels=1, rngs=nnx.Rngs(0)
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "arch, at_64px", [("resnet50", "layer2"), ("densenet121", "features.denseblock2")]
+)
+def test_model_spec_names_the_models_own_layers(arch, at_64px):
+    model = nnx.eval_shape(lambda: create_model(arch, 2, in_channels=1, width=0.0625))
+    graphdef, state = nnx.split(model)  # shapes only
+    spec = model_spec(graphdef, state)
+    assert spec == model_spec(model)
+    # earlier CAM layers, deepest first: at 64 px the own grid and the first are too coarse
+    assert spec.cam_layers[1] == at_64px
+    assert auto_cam_layer(graphdef, state, (64, 64, 1)) == at_64px
+    flat = dict(nnx.to_flat_state(state))
+    assert {(spec.head, "kernel"), (spec.head, "bias")} <= set(flat)
+    assert spec.randomization_order[0] == spec.head
+    # the declared CAM target is what the model sows (after DenseNet's final ReLU)
+    tiny = TINY_MODELS[arch]()
+    tiny.eval()
+    assert model_spec(tiny) == spec
+    tgraphdef, tstate = nnx.split(tiny)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 32, 32, 1)), jnp.float32)
+    _, own = forward_with_activation(tgraphdef, tstate, x)
+    _, tapped = forward_with_activation(tgraphdef, tstate, x, spec.cam_target)
+    np.testing.assert_allclose(jax.nn.relu(tapped), own, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(own)) > 0
+
+
+def test_a_model_without_a_spec_keeps_its_own_target(tiny):
+    assert model_spec(tiny["graphdef"], tiny["state"], default=None) is None
+    with pytest.raises(ValueError, match="declares no ModelSpec"):
+        model_spec(tiny["graphdef"], tiny["state"])
+    assert auto_cam_layer(tiny["graphdef"], tiny["state"], (5, 6, 1)) is None

@@ -13,7 +13,9 @@ import pytest
 from xmedjax import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py")
+)
 
 
 def load(name: str):
@@ -154,3 +156,119 @@ def test_cli_reports_bad_values_and_missing_data_in_one_line(tmp_path):
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no prepared dataset at") and "python -m data_prep.build" in last
+
+
+def test_every_config_imports_as_a_package_module():
+    import importlib
+
+    for path in CONFIGS:
+        name = os.path.basename(path)[:-3]
+        module = importlib.import_module(f"configs.{name}")
+        assert module.get_config().to_dict() == load(f"{name}.py").to_dict(), name
+        source = open(path).read()
+        assert "importlib" not in source and "spec_from_file_location" not in source, name
+    assert config_checks.default_config().to_dict() == load("default.py").to_dict()
+
+
+def _python(code: str, *, cwd: str, pythonpath: str, timeout: int = 60):
+    env = dict(os.environ, PYTHONPATH=pythonpath, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+VALIDATE_DEMO = (
+    "import sys, configs.demo\n"
+    "from xmedjax import config_checks\n"
+    "config_checks.validate(configs.demo.get_config())\n"
+)
+
+
+def test_validation_loads_neither_jax_nor_flax(tmp_path):
+    code = VALIDATE_DEMO + (
+        "heavy = sorted(m for m in ('jax', 'flax', 'xmedjax.models', 'xmedjax.explain') "
+        "if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "import xmedjax.names\n"
+        "assert 'numpy' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    res = _python(code, cwd=str(tmp_path), pythonpath=ROOT)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_names_are_what_the_code_implements():
+    import numpy as np
+
+    from xmedjax import input_pipeline, names, train
+    from xmedjax import train_state as ts
+    from xmedjax.explain import run
+    from xmedjax.models import ARCHITECTURES
+
+    assert tuple(train.MODES) == names.MODES
+    assert sorted(ARCHITECTURES) == sorted(names.ARCHS)
+    assert run.QUALITY_METHODS == names.QUALITY_METHODS == names.SALIENCY_METHODS
+    for name in names.OPTIMIZERS:
+        ts.make_optimizer(name, 1e-3)
+    for normalization in names.NORMALIZATIONS:
+        assert input_pipeline.to_float(np.zeros((2, 2), np.uint8), 3, normalization).shape == (
+            2,
+            2,
+            3,
+        )
+    assert config_checks.explain_methods() == names.SALIENCY_METHODS
+
+
+def test_a_built_wheel_ships_the_configs_and_validates_them(tmp_path):
+    """A non-editable install (the wheel, unpacked into a --target dir) runs the configs."""
+    import shutil
+    import zipfile
+
+    src = _mkdir(tmp_path / "src")  # a copy: building in the checkout would leave build/ there
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for package in ("xmedjax", "data_prep", "configs"):
+        shutil.copytree(
+            os.path.join(ROOT, package),
+            src / package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), "."],
+        cwd=src,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = wheels.glob("xmedjax-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"configs/{os.path.basename(p)}" for p in CONFIGS} | {"configs/__init__.py"}
+    assert configs <= shipped, sorted(configs - shipped)
+    target = tmp_path / "target"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    outside = _mkdir(tmp_path / "elsewhere")
+    code = VALIDATE_DEMO + (
+        "import os, xmedjax\n"
+        "print(os.path.dirname(os.path.dirname(configs.demo.__file__)))\n"
+        "print(os.path.dirname(os.path.dirname(xmedjax.__file__)))\n"
+    )
+    res = _python(code, cwd=str(outside), pythonpath=str(target))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(target), str(target)]  # not the checkout's copies
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path

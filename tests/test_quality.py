@@ -105,8 +105,8 @@ def test_deletion_insertion_curves_by_hand():
 
 
 def test_randomization_stages_go_from_the_head_down():
-    _, state = nnx.split(create_model("resnet50", 2, width=0.0625))
-    assert quality.randomization_stages(state) == [
+    graphdef, state = nnx.split(create_model("resnet50", 2, width=0.0625))
+    assert quality.randomization_stages(graphdef, state) == [
         "fc",
         "layer4",
         "layer3",
@@ -115,10 +115,8 @@ def test_randomization_stages_go_from_the_head_down():
         "bn1",
         "conv1",
     ]
-    dstate = nnx.state(
-        nnx.eval_shape(lambda: create_model("densenet121", 2, width=0.0625))
-    )  # paths only
-    stages = quality.randomization_stages(dstate)
+    dmodel = nnx.eval_shape(lambda: create_model("densenet121", 2, width=0.0625))  # paths only
+    stages = quality.randomization_stages(*nnx.split(dmodel))
     assert stages[:4] == [
         "classifier",
         "features.norm5",
@@ -126,6 +124,27 @@ def test_randomization_stages_go_from_the_head_down():
         "features.transition3",
     ]
     assert set(stages[-2:]) == {"features.conv0", "features.norm0"}
+    # the order explain_quality.json has always listed (stem groups in name order)
+    assert stages == [
+        "classifier",
+        "features.norm5",
+        "features.denseblock4",
+        "features.transition3",
+        "features.denseblock3",
+        "features.transition2",
+        "features.denseblock2",
+        "features.transition1",
+        "features.denseblock1",
+        "features.conv0",
+        "features.norm0",
+    ]
+    assert quality.randomization_stages(dmodel) == stages
+    # every parameter belongs to exactly one stage, so the cascade's end randomises them all
+    for model in (nnx.merge(graphdef, state), dmodel):
+        prefixes = [tuple(s.split(".")) for s in quality.randomization_stages(model)]
+        for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            parts = tuple(map(str, path))
+            assert sum(parts[: len(p)] == p for p in prefixes) == 1, path
     randomized = quality.randomize_stages(state, ["fc", "layer4"], seed=0)
     before, after = dict(nnx.to_flat_state(state)), dict(nnx.to_flat_state(randomized))
     for path, var in before.items():

@@ -3,57 +3,54 @@
 `validate(config)` compares a config with the schema of `configs/default.py` (no unknown
 key, no missing key, the schema's types) and checks each value's range. It raises
 `ConfigError`, whose message starts with the key: "config.optimizer.learning_rate must be
-> 0, got -1".
+> 0, got -1". The choices come from `xmedjax.names`; nothing here imports JAX, Flax or
+the models, so a bad config stops before they load.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-MODES = ("train", "evaluate", "explain", "predict")
-ARCHS = ("densenet121", "resnet50")
-DTYPES = ("float32", "bfloat16")
-DATASETS = ("prepared", "phantoms")
-PHANTOM_KINDS = ("brain", "chest")
-NORMALIZATIONS = ("imagenet", "unit")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-CLASS_WEIGHTINGS = ("none", "balanced")
-BEST_METRICS = ("val_loss", "val_accuracy", "val_auc_roc")
-THRESHOLDS = ("youden", "0.5")
-HEADS = ("reinit", "strict")
-DISTRIBUTED = ("auto", "on", "off")
+from configs import default as default_schema
+from xmedjax.errors import ConfigError
+from xmedjax.names import (
+    ARCHS,
+    BEST_METRICS,
+    CLASS_WEIGHTINGS,
+    DATASETS,
+    DISTRIBUTED,
+    DTYPES,
+    HEADS,
+    MODES,
+    NORMALIZATIONS,
+    OPTIMIZERS,
+    PHANTOM_KINDS,
+    SALIENCY_METHODS,
+    THRESHOLDS,
+)
+
+__all__ = [
+    "ConfigError",
+    "check_schema",
+    "check_values",
+    "default_config",
+    "explain_methods",
+    "validate",
+]
 
 
 def explain_methods() -> tuple[str, ...]:
-    """Saliency methods the explain package offers (its registry when importable)."""
-    try:
-        from xmedjax.explain.cams import METHODS  # noqa: PLC0415
-
-        return tuple(METHODS)
-    except ImportError:
-        return ("gradcam",)
-
-
-DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
-)
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message is one line and names the key."""
+    """Saliency methods a config may name (`xmedjax.names.SALIENCY_METHODS`)."""
+    return SALIENCY_METHODS
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The schema: `configs/default.py`'s get_config()."""
-    spec = importlib.util.spec_from_file_location("xmedjax_configs_default", DEFAULT_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return default_schema.get_config()
 
 
 def _flatten(d: Any, prefix: str = "config") -> dict[str, Any]:

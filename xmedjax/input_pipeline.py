@@ -1,4 +1,4 @@
-"""Grain input pipelines over prepared datasets (see ``data_prep.builder``).
+"""Grain input pipelines over prepared datasets (see ``data_prep.dataset_format``).
 
 Train: an endless, per-epoch reshuffled stream of per-process batches (drop remainder),
 deterministic for a seed whatever the worker count (each example's augmentation draws
@@ -21,27 +21,26 @@ channels, normalization)`` (``Preprocess.from_config(config)`` in the modes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
 import numpy as np
 
+from data_prep.dataset_format import (  # noqa: F401 (the format's names, re-exported)
+    INFO_FILE,
+    DatasetInfo,
+    PreparedSource,
+    check_split,
+    read_dataset_info,
+)
 from xmedjax import augment as augment_lib
+from xmedjax.names import NORMALIZATIONS
 
-INFO_FILE = "xmedjax_dataset.json"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-NORMALIZATIONS = ("imagenet", "unit")
-_BUILD_HINT = (
-    "make one with `python -m data_prep.build --dataset=brain_tumor_mri|"
-    "chest_xray|folder --src=RAW_DIR --out={d}` (or data_prep.phantoms."
-    "build_phantom_dataset)"
-)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -74,115 +73,14 @@ class Preprocess:
 
 
 # ----------------------------------------------------------------------------- info
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What ``xmedjax_dataset.json`` says about a prepared dataset."""
-
-    name: str
-    num_classes: int
-    label_names: tuple[str, ...]
-    channels: int
-    splits: dict[str, int]
-    has_masks: bool
-    size: int
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-
-
-def read_dataset_info(data_dir: str) -> DatasetInfo:
-    """Reads ``DIR/xmedjax_dataset.json``; a missing dataset raises FileNotFoundError."""
-    path = os.path.join(data_dir, INFO_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no prepared dataset at {data_dir} (missing {INFO_FILE}); "
-            + _BUILD_HINT.format(d=data_dir)
-        )
-    with open(path) as f:
-        d = json.load(f)
-    keys = ("name", "num_classes", "label_names", "channels", "splits", "has_masks", "size")
-    return DatasetInfo(
-        name=d["name"],
-        num_classes=int(d["num_classes"]),
-        label_names=tuple(d["label_names"]),
-        channels=int(d["channels"]),
-        splits={k: int(v) for k, v in d["splits"].items()},
-        has_masks=bool(d["has_masks"]),
-        size=int(d["size"]),
-        extra={k: v for k, v in d.items() if k not in keys},
-    )
-
-
-def _check_split(info: DatasetInfo, data_dir: str, split: str) -> int:
-    if split not in info.splits:
-        hint = " (build with --dedup_test to get test_dedup)" if split == "test_dedup" else ""
-        raise ValueError(
-            f"split {split!r} not in prepared dataset {data_dir} (has "
-            f"{sorted(info.splits)}){hint}; rebuild with `python -m data_prep.build "
-            f"... --out={data_dir}`"
-        )
-    return info.splits[split]
-
-
 def num_examples(data_dir: str, split: str) -> int:
     """Number of examples of a split."""
-    return _check_split(read_dataset_info(data_dir), data_dir, split)
+    return check_split(read_dataset_info(data_dir), data_dir, split)
 
 
 def steps_per_epoch(data_dir: str, split: str, global_batch_size: int) -> int:
     """Full global batches per epoch (the train iterator drops the remainder)."""
     return num_examples(data_dir, split) // global_batch_size
-
-
-# ----------------------------------------------------------------------------- source
-class PreparedSource:
-    """Random access to one split's raw records (image/mask PNG bytes undecoded).
-
-    Opens the TFDS array_record data source lazily, so it pickles cheaply into Grain
-    worker processes.
-    """
-
-    def __init__(self, data_dir: str, split: str):
-        self.data_dir = os.path.abspath(data_dir)
-        self.split = split
-        self.info = read_dataset_info(data_dir)
-        self._len = _check_split(self.info, data_dir, split)
-        self._src = None
-        self._lock = threading.Lock()
-
-    def _open(self):
-        import tensorflow_datasets as tfds  # heavy import, done once per process
-
-        skip = tfds.decode.SkipDecoding()
-        decoders = {"image": skip}
-        if self.info.has_masks:
-            decoders["mask"] = skip
-        name = self.info.extra.get("tfds_name", "xmedjax_prepared")
-        self._src = tfds.data_source(
-            name, data_dir=self.data_dir, split=self.split, decoders=decoders
-        )
-        if len(self._src) != self._len:
-            raise ValueError(
-                f"{self.data_dir}: split {self.split} holds {len(self._src)} "
-                f"examples but {INFO_FILE} says {self._len}; rebuild it"
-            )
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if self._src is None:
-            with self._lock:  # read threads start together
-                if self._src is None:
-                    self._open()
-        return self._src[int(index)]
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_src"], d["_lock"] = None, None
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- decode

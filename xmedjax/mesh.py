@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xmedjax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 # Environment variables that mark a multi-process launch jax.distributed understands
@@ -106,8 +108,6 @@ def check_batch_size(
     """The global batch must split evenly over devices and processes."""
     devices = mesh.devices.size
     if global_batch_size % devices or global_batch_size % jax.process_count():
-        from xmedjax.config_checks import ConfigError  # noqa: PLC0415
-
         raise ConfigError(
             f"{key} must be a multiple of the device count ({devices}) and process count "
             f"({jax.process_count()}), got {global_batch_size}"

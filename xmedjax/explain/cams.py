@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xmedjax import names
 from xmedjax.explain.capture import (
     capture_target_gradients,
     eval_model,
@@ -37,6 +38,7 @@ from xmedjax.explain.capture import (
 )
 from xmedjax.explain.gradcam import CamResult
 from xmedjax.explain.maps import to_input_size
+from xmedjax.models import model_spec
 
 GRADCAMPP_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
@@ -191,19 +193,13 @@ def random_fn(
     return CamResult(raw, raw, logits, chosen)
 
 
-# Earlier CAM targets, deepest first, per architecture (recognised by their parameter names).
-CAM_LAYER_CANDIDATES = {
-    "layer4": ("layer3", "layer2", "layer1"),
-    "features": ("features.denseblock3", "features.denseblock2", "features.denseblock1"),
-}
-
-
 def auto_cam_layer(
     graphdef: nnx.GraphDef, state: nnx.State, image_shape: tuple[int, ...], min_grid: int = 7
 ) -> str | None:
     """The CAM target layer for an input shape (H, W, C): None (the model's own) when its grid
-    is at least `min_grid` on each side (ResNet50 at 224 px: 7x7), else the deepest earlier
-    stage that is (at 64 px: ResNet50 `layer2`, DenseNet121 `features.denseblock2`, 8x8).
+    is at least `min_grid` on each side (ResNet50 at 224 px: 7x7), else the deepest of the
+    model's earlier CAM layers (`ModelSpec.cam_layers`) that is (at 64 px: ResNet50
+    `layer2`, DenseNet121 `features.denseblock2`, 8x8), else the shallowest of them.
 
     A 2x2 grid (either model at 64 px) cannot place a small lesion: its upsampled maps
     peak in a quadrant, and on the phantoms they localise no better than random maps.
@@ -218,8 +214,9 @@ def auto_cam_layer(
 
     if grid(None) >= min_grid:
         return None
-    top = {path[0] for path, _ in nnx.to_flat_state(state)}
-    candidates = next((c for key, c in CAM_LAYER_CANDIDATES.items() if key in top), ())
+    # the model's earlier targets, deepest first; a model that declares none keeps its own
+    spec = model_spec(graphdef, state, default=None)
+    candidates = spec.cam_layers if spec is not None else ()
     for layer in candidates:
         if grid(layer) >= min_grid:
             return layer
@@ -239,6 +236,7 @@ def _gradient_rules() -> dict:
 
 
 # The methods that need only the target activation and its gradient (one backward pass).
+# Keys: xmedjax.names.GRADIENT_CAMS.
 GRADIENT_RULES: dict = _gradient_rules()
 
 
@@ -314,12 +312,12 @@ def _registry() -> dict:
 
 
 # Every saliency method under one signature: fn(graphdef, state, images, targets, **opts) -> CamResult.
+# Keys: xmedjax.names.SALIENCY_METHODS, in that order (tests/test_cams.py checks they agree).
 METHODS: dict = _registry()
-CAM_METHODS = ("gradcam", "gradcampp", "hirescam", "layercam", "xgradcam", "scorecam")
+CAM_METHODS = names.CAM_METHODS
 
 
 __all__ = [
-    "CAM_LAYER_CANDIDATES",
     "CAM_METHODS",
     "auto_cam_layer",
     "GRADIENT_RULES",

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from xmedjax import names
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer
 from xmedjax.explain.run import FAST_OPTS, QUALITY_METHODS, _batches, _collect_subset
@@ -169,12 +170,12 @@ def markdown_table(
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for label in labels:
-        scores = {m: s for m, s in results[label]["scores"].items() if m != "random"}
+        scores = {m: s for m, s in results[label]["scores"].items() if m != names.RANDOM}
         ranked = sorted(
             scores, key=lambda m: -np.nan_to_num(scores[m].get("pointing_game", np.nan), nan=-1)
         )
         if ranked:
-            rnd = results[label]["scores"].get("random", {}).get("pointing_game")
+            rnd = results[label]["scores"].get(names.RANDOM, {}).get("pointing_game")
             lines.append(
                 f"- {label}: best pointing game `{ranked[0]}` ({_fmt(scores[ranked[0]].get('pointing_game'))}), "
                 f"worst `{ranked[-1]}` ({_fmt(scores[ranked[-1]].get('pointing_game'))}), random {_fmt(rnd)}."

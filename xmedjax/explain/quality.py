@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import functools
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -35,6 +34,7 @@ from flax import nnx
 from scipy import ndimage, stats
 
 from xmedjax.explain.capture import eval_model, forward_fn
+from xmedjax.models import model_spec
 
 # ----------------------------------------------------------------------------- localisation
 
@@ -204,50 +204,36 @@ def _nanmean(x) -> float:
 
 # ----------------------------------------------------------------------------- randomisation
 
-HEAD_NAMES = ("fc", "classifier", "head")
+
+def randomization_stages(
+    model: nnx.Module | nnx.GraphDef, state: nnx.State | None = None
+) -> list[str]:
+    """The model's parameter groups from the head down (ResNet: fc, layer4 .. layer1, bn1, conv1).
+
+    `randomization_stages(graphdef, state)` or `randomization_stages(model)`: the order the
+    model declares (`ModelSpec.randomization_order`).
+    """
+    return list(model_spec(model, state).randomization_order)
 
 
-def _stage_key(path: tuple) -> tuple:
-    return tuple(path[:2]) if path[0] == "features" and len(path) > 2 else tuple(path[:1])
-
-
-def _stage_rank(key: tuple) -> float:
-    name = str(key[-1])
-    if name in HEAD_NAMES:
-        return float("inf")
-    if name == "norm5":
-        return 1000.0
-    found = re.match(r"(layer|denseblock|transition)(\d+)$", name)
-    if found:
-        return 2.0 * int(found.group(2)) + (1.0 if found.group(1) == "transition" else 0.0)
-    return 0.0
-
-
-def randomization_stages(state: nnx.State) -> list[str]:
-    """The model's parameter groups from the head down (ResNet: fc, layer4 .. layer1, stem)."""
-    keys = {
-        _stage_key(path) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)
-    }
-    ordered = sorted(keys, key=lambda k: (-_stage_rank(k), tuple(map(str, k))))
-    return [".".join(map(str, k)) for k in ordered]
+def _in_stages(path: tuple, stages: Sequence[tuple[str, ...]]) -> bool:
+    parts = tuple(map(str, path))
+    return any(parts[: len(stage)] == stage for stage in stages)
 
 
 def randomize_stages(state: nnx.State, stages: Sequence[str], seed: int = 0) -> nnx.State:
     """A copy of `state` whose conv/linear kernels in `stages` are re-drawn from N(0, 2 / fan_in).
 
+    A stage is a dotted path prefix of parameter paths ("layer4", "features.denseblock1").
     Biases, BatchNorm parameters and statistics are kept (Adebayo et al. re-initialise the
     weights; the kernels carry what the network learned).
     """
-    wanted = set(stages)
+    wanted = [tuple(stage.split(".")) for stage in stages]
     key = jax.random.PRNGKey(seed)
     out = []
     for i, (path, var) in enumerate(nnx.to_flat_state(state)):
         value = var.get_value()
-        if (
-            isinstance(var, nnx.Param)
-            and ".".join(map(str, _stage_key(path))) in wanted
-            and value.ndim >= 2
-        ):
+        if isinstance(var, nnx.Param) and _in_stages(path, wanted) and value.ndim >= 2:
             fan_in = int(np.prod(value.shape[:-1]))
             noise = jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
             var = var.replace((noise * np.sqrt(2.0 / fan_in)).astype(value.dtype))
@@ -291,7 +277,7 @@ def cascading_randomization(
         original = maps_of(state)
     elif not isinstance(original, Mapping):
         original = {None: np.asarray(original)}
-    stages = list(randomization_stages(state) if stages is None else stages)
+    stages = list(randomization_stages(graphdef, state) if stages is None else stages)
     cuts = range(1, len(stages) + 1) if cuts is None else cuts
     results: dict = {name: [] for name in original}
     for n in cuts:
@@ -301,12 +287,14 @@ def cascading_randomization(
     return results[None] if None in results else results
 
 
-def _head_paths(state: nnx.State) -> tuple[tuple, tuple]:
+def _head_paths(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[tuple, tuple]:
+    """The (kernel, bias) parameter paths of the model's linear head (`ModelSpec.head`)."""
+    head = tuple(model_spec(graphdef, state).head.split("."))
     flat = {path: var for path, var in nnx.to_flat_state(state)}
-    for name in HEAD_NAMES:
-        if (name, "kernel") in flat and (name, "bias") in flat:
-            return (name, "kernel"), (name, "bias")
-    raise KeyError("no linear head named fc/classifier/head with kernel and bias")
+    kernel, bias = (*head, "kernel"), (*head, "bias")
+    if kernel not in flat or bias not in flat:
+        raise KeyError(f"the head {'.'.join(head)!r} has no kernel and bias")
+    return kernel, bias
 
 
 def shuffled_label_head(
@@ -331,7 +319,7 @@ def shuffled_label_head(
         raise ValueError(
             "shuffled_label_head needs images of at least two classes (shuffling one class changes nothing)"
         )
-    kernel_path, bias_path = _head_paths(state)
+    kernel_path, bias_path = _head_paths(graphdef, state)
     flat = {path: var for path, var in nnx.to_flat_state(state)}
     num_classes = flat[kernel_path].get_value().shape[-1]
     feats = []
@@ -434,7 +422,7 @@ def score_methods(
             out[name]["deletion_auc"] = float(jnp.mean(d_auc))
             out[name]["insertion_auc"] = float(jnp.mean(i_auc))
     if sanity:
-        stages = randomization_stages(state)
+        stages = randomization_stages(graphdef, state)
         cascades = cascading_randomization(
             compute_methods,
             graphdef,

@@ -41,24 +41,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from xmedjax import input_pipeline, json_io, logging_utils, metrics
+from xmedjax import input_pipeline, json_io, logging_utils, metrics, names
 from xmedjax.explain import export, predictions_io
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer, compute_methods
 from xmedjax.explain.capture import forward_fn
 from xmedjax.input_pipeline import Preprocess
 
-QUALITY_METHODS = (
-    "gradcam",
-    "gradcampp",
-    "hirescam",
-    "layercam",
-    "xgradcam",
-    "scorecam",
-    "integrated_gradients",
-    "smoothgrad",
-    "random",
-)
+QUALITY_METHODS = names.QUALITY_METHODS  # every registry method, the random baseline last
 # Options that keep the quality stage cheap on CPU; callers may override per method.
 FAST_OPTS: dict[str, dict] = {
     "scorecam": {"chunk": 32},

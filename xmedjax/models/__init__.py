@@ -6,7 +6,9 @@
     logits = model(images)  # float32 NHWC -> (B, num_classes) float32
 
 Both models sow their Grad-CAM target activation under `CAM_TARGET` ("cam_target"):
-the feature map that global average pooling consumes.
+the feature map that global average pooling consumes. Each declares its layers for the
+explain code (CAM targets, stages, head) as a `ModelSpec`: `model_spec(model)` or
+`model_spec(graphdef, state)`.
 """
 
 from __future__ import annotations
@@ -23,20 +25,50 @@ from xmedjax.models.convert import (
 from xmedjax.models.densenet import DenseNet, DenseNet121
 from xmedjax.models.layers import CAM_TARGET
 from xmedjax.models.resnet import ResNet, ResNet50
+from xmedjax.models.spec import ModelSpec
 
+# Keys: xmedjax.names.ARCHS (tests/test_configs.py checks they agree).
 ARCHITECTURES = {"resnet50": ResNet50, "densenet121": DenseNet121}
 
 __all__ = [
     "ARCHITECTURES",
     "CAM_TARGET",
     "DenseNet",
+    "ModelSpec",
     "ResNet",
     "WeightLoadError",
     "create_model",
     "export_torchvision_state_dict",
     "load_torchvision_weights",
+    "model_spec",
     "read_state_dict",
 ]
+
+_RAISE = object()
+
+
+def model_spec(
+    model: nnx.Module | nnx.GraphDef, state: nnx.State | None = None, default=_RAISE
+) -> ModelSpec:
+    """The `ModelSpec` a model declares (its `spec` property), from the model or its split.
+
+    `model_spec(model)` or `model_spec(graphdef, state)` (abstract states from
+    `nnx.eval_shape` work too). A model that declares none raises ValueError, or returns
+    `default` when one is given.
+    """
+    if isinstance(model, nnx.GraphDef):
+        if state is None:
+            raise TypeError("model_spec(graphdef) needs the state: model_spec(graphdef, state)")
+        model = nnx.merge(model, state)
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, ModelSpec):
+        return spec
+    if default is not _RAISE:
+        return default
+    raise ValueError(
+        f"{type(model).__name__} declares no ModelSpec (a `spec` property); the models of "
+        "xmedjax.models.create_model do"
+    )
 
 
 def create_model(

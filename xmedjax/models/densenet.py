@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmedjax.models import layers
+from xmedjax.models.spec import ModelSpec
 
 
 class DenseLayer(nnx.Module):
@@ -119,6 +120,24 @@ class DenseNet(nnx.Module):
         self.classifier = layers.linear(self.num_features, num_classes, rngs=rngs)
         # torchvision sets the classifier bias to zero.
         self.classifier.bias[...] = jnp.zeros_like(self.classifier.bias[...])
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Target relu(features), earlier targets the dense blocks deepest first, head classifier."""
+        body = []
+        for i in range(1, self.features.num_blocks + 1):
+            body.append(f"features.denseblock{i}")
+            if i != self.features.num_blocks:
+                body.append(f"features.transition{i}")
+        return ModelSpec(
+            cam_target="features",
+            cam_layers=tuple(
+                f"features.denseblock{i}" for i in range(self.features.num_blocks - 1, 0, -1)
+            ),
+            stem=("features.conv0", "features.norm0"),
+            stages=(*body, "features.norm5", "classifier"),
+            head="classifier",
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """NHWC images -> float32 logits."""

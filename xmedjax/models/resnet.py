@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmedjax.models import layers
+from xmedjax.models.spec import ModelSpec
 
 
 class Bottleneck(nnx.Module):
@@ -61,6 +62,7 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
+        self.stage_sizes = tuple(stage_sizes)
         self.conv1 = layers.conv(
             in_channels, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=rngs
         )
@@ -78,6 +80,18 @@ class ResNet(nnx.Module):
             setattr(self, f"layer{index + 1}", nnx.List(stage))
         self.num_features = in_ch
         self.fc = layers.linear(in_ch, num_classes, rngs=rngs)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Target the last stage (layer4), earlier targets the stages deepest first, head fc."""
+        body = tuple(f"layer{i + 1}" for i in range(len(self.stage_sizes)))
+        return ModelSpec(
+            cam_target=body[-1],
+            cam_layers=body[-2::-1],
+            stem=("conv1", "bn1"),
+            stages=(*body, "fc"),
+            head="fc",
+        )
 
     def features(self, x: jax.Array) -> jax.Array:
         """NHWC images -> the layer4 feature map (the Grad-CAM target)."""
