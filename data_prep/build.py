@@ -94,7 +94,7 @@ def _group_ids(files, recs, idx: list[int], near_pairs) -> list[int]:
             ("p:" + layouts.patient_id(files[i].relpath))
             if layouts.patient_id(files[i].relpath)
             else None,
-            "h:" + recs[i]["pixel_hash"],
+            "h:" + recs[i].get("copy_hash", recs[i]["pixel_hash"]),
         ):
             if key is None:
                 continue
@@ -177,10 +177,11 @@ def prepare(
         tr, va = carve_val(pool, [labels[i] for i in pool], gids, val_fraction, seed)
         splits = {"train": tr, "val": va}
     splits["test"] = by_split.get("test", [])
-    dropped, reasons = 0, {}
+    dropped, reasons, moved_only = 0, {}, 0
     if dedup_test:
         splits["test_dedup"], reasons = _dedup(files, recs, splits, _near_pairs(res))
         dropped = len(splits["test"]) - len(splits["test_dedup"])
+        moved_only = _transformed_only(recs, splits, res)
     n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
     if channels == "auto":
         nch = 3 if n_colour > 0.5 * max(1, len(ok)) else 1
@@ -211,6 +212,7 @@ def prepare(
             "colour_images": n_colour,
             "test_dedup_dropped": dropped,
             "test_dedup_dropped_by_reason": reasons,
+            "test_dedup_dropped_mirrored_or_rotated_only": moved_only,
             "audit_summary": res["summary"],
         },
     )
@@ -225,11 +227,12 @@ def _near_pairs(res) -> list[tuple[int, int]]:
 def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
     """Test indices without leaks into train/val, and how many were dropped per reason.
 
-    Dropped: exact (same pixels) or near duplicates of a train/val image, and images of a
+    Dropped: exact (same pixels) or near duplicates of a train/val image, mirrored and
+    rotated copies included (the audit's ``copy_hash`` and near pairs), and images of a
     patient who also appears in train/val.
     """
     ref = set(splits["train"]) | set(splits.get("val", []))
-    ref_pixels = {recs[i]["pixel_hash"] for i in ref}
+    ref_pixels = {recs[i].get("copy_hash", recs[i]["pixel_hash"]) for i in ref}
     ref_patients = {layouts.patient_id(files[i].relpath) for i in ref} - {""}
     near_ref: set[int] = set()
     for a, b in near_pairs:
@@ -239,7 +242,7 @@ def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
             near_ref.add(a)
     keep, why = [], {"exact_duplicate": 0, "near_duplicate": 0, "patient_overlap": 0}
     for i in splits["test"]:
-        if recs[i]["pixel_hash"] in ref_pixels:
+        if recs[i].get("copy_hash", recs[i]["pixel_hash"]) in ref_pixels:
             why["exact_duplicate"] += 1
         elif i in near_ref:
             why["near_duplicate"] += 1
@@ -248,6 +251,25 @@ def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
         else:
             keep.append(i)
     return keep, why
+
+
+def _transformed_only(recs, splits, res) -> int:
+    """Test images whose only copies in train/val are mirrored or rotated ones."""
+    ref = set(splits["train"]) | set(splits.get("val", []))
+    plain = {recs[i]["pixel_hash"] for i in ref}
+    moved = {recs[i].get("copy_hash", "") for i in ref}
+    near: dict[int, set[str]] = {}
+    for (a, b), t in res.get("_near_transforms", {}).items():
+        for x, y in ((a, b), (b, a)):
+            if y in ref:
+                near.setdefault(x, set()).add(t)
+    n = 0
+    for i in splits["test"]:
+        ts = near.get(i, set())
+        if recs[i]["pixel_hash"] in plain or "identity" in ts:
+            continue
+        n += bool(ts) or recs[i].get("copy_hash") in moved
+    return n
 
 
 def _info(out: str) -> dict:
