@@ -604,6 +604,10 @@ def markdown(result: dict[str, Any], max_listed: int = 20) -> str:
             )
         if len(st["unusual"]) > max_listed:
             lines.append(f"- ... and {len(st['unusual']) - max_listed} more")
+    if "annotations" in result:  # added by data_prep.build --annotations
+        from data_prep import annotations as annotations_lib
+
+        lines += ["", annotations_lib.markdown(result["annotations"])]
     if "shortcut" in result:
         from data_prep import shortcut as shortcut_lib
 

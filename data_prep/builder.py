@@ -49,6 +49,9 @@ class Example:
     file_format: str = ""
     file_size: int = 0
     mask: np.ndarray | None = None  # uint8/bool (H, W), same size as image
+    # True: the mask is the truth (empty = no lesion); False: unknown, never scored.
+    # None: known when a mask is given.
+    mask_known: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,6 +103,7 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         }
         if self._spec.has_masks:
             feats["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+            feats["mask_known"] = tfds.features.Tensor(shape=(), dtype=np.bool_)
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"xmedjax prepared dataset {self._spec.name}",
@@ -163,6 +167,8 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     else (m.astype(np.uint8))
                 )
             out["mask"] = image_io.encode_png(m)
+            known = ex.mask is not None if ex.mask_known is None else ex.mask_known
+            out["mask_known"] = np.bool_(known)
         return out
 
 
