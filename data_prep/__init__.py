@@ -6,6 +6,7 @@ Modules:
   image_io   robust decoding (16-bit, RGBA, CMYK, palette, DICOM), resizing, PNG encoding
   hashing    byte/pixel hashes, perceptual hashes, near-duplicate search
   audit      ``python -m data_prep.audit --src=DIR --out=OUTDIR [--shortcut]``
+  annotations  lesion annotations (YOLO, VIA, COCO, mask images) -> masks
   shortcut   metadata-only classifiers: can the label be guessed without the lesion?
   builder    the prepared-dataset format (TFDS GeneratorBasedBuilder + xmedjax_dataset.json)
   build      ``python -m data_prep.build --dataset=... --src=DIR --out=DIR``

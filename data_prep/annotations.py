@@ -764,7 +764,7 @@ def summarise(
         **count(images),
         "regions": int(sum(k * v for k, v in per_image.items())),
         "regions_per_image": {str(k): per_image[k] for k in sorted(per_image)},
-        "by_split": {s: count(rels) for s, rels in splits.items()},
+        "by_split": {s: count(rels) for s, rels in splits.items() if rels},
         "skipped": list(skipped),
     }
 

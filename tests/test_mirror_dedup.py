@@ -41,12 +41,22 @@ def test_transforms_compose_and_invert():
 
 
 def test_transform_hashes_match_the_copies():
-    a = _img(2)
+    a = _img(2)  # smaller than hashing.HASH_SOURCE: exact
     th = hashing.transform_hashes(a)
     for k, t in enumerate(hashing.TRANSFORMS):
         b = np.ascontiguousarray(hashing.apply_transform(a, t))
         assert th["pixel"][k] == hashing.pixel_hash(b)
         assert th["dhash"][k] == hashing.dhash64(b) and th["phash"][k] == hashing.phash64(b)
+
+
+def test_transform_hashes_of_a_large_image_stay_close():
+    a = _img(3, size=(300, 420))
+    th = hashing.transform_hashes(a)
+    for k, t in enumerate(hashing.TRANSFORMS):
+        b = np.ascontiguousarray(hashing.apply_transform(a, t))
+        assert th["pixel"][k] == hashing.pixel_hash(b)
+        assert bin(th["dhash"][k] ^ hashing.dhash64(b)).count("1") <= 3, t
+        assert bin(th["phash"][k] ^ hashing.phash64(b)).count("1") <= 3, t
 
 
 def test_near_pairs_find_a_mirrored_and_a_rotated_copy():
