@@ -43,7 +43,7 @@ import math
 import os
 import urllib.parse
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +88,13 @@ class Annotation:
     regions: list[dict[str, Any]] = field(default_factory=list)  # {"name": shape, ...}
     frame: tuple[int, int] | None = None  # (h, w) the coordinates refer to (None: the image's)
     mask_path: str | None = None  # masks format
-    mask_regions: int = 0  # masks format: connected components
+    mask_regions: int = 0  # masks format and borrowed masks: connected components
+    # A borrowed mask (data_prep.borrow): returns a bool mask, resized to the image's size.
+    mask_loader: Callable[[], np.ndarray] | None = None
 
     @property
     def n_regions(self) -> int:
-        return self.mask_regions if self.mask_path else len(self.regions)
+        return self.mask_regions if self.mask_path or self.mask_loader else len(self.regions)
 
 
 @dataclass
@@ -289,6 +291,8 @@ def rasterise(ann: Annotation, height: int, width: int) -> np.ndarray:
     """The union of an annotation's regions: bool (height, width), the image's resolution."""
     if ann.mask_path:
         return read_mask(ann.mask_path)
+    if ann.mask_loader is not None:
+        return resize_mask(ann.mask_loader(), (height, width))
     fh, fw = ann.frame or (height, width)
     mask = np.zeros((fh, fw), bool)
     for r in ann.regions:
@@ -784,6 +788,10 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for s, c in summary["by_split"].items():
         lines.append(f"| {s} | {c['annotated']} | {c['empty']} | {c['unknown']} |")
+    if "borrowed" in summary:
+        from data_prep import borrow
+
+        lines += ["", borrow.markdown(summary["borrowed"]).rstrip()]
     if summary["skipped"]:
         lines += ["", f"Skipped (--skip_bad), {len(summary['skipped'])}:", ""]
         lines += [f"- {e}" for e in summary["skipped"]]

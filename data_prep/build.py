@@ -5,6 +5,7 @@
       [--skip_bad] [--dedup_test] [--channels=auto|1|3] [--keep_val]
       [--image_format=png|jpeg] [--jpeg_quality=95]
       [--annotations=PATH --annotation_format=auto|yolo|via|coco|masks]
+      [--annotations_from=PREPARED_OR_YOLO_DIR]
 
 The audit runs first (its report lands in ``OUT/audit.json`` / ``OUT/audit.md``); an
 undecodable file stops the build unless ``--skip_bad``. A validation split is carved from
@@ -30,6 +31,7 @@ import numpy as np
 
 from data_prep import annotations as annotations_lib
 from data_prep import audit as audit_lib
+from data_prep import borrow as borrow_lib
 from data_prep import builder, hashing, image_io, layouts
 
 BAD_KINDS = ("undecodable", "not_an_image", "empty_file")
@@ -142,12 +144,14 @@ def prepare(
     jpeg_quality: int = 95,
     annotations: str = "",
     annotation_format: str = "auto",
+    annotations_from: str = "",
 ) -> dict:
     """Audits ``src`` and writes the prepared dataset to ``out``; returns its info dict.
 
     ``annotations``/``annotation_format``: lesion annotations (see ``data_prep.annotations``)
     rasterised into the dataset's ``mask`` and ``mask_known`` (the yolo layout reads
-    ``src/labels`` by default).
+    ``src/labels`` by default); ``annotations_from``: borrow masks from the annotated
+    dataset the images were copied from (``data_prep.borrow``).
     """
     if dataset not in layouts.DATASETS:
         raise BuildError(f"--dataset must be one of {layouts.DATASETS}, got {dataset!r}")
@@ -169,11 +173,8 @@ def prepare(
     labels = {i: lmap.label_of(files[i].class_name) for i in ok}
     splits, official_val = _splits(res, src, ok, labels, keep_val, val_fraction, seed)
     dedup_meta = _add_test_dedup(files, recs, splits, res) if dedup_test else _NO_DEDUP
-    anns, ann_meta = None, None
-    if ann_source is not None:
-        anns, ann_meta = _annotate(ann_source, files, recs, ok, splits, skip_bad)
-        res["annotations"] = ann_meta
-        audit_lib.write_report(res, out)
+    borrowed = (annotations_from, workers, progress)
+    anns, ann_meta = _annotate(res, out, ann_source, borrowed, ok, splits, skip_bad)
     n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
     nch = int(channels) if channels != "auto" else 3 if n_colour > 0.5 * max(1, len(ok)) else 1
     items = _items(files, recs, labels, splits, size, anns)
@@ -284,12 +285,17 @@ def _splits(res, src, ok, labels, keep_val, val_fraction, seed) -> tuple[dict, l
     return splits, official_val
 
 
-def _annotate(source, files, recs, ok, splits, skip_bad):
-    """Reads the annotations of the images ``ok``: (AnnotationSet, counts for the metadata).
+def _annotate(res, out, source, borrowed, ok, splits, skip_bad):
+    """Reads the annotations of the images ``ok``: (AnnotationSet, counts for the metadata),
+    (None, None) without annotations; the counts also go into the audit report in ``out``.
 
     Bad annotations stop the build with their first line, or (--skip_bad) are listed on
-    stderr and skipped (their images become unknown).
+    stderr and skipped (their images become unknown). ``borrowed``: (--annotations_from,
+    workers, progress); borrowed masks fill the images the annotations leave unknown.
     """
+    if source is None and not borrowed[0]:
+        return None, None
+    files, recs = _unzip(res)
     refs = [
         annotations_lib.ImageRef(
             files[i].relpath,
@@ -300,7 +306,16 @@ def _annotate(source, files, recs, ok, splits, skip_bad):
         )
         for i in ok
     ]
-    anns = source.load(refs)
+    if source is not None:
+        anns = source.load(refs)
+    else:
+        anns = annotations_lib.AnnotationSet("borrowed", "", {}, [])
+    report = None
+    if borrowed[0]:
+        got, report = borrow_lib.borrow(
+            borrowed[0], files, recs, ok, splits, workers=borrowed[1], progress=borrowed[2]
+        )
+        anns.by_image = {**got, **anns.by_image}
     lines = [str(e) for e in anns.errors]
     if lines and not skip_bad:
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
@@ -310,7 +325,12 @@ def _annotate(source, files, recs, ok, splits, skip_bad):
         for line in lines:
             print(f"  {line}", file=sys.stderr)
     rels = {s: [files[i].relpath for i in v] for s, v in splits.items()}
-    return anns, annotations_lib.summarise(anns, rels, lines)
+    meta = annotations_lib.summarise(anns, rels, lines)
+    if report is not None:
+        meta["borrowed"] = report
+    res["annotations"] = meta
+    audit_lib.write_report(res, out)
+    return anns, meta
 
 
 def _near_pairs(res) -> list[tuple[int, int]]:
@@ -395,6 +415,7 @@ def main(argv: list[str]) -> None:
             jpeg_quality=f.jpeg_quality,
             annotations=f.annotations,
             annotation_format=f.annotation_format,
+            annotations_from=f.annotations_from,
         )
     except (BuildError, FileNotFoundError, ValueError) as e:
         sys.exit(f"data_prep.build: {e}")
@@ -444,6 +465,12 @@ def _define_flags() -> None:
         "auto",
         ("auto",) + annotations_lib.FORMATS,
         "format of --annotations (auto: COCO or VIA by the JSON keys, yolo or masks by the files)",
+    )
+    flags.DEFINE_string(
+        "annotations_from",
+        "",
+        "borrow masks from the annotated dataset these images were copied from (a prepared "
+        "dataset with masks, or a yolo folder), mirrored and rotated copies included",
     )
 
 

@@ -292,6 +292,43 @@ def near_duplicate_pairs_transformed(
     return [(i, j, t, s) for (i, j), (t, s) in sorted(best.items())]
 
 
+def transformed_matches(
+    query_dhashes: np.ndarray,
+    query_phashes: np.ndarray,
+    ref_dhashes: np.ndarray,
+    ref_phashes: np.ndarray,
+    query_thumbs: list[np.ndarray],
+    ref_thumbs: list[np.ndarray],
+    transforms: tuple[str, ...] = TRANSFORMS,
+    *,
+    dhash_threshold: int = 8,
+    phash_threshold: int = 8,
+    structure_threshold: float = 0.9,
+    chunk: int = 1024,
+) -> list[tuple[int, int, str, float]]:
+    """Every ``(i, j, t, similarity)`` where ``t(query_i)`` is a near copy of ``ref_j``.
+
+    Query hashes are (n, len(transforms)) as ``transform_hashes`` gives them; reference
+    hashes (m,) are the plain ones. Two different sets: no pair is left out as a self-pair.
+    """
+    qd, qp = np.asarray(query_dhashes, np.uint64), np.asarray(query_phashes, np.uint64)
+    rd, rp = np.asarray(ref_dhashes, np.uint64), np.asarray(ref_phashes, np.uint64)
+    out = []
+    ref_desc: dict[int, np.ndarray] = {}
+    for k, t in enumerate(transforms):
+        pairs = _hash_pairs(
+            qd[:, k], rd, qp[:, k], rp, dhash_threshold, phash_threshold, chunk, None
+        )
+        for i, j in pairs:
+            if j not in ref_desc:
+                ref_desc[j] = structure_descriptor(ref_thumbs[j])
+            q = structure_descriptor(np.ascontiguousarray(apply_transform(query_thumbs[i], t)))
+            sim = float(q @ ref_desc[j])
+            if sim >= structure_threshold:
+                out.append((i, j, t, sim))
+    return out
+
+
 def _popcount_xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamming distances between uint64 hashes a (m,) and b (n,): int (m, n)."""
     x = a[:, None] ^ b[None, :]
@@ -302,15 +339,16 @@ def _popcount_xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _hash_pairs(dq, dr, pq, pr, dhash_threshold, phash_threshold, chunk, upper):
     """(i, j), i != j, with query hashes i within both thresholds of reference hashes j
-    (only j > i when ``upper``)."""
+    (only j > i when ``upper``; every (i, j) when ``upper`` is None: two different sets)."""
     n = len(dq)
     pairs: list[tuple[int, int]] = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         ii, jj = np.nonzero(_popcount_xor(dq[start:stop], dr) <= dhash_threshold)
         ii = ii + start
-        keep = jj > ii if upper else jj != ii
-        ii, jj = ii[keep], jj[keep]
+        if upper is not None:
+            keep = jj > ii if upper else jj != ii
+            ii, jj = ii[keep], jj[keep]
         if len(ii) == 0:
             continue
         pd = (
