@@ -7,6 +7,7 @@ Modules:
   hashing    byte/pixel hashes, perceptual hashes, near-duplicate search
   audit      ``python -m data_prep.audit --src=DIR --out=OUTDIR [--shortcut]``
   annotations  lesion annotations (YOLO, VIA, COCO, mask images) -> masks
+  borrow     masks borrowed from the annotated dataset an image was copied from
   shortcut   metadata-only classifiers: can the label be guessed without the lesion?
   builder    the prepared-dataset format (TFDS GeneratorBasedBuilder + xmedjax_dataset.json)
   build      ``python -m data_prep.build --dataset=... --src=DIR --out=DIR``

@@ -200,6 +200,51 @@ def run_audit(
             {"kind": kind, "files": [files[i].relpath for i in idx], "detail": detail, **extra}
         )
 
+    counts, ok = _file_problems(files, recs, class_dirs, src, add, problems)
+    summary: dict[str, Any] = {"duplicate_search_transforms": list(transforms)}
+    _exact_problems(files, recs, ok, add, transforms)
+    # Near duplicates (pairs that are not pixel-identical, even after a transform).
+    thumbs = [recs[i]["thumb"] for i in ok]
+    if structure_threshold is None:
+        structure_threshold = round(hashing.adaptive_structure_threshold(thumbs), 3)
+    summary["near_duplicate_structure_threshold"] = structure_threshold
+    near = _near_pairs(recs, ok, transforms, dhash_threshold, phash_threshold, structure_threshold)
+    _near_problems(files, ok, near, add, dhash_threshold, phash_threshold, structure_threshold)
+    n_patients, n_overlap = _patient_problems(files, ok, add)
+    summary.update(_leak_summary(files, recs, ok, near))
+    # The same count for near-identical copies only (re-encoded, re-windowed, resized),
+    # leaving out merely similar images such as adjacent slices.
+    strict = [p for p in near if p[3] >= STRICT_SIMILARITY]
+    for k, v in _leak_summary(files, recs, ok, strict).items():
+        if k.endswith(_STRICT_KEYS):
+            summary[k + "_strict"] = v
+    summary["patients"] = n_patients
+    summary["patients_in_several_splits"] = n_overlap
+    summary["files"] = len(files)
+    summary["decodable_images"] = len(ok)
+    summary["problems_by_kind"] = dict(collections.Counter(p["kind"] for p in problems))
+    result: dict[str, Any] = {
+        "src": src,
+        "dataset": dataset,
+        "counts": counts,
+        "problems": problems,
+        "summary": summary,
+        "image_stats": _image_stats(files, recs, ok),
+    }
+    if shortcut:
+        from data_prep import shortcut as shortcut_lib
+
+        result["shortcut"] = shortcut_lib.audit_section(
+            [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset, label_map=label_map
+        )
+    result["_records"] = list(zip(files, recs))
+    result["_near_pairs"] = [(a, b) for a, b, _, _ in near]
+    result["_near_transforms"] = {(a, b): t for a, b, t, _ in near}  # t(image a) ~ image b
+    return result
+
+
+def _file_problems(files, recs, class_dirs, src, add, problems):
+    """Unlabelled and undecodable files, empty splits and classes; (counts, decodable)."""
     counts: dict[str, dict[str, int]] = {}
     for split, classes in class_dirs.items():
         counts[split] = {c: 0 for c in classes}
@@ -241,23 +286,18 @@ def run_audit(
                     }
                 )
 
-    summary: dict[str, Any] = {"duplicate_search_transforms": list(transforms)}
-    for i in ok:
-        recs[i]["copy_hash"] = _copy_hash(recs[i], transforms)
-    _exact_problems(files, recs, ok, add)
-    # Near duplicates (pairs that are not pixel-identical, even after a transform).
+    return counts, ok
+
+
+def _near_pairs(recs, ok, transforms, dhash_threshold, phash_threshold, structure_threshold):
+    """Near-duplicate pairs ``(a, b, t, similarity)`` of the records ``ok``, t(a) ~ b,
+    leaving out copies whose pixels are identical (after a transform)."""
     thumbs = [recs[i]["thumb"] for i in ok]
-    if structure_threshold is None:
-        structure_threshold = round(hashing.adaptive_structure_threshold(thumbs), 3)
-    summary["near_duplicate_structure_threshold"] = structure_threshold
     cols = [hashing.TRANSFORMS.index(t) for t in transforms]
     th = [recs[i]["transform_hashes"] for i in ok]
-    dh = np.array([[h["dhash"][c] for c in cols] for h in th], dtype=np.uint64).reshape(
-        -1, len(cols)
-    )
-    ph = np.array([[h["phash"][c] for c in cols] for h in th], dtype=np.uint64).reshape(
-        -1, len(cols)
-    )
+    shape = (-1, len(cols))
+    dh = np.array([[h["dhash"][c] for c in cols] for h in th], np.uint64).reshape(shape)
+    ph = np.array([[h["phash"][c] for c in cols] for h in th], np.uint64).reshape(shape)
     found = hashing.near_duplicate_pairs_transformed(
         dh,
         ph,
@@ -267,13 +307,15 @@ def run_audit(
         thumbs=thumbs,
         structure_threshold=structure_threshold,
     )
-    near = [
+    return [
         (ok[a], ok[b], t, sim)
         for a, b, t, sim in found
         if recs[ok[a]]["copy_hash"] != recs[ok[b]]["copy_hash"]
     ]
-    _near_problems(files, ok, near, add, dhash_threshold, phash_threshold, structure_threshold)
-    # Patient overlap across splits.
+
+
+def _patient_problems(files, ok, add) -> tuple[int, int]:
+    """One problem per patient id seen in several splits; (patients, such patients)."""
     by_patient: dict[str, list[int]] = collections.defaultdict(list)
     for i in ok:
         pid = layouts.patient_id(files[i].relpath)
@@ -287,36 +329,7 @@ def run_audit(
             n_overlap += 1
             add("patient_overlap", g, f"patient {pid} appears in splits {', '.join(splits)}")
 
-    summary.update(_leak_summary(files, recs, ok, near))
-    # The same count for near-identical copies only (re-encoded, re-windowed, resized),
-    # leaving out merely similar images such as adjacent slices.
-    strict = [p for p in near if p[3] >= STRICT_SIMILARITY]
-    for k, v in _leak_summary(files, recs, ok, strict).items():
-        if k.endswith(_STRICT_KEYS):
-            summary[k + "_strict"] = v
-    summary["patients"] = len(by_patient)
-    summary["patients_in_several_splits"] = n_overlap
-    summary["files"] = len(files)
-    summary["decodable_images"] = len(ok)
-    summary["problems_by_kind"] = dict(collections.Counter(p["kind"] for p in problems))
-    result: dict[str, Any] = {
-        "src": src,
-        "dataset": dataset,
-        "counts": counts,
-        "problems": problems,
-        "summary": summary,
-        "image_stats": _image_stats(files, recs, ok),
-    }
-    if shortcut:
-        from data_prep import shortcut as shortcut_lib
-
-        result["shortcut"] = shortcut_lib.audit_section(
-            [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset, label_map=label_map
-        )
-    result["_records"] = list(zip(files, recs))
-    result["_near_pairs"] = [(a, b) for a, b, _, _ in near]
-    result["_near_transforms"] = {(a, b): t for a, b, t, _ in near}  # t(image a) ~ image b
-    return result
+    return len(by_patient), n_overlap
 
 
 def _split_dir(files, src, split, cname) -> str:
@@ -355,8 +368,11 @@ def _transform_note(transforms: list[str]) -> str:
     return f" ({len(moved)} mirrored or rotated: {', '.join(sorted(set(moved)))})"
 
 
-def _exact_problems(files, recs, ok, add) -> None:
-    """Byte-identical groups, then groups of the same pixels up to a transform."""
+def _exact_problems(files, recs, ok, add, transforms) -> None:
+    """Byte-identical groups, then groups of the same pixels up to a transform (the
+    records' ``copy_hash``, set here)."""
+    for i in ok:
+        recs[i]["copy_hash"] = _copy_hash(recs[i], transforms)
     for g in _group_by(ok, lambda i: recs[i]["bytes_hash"]):
         splits = sorted({files[i].split for i in g})
         kind = "cross_split_exact_duplicate" if len(splits) > 1 else "exact_duplicate"
