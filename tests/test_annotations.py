@@ -395,9 +395,7 @@ def test_build_with_via_masks_follow_resize_and_augmentation(tmp_path):
                 out,
                 "train",
                 global_batch_size=12,
-                image_size=24,
-                channels=1,
-                normalization="unit",
+                preprocess=ip.Preprocess(24, 1, "unit"),
                 shard_index=0,
                 shard_count=1,
             )
@@ -412,9 +410,7 @@ def test_build_with_via_masks_follow_resize_and_augmentation(tmp_path):
         out,
         "train",
         global_batch_size=12,
-        image_size=24,
-        channels=1,
-        normalization="unit",
+        preprocess=ip.Preprocess(24, 1, "unit"),
         augment={
             "rotation_range": 30,
             "width_shift_range": 0.2,
@@ -473,6 +469,6 @@ def test_yolo_layout_builds_with_masks(tmp_path):
     out = str(tmp_path / "prep")
     info = build.prepare("yolo", root, out, val_fraction=0.2, progress=False, workers=1)
     assert info["label_names"] == ["glioma", "pituitary"] and info["annotations"]["annotated"] == 10
-    ex = ip.load_examples(out, "train", range(4), image_size=32, channels=1, normalization="unit")
+    ex = ip.load_examples(out, "train", range(4), preprocess=ip.Preprocess(32, 1, "unit"))
     assert all(i.startswith("images/") for i in ex["id"]) and ex["mask_known"].all()
     assert np.array_equal(ex["mask"][0] > 0.5, np.pad(np.ones((8, 12), bool), ((8, 16), (12, 8))))
