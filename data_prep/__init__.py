@@ -6,6 +6,8 @@ Modules:
   image_io   robust decoding (16-bit, RGBA, CMYK, palette, DICOM), resizing, PNG encoding
   hashing    byte/pixel hashes, perceptual hashes, near-duplicate search
   audit      ``python -m data_prep.audit --src=DIR --out=OUTDIR [--shortcut]``
+  annotations  lesion annotations (YOLO, VIA, COCO, mask images) -> masks
+  borrow     masks borrowed from the annotated dataset an image was copied from
   shortcut   metadata-only classifiers: can the label be guessed without the lesion?
   dataset_format  the prepared-dataset format: xmedjax_dataset.json, record keys,
              PreparedSource (raw records); shared with ``xmedjax``

@@ -1,7 +1,7 @@
 """Data audit of a raw ``split/class/image`` folder.
 
-``python -m data_prep.audit --src=DIR --out=OUTDIR [--dataset=auto] [--shortcut]`` writes
-``OUTDIR/audit.json`` and ``OUTDIR/audit.md``.
+``python -m data_prep.audit --src=DIR --out=OUTDIR [--dataset=auto] [--shortcut] [--nomirrors]``
+writes ``OUTDIR/audit.json`` and ``OUTDIR/audit.md``.
 
 ``audit.json``::
 
@@ -18,6 +18,17 @@ Problem kinds (one problem per group of files):
   near_duplicate / cross_split_near_duplicate          perceptual hashes within a threshold,
   conflicting_label                                    identical pixels, different classes,
   patient_overlap                                      one patient id in several splits.
+Mirrored and rotated copies count as copies: the pixel and near-duplicate searches compare
+every image with the left-right and up-down mirrors, the 90-degree rotations and the
+diagonal mirrors of every other (``hashing.TRANSFORMS``; ``--nomirrors`` compares plain
+images only). Every duplicate problem carries ``transforms``, one per file: the transform
+that maps the group's first file onto that file ("identity" for a plain copy). The summary
+adds, per evaluation split, ``<split>_with_train_transformed_copy`` (images with a copy in
+train that is mirrored or rotated), ``..._transformed_copy_only`` (those with no plain copy
+in train: the leaks a plain search misses) and ``<split>_with_train_copy_by_transform``
+(images per transform that maps the image onto its train copy);
+``..._strict`` keys repeat them for near-identical copies only (structure similarity >= 0.9,
+leaving out merely similar images such as adjacent slices).
 Valid but unusual images (16-bit, RGBA, CMYK, palette, tiny, a format that does not match
 the file extension) are decoded and listed under ``image_stats.unusual``, not as problems.
 """
@@ -29,7 +40,7 @@ import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -38,6 +49,13 @@ from data_prep import hashing, image_io, layouts
 
 SMALL_SIDE = 32  # images with a side below this are noted as tiny
 STRICT_SIMILARITY = 0.9  # structure similarity of near-identical copies
+# Leak counts repeated with near-identical copies only (the "_strict" summary keys).
+_STRICT_KEYS = (
+    "_with_train_near_duplicate",
+    "_with_train_transformed_copy",
+    "_with_train_transformed_copy_only",
+    "_with_train_copy_by_transform",
+)
 _EXT_FORMAT = {
     "jpg": "JPEG",
     "jpeg": "JPEG",
@@ -72,16 +90,18 @@ def analyse_file(path: str) -> dict[str, Any]:
         rec["error_detail"] = str(e)
         return rec
     px = img.pixels
+    th = hashing.transform_hashes(px)  # column 0 is the identity
     rec.update(
         mode=img.mode,
         format=img.file_format,
         width=img.width,
         height=img.height,
         channels=img.channels,
-        pixel_hash=hashing.pixel_hash(px),
-        dhash=hashing.dhash64(px),
-        phash=hashing.phash64(px),
+        pixel_hash=th["pixel"][0],
+        dhash=th["dhash"][0],
+        phash=th["phash"][0],
         thumb=hashing.thumbnail(px),
+        transform_hashes=th,  # per hashing.TRANSFORMS: mirrored and rotated copies
     )
     rec["stats"] = intensity_stats(px)
     return rec
@@ -154,24 +174,77 @@ def run_audit(
     structure_threshold: float | None = None,
     shortcut: bool = False,
     label_map: str = "binary",
+    transforms: tuple[str, ...] = hashing.TRANSFORMS,
+    exclude: Callable[[layouts.RawFile], bool] | None = None,
 ) -> dict[str, Any]:
     """Audits a raw folder; returns the audit.json dict plus a private ``_records`` list.
 
     ``_records[i]`` holds the RawFile and analyse_file() result of every file, so the
-    builder does not hash twice.
+    builder does not hash twice; each result gains ``copy_hash``, the pixel hash shared by
+    an image and its copies under ``transforms`` (``hashing.IDENTITY_ONLY``: plain copies
+    only). ``exclude``: files that are not images of the dataset (annotation files).
     """
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src={src} is not a directory")
     if dataset == "auto":
         dataset = layouts.detect_layout(src)
-    files, class_dirs = layouts.scan(src)
+    files, class_dirs = layouts.scan_dataset(src, dataset)
+    if exclude is not None:
+        files = [f for f in files if not exclude(f)]
     recs = analyse_files([f.path for f in files], workers=workers, progress=progress)
     problems: list[dict[str, Any]] = []
 
-    def add(kind: str, idx: Iterable[int], detail: str) -> None:
-        problems.append({"kind": kind, "files": [files[i].relpath for i in idx], "detail": detail})
+    def add(kind: str, idx: Iterable[int], detail: str, **extra: Any) -> None:
+        problems.append(
+            {"kind": kind, "files": [files[i].relpath for i in idx], "detail": detail, **extra}
+        )
 
+    counts, ok = _file_problems(files, recs, class_dirs, src, add, problems)
+    summary: dict[str, Any] = {"duplicate_search_transforms": list(transforms)}
+    _exact_problems(files, recs, ok, add, transforms)
+    # Near duplicates (pairs that are not pixel-identical, even after a transform).
+    thumbs = [recs[i]["thumb"] for i in ok]
+    if structure_threshold is None:
+        structure_threshold = round(hashing.adaptive_structure_threshold(thumbs), 3)
+    summary["near_duplicate_structure_threshold"] = structure_threshold
+    near = _near_pairs(recs, ok, transforms, dhash_threshold, phash_threshold, structure_threshold)
+    _near_problems(files, ok, near, add, dhash_threshold, phash_threshold, structure_threshold)
+    n_patients, n_overlap = _patient_problems(files, ok, add)
+    summary.update(_leak_summary(files, recs, ok, near))
+    # The same count for near-identical copies only (re-encoded, re-windowed, resized),
+    # leaving out merely similar images such as adjacent slices.
+    strict = [p for p in near if p[3] >= STRICT_SIMILARITY]
+    for k, v in _leak_summary(files, recs, ok, strict).items():
+        if k.endswith(_STRICT_KEYS):
+            summary[k + "_strict"] = v
+    summary["patients"] = n_patients
+    summary["patients_in_several_splits"] = n_overlap
+    summary["files"] = len(files)
+    summary["decodable_images"] = len(ok)
+    summary["problems_by_kind"] = dict(collections.Counter(p["kind"] for p in problems))
+    result: dict[str, Any] = {
+        "src": src,
+        "dataset": dataset,
+        "counts": counts,
+        "problems": problems,
+        "summary": summary,
+        "image_stats": _image_stats(files, recs, ok),
+    }
+    if shortcut:
+        from data_prep import shortcut as shortcut_lib
+
+        result["shortcut"] = shortcut_lib.audit_section(
+            [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset, label_map=label_map
+        )
+    result["_records"] = list(zip(files, recs))
+    result["_near_pairs"] = [(a, b) for a, b, _, _ in near]
+    result["_near_transforms"] = {(a, b): t for a, b, t, _ in near}  # t(image a) ~ image b
+    return result
+
+
+def _file_problems(files, recs, class_dirs, src, add, problems):
+    """Unlabelled and undecodable files, empty splits and classes; (counts, decodable)."""
     counts: dict[str, dict[str, int]] = {}
     for split, classes in class_dirs.items():
         counts[split] = {c: 0 for c in classes}
@@ -213,70 +286,36 @@ def run_audit(
                     }
                 )
 
-    summary: dict[str, Any] = {}
-    # Exact duplicates: byte groups, then pixel groups holding different bytes.
-    byte_groups = _group_by(ok, lambda i: recs[i]["bytes_hash"])
-    for g in byte_groups:
-        splits = sorted({files[i].split for i in g})
-        kind = "cross_split_exact_duplicate" if len(splits) > 1 else "exact_duplicate"
-        add(
-            kind,
-            g,
-            f"{len(g)} byte-identical files (same sha256 of file bytes) in "
-            f"split(s) {', '.join(splits)}",
-        )
-    pixel_groups = _group_by(ok, lambda i: recs[i]["pixel_hash"])
-    for g in pixel_groups:
-        nbytes = len({recs[i]["bytes_hash"] for i in g})
-        classes = sorted({files[i].class_name for i in g})
-        splits = sorted({files[i].split for i in g})
-        if len(classes) > 1:
-            add(
-                "conflicting_label", g, f"identical pixels filed under classes {', '.join(classes)}"
-            )
-        if nbytes > 1:
-            kind = "cross_split_pixel_duplicate" if len(splits) > 1 else "pixel_duplicate"
-            add(
-                kind,
-                g,
-                f"{len(g)} files with identical decoded pixels but {nbytes} different "
-                f"byte contents (re-encoded copies) in split(s) {', '.join(splits)}",
-            )
-    # Near duplicates (pairs that are not pixel-identical).
+    return counts, ok
+
+
+def _near_pairs(recs, ok, transforms, dhash_threshold, phash_threshold, structure_threshold):
+    """Near-duplicate pairs ``(a, b, t, similarity)`` of the records ``ok``, t(a) ~ b,
+    leaving out copies whose pixels are identical (after a transform)."""
     thumbs = [recs[i]["thumb"] for i in ok]
-    if structure_threshold is None:
-        structure_threshold = round(hashing.adaptive_structure_threshold(thumbs), 3)
-    summary["near_duplicate_structure_threshold"] = structure_threshold
-    dh = np.array([recs[i]["dhash"] for i in ok], dtype=np.uint64)
-    ph = np.array([recs[i]["phash"] for i in ok], dtype=np.uint64)
-    pairs = [
-        (ok[a], ok[b])
-        for a, b in hashing.near_duplicate_pairs(
-            dh,
-            ph,
-            dhash_threshold=dhash_threshold,
-            phash_threshold=phash_threshold,
-            thumbs=thumbs,
-            structure_threshold=structure_threshold,
-        )
+    cols = [hashing.TRANSFORMS.index(t) for t in transforms]
+    th = [recs[i]["transform_hashes"] for i in ok]
+    shape = (-1, len(cols))
+    dh = np.array([[h["dhash"][c] for c in cols] for h in th], np.uint64).reshape(shape)
+    ph = np.array([[h["phash"][c] for c in cols] for h in th], np.uint64).reshape(shape)
+    found = hashing.near_duplicate_pairs_transformed(
+        dh,
+        ph,
+        tuple(transforms),
+        dhash_threshold=dhash_threshold,
+        phash_threshold=phash_threshold,
+        thumbs=thumbs,
+        structure_threshold=structure_threshold,
+    )
+    return [
+        (ok[a], ok[b], t, sim)
+        for a, b, t, sim in found
+        if recs[ok[a]]["copy_hash"] != recs[ok[b]]["copy_hash"]
     ]
-    pairs = [(a, b) for a, b in pairs if recs[a]["pixel_hash"] != recs[b]["pixel_hash"]]
-    local = {i: k for k, i in enumerate(ok)}
-    for comp in hashing.groups_from_pairs(len(ok), [(local[a], local[b]) for a, b in pairs]):
-        g = [ok[k] for k in comp]
-        splits = sorted({files[i].split for i in g})
-        classes = sorted({files[i].class_name for i in g})
-        kind = "cross_split_near_duplicate" if len(splits) > 1 else "near_duplicate"
-        extra = f"; classes {', '.join(classes)}" if len(classes) > 1 else ""
-        add(
-            kind,
-            g,
-            f"{len(g)} near-duplicate images (copies, re-windowed or resized "
-            f"versions, adjacent slices: dHash<={dhash_threshold}, pHash<={phash_threshold} "
-            f"bits and high-pass thumbnail correlation >= {structure_threshold}) in split(s) "
-            f"{', '.join(splits)}{extra}",
-        )
-    # Patient overlap across splits.
+
+
+def _patient_problems(files, ok, add) -> tuple[int, int]:
+    """One problem per patient id seen in several splits; (patients, such patients)."""
     by_patient: dict[str, list[int]] = collections.defaultdict(list)
     for i in ok:
         pid = layouts.patient_id(files[i].relpath)
@@ -290,39 +329,7 @@ def run_audit(
             n_overlap += 1
             add("patient_overlap", g, f"patient {pid} appears in splits {', '.join(splits)}")
 
-    summary.update(_leak_summary(files, recs, ok, pairs))
-    # The same count for near-identical copies only (re-encoded, re-windowed, resized),
-    # leaving out merely similar images such as adjacent slices.
-    strict = [
-        (a, b)
-        for a, b in pairs
-        if hashing.structure_similarity(recs[a]["thumb"], recs[b]["thumb"]) >= STRICT_SIMILARITY
-    ]
-    for k, v in _leak_summary(files, recs, ok, strict).items():
-        if k.endswith("_with_train_near_duplicate"):
-            summary[k + "_strict"] = v
-    summary["patients"] = len(by_patient)
-    summary["patients_in_several_splits"] = n_overlap
-    summary["files"] = len(files)
-    summary["decodable_images"] = len(ok)
-    summary["problems_by_kind"] = dict(collections.Counter(p["kind"] for p in problems))
-    result: dict[str, Any] = {
-        "src": src,
-        "dataset": dataset,
-        "counts": counts,
-        "problems": problems,
-        "summary": summary,
-        "image_stats": _image_stats(files, recs, ok),
-    }
-    if shortcut:
-        from data_prep import shortcut as shortcut_lib
-
-        result["shortcut"] = shortcut_lib.audit_section(
-            [files[i] for i in ok], [recs[i] for i in ok], dataset=dataset, label_map=label_map
-        )
-    result["_records"] = list(zip(files, recs))
-    result["_near_pairs"] = pairs
-    return result
+    return len(by_patient), n_overlap
 
 
 def _split_dir(files, src, split, cname) -> str:
@@ -340,49 +347,163 @@ def _group_by(indices: list[int], key) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _leak_summary(files, recs, ok, near_pairs) -> dict[str, int]:
-    """Per evaluation split: how many of its images have a copy in train (or val)."""
-    out: dict[str, int] = {}
-    near: dict[int, set[str]] = collections.defaultdict(set)
-    for a, b in near_pairs:
-        near[a].add(files[b].split)
-        near[b].add(files[a].split)
+def _copy_hash(rec: dict[str, Any], transforms: tuple[str, ...]) -> str:
+    """The pixel hash shared by an image and its copies under ``transforms`` (the least)."""
+    hashes = rec["transform_hashes"]["pixel"]
+    return min(hashes[hashing.TRANSFORMS.index(t)] for t in transforms)
+
+
+def _exact_transform(ra: dict[str, Any], rb: dict[str, Any]) -> str:
+    """A transform t with t(pixels a) == pixels b, the identity when it is one."""
+    for t, h in zip(hashing.TRANSFORMS, ra["transform_hashes"]["pixel"]):
+        if h == rb["pixel_hash"]:
+            return t
+    raise ValueError("the two images are not copies of each other")
+
+
+def _transform_note(transforms: list[str]) -> str:
+    moved = [t for t in transforms if t != "identity"]
+    if not moved:
+        return ""
+    return f" ({len(moved)} mirrored or rotated: {', '.join(sorted(set(moved)))})"
+
+
+def _exact_problems(files, recs, ok, add, transforms) -> None:
+    """Byte-identical groups, then groups of the same pixels up to a transform (the
+    records' ``copy_hash``, set here)."""
+    for i in ok:
+        recs[i]["copy_hash"] = _copy_hash(recs[i], transforms)
+    for g in _group_by(ok, lambda i: recs[i]["bytes_hash"]):
+        splits = sorted({files[i].split for i in g})
+        kind = "cross_split_exact_duplicate" if len(splits) > 1 else "exact_duplicate"
+        add(
+            kind,
+            g,
+            f"{len(g)} byte-identical files (same sha256 of file bytes) in "
+            f"split(s) {', '.join(splits)}",
+            transforms=["identity"] * len(g),
+        )
+    for g in _group_by(ok, lambda i: recs[i]["copy_hash"]):
+        ts = [_exact_transform(recs[g[0]], recs[i]) for i in g]
+        nbytes = len({recs[i]["bytes_hash"] for i in g})
+        classes = sorted({files[i].class_name for i in g})
+        splits = sorted({files[i].split for i in g})
+        note = _transform_note(ts)
+        if len(classes) > 1:
+            add(
+                "conflicting_label",
+                g,
+                f"identical pixels{note} filed under classes {', '.join(classes)}",
+                transforms=ts,
+            )
+        if nbytes > 1:
+            kind = "cross_split_pixel_duplicate" if len(splits) > 1 else "pixel_duplicate"
+            add(
+                kind,
+                g,
+                f"{len(g)} files with identical decoded pixels{note} but {nbytes} different "
+                f"byte contents (re-encoded copies) in split(s) {', '.join(splits)}",
+                transforms=ts,
+            )
+
+
+def _near_problems(files, ok, near, add, dhash_threshold, phash_threshold, structure_threshold):
+    """One problem per connected group of near-duplicate pairs ``(a, b, t, similarity)``."""
+    adj: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
+    for a, b, t, _ in near:
+        adj[a].append((b, t))
+        adj[b].append((a, hashing.inverse(t)))
+    local = {i: k for k, i in enumerate(ok)}
+    for comp in hashing.groups_from_pairs(len(ok), [(local[a], local[b]) for a, b, _, _ in near]):
+        g = [ok[k] for k in comp]
+        ts = _group_transforms(g, adj)
+        splits = sorted({files[i].split for i in g})
+        classes = sorted({files[i].class_name for i in g})
+        kind = "cross_split_near_duplicate" if len(splits) > 1 else "near_duplicate"
+        extra = f"; classes {', '.join(classes)}" if len(classes) > 1 else ""
+        add(
+            kind,
+            g,
+            f"{len(g)} near-duplicate images{_transform_note(ts)} (copies, re-windowed or "
+            f"resized versions, adjacent slices: dHash<={dhash_threshold}, "
+            f"pHash<={phash_threshold} bits and high-pass thumbnail correlation >= "
+            f"{structure_threshold}) in split(s) {', '.join(splits)}{extra}",
+            transforms=ts,
+        )
+
+
+def _group_transforms(group: list[int], adj) -> list[str]:
+    """Per member, the transform mapping group[0] onto it along the pairs (breadth first)."""
+    found = {group[0]: "identity"}
+    queue = collections.deque([group[0]])
+    while queue:
+        a = queue.popleft()
+        for b, t in adj[a]:
+            if b not in found:
+                found[b] = hashing.compose(found[a], t)
+                queue.append(b)
+    return [found.get(i, "identity") for i in group]
+
+
+def _copies(files, recs, ok, near) -> dict[int, set[tuple[str, str, str]]]:
+    """Per image: {(split of a copy, transform from the image to it, "pixel" or "near")}."""
+    out: dict[int, set[tuple[str, str, str]]] = collections.defaultdict(set)
+    for g in _group_by(ok, lambda i: recs[i]["copy_hash"]):
+        t0 = {i: _exact_transform(recs[g[0]], recs[i]) for i in g}
+        keys = collections.Counter((files[i].split, recs[i]["pixel_hash"], t0[i]) for i in g)
+        for i in g:
+            own = (files[i].split, recs[i]["pixel_hash"], t0[i])
+            for key, n in keys.items():
+                if n <= (key == own):
+                    continue
+                split, ph, tj = key
+                t = "identity" if ph == recs[i]["pixel_hash"] else None
+                out[i].add((split, t or hashing.compose(hashing.inverse(t0[i]), tj), "pixel"))
+    for a, b, t, _ in near:
+        out[a].add((files[b].split, t, "near"))
+        out[b].add((files[a].split, hashing.inverse(t), "near"))
+    return out
+
+
+def _leak_summary(files, recs, ok, near) -> dict[str, Any]:
+    """Per evaluation split: how many of its images have a copy in train (or val).
+
+    ``near``: near-duplicate pairs ``(a, b, t, similarity)``; pixel copies come from the
+    records' ``copy_hash``. Mirrored and rotated copies count as copies.
+    """
+    out: dict[str, Any] = {}
+    copies = _copies(files, recs, ok, near)
     bytes_splits: dict[str, set[str]] = collections.defaultdict(set)
-    pixel_splits: dict[str, set[str]] = collections.defaultdict(set)
     for i in ok:
         bytes_splits[recs[i]["bytes_hash"]].add(files[i].split)
-        pixel_splits[recs[i]["pixel_hash"]].add(files[i].split)
-    splits = sorted({files[i].split for i in ok})
-    for s in splits:
-        if s == "train":
-            continue
+    for s in sorted({files[i].split for i in ok} - {"train"}):
         others = {"train"} if s == "val" else {"train", "val"}
-        nb = npx = nn = nany = nb_trainval = 0
+        n = collections.Counter()
+        by_t: collections.Counter = collections.Counter()
         for i in ok:
             if files[i].split != s:
                 continue
-            b = "train" in bytes_splits[recs[i]["bytes_hash"]]
-            p = "train" in pixel_splits[recs[i]["pixel_hash"]]
-            n = "train" in near[i]
-            nb += b
-            npx += p
-            nn += n
-            anyleak = bool(
-                (
-                    bytes_splits[recs[i]["bytes_hash"]]
-                    | pixel_splits[recs[i]["pixel_hash"]]
-                    | near[i]
-                )
-                & others
-            )
-            nany += anyleak
-            nb_trainval += bool(bytes_splits[recs[i]["bytes_hash"]] & others)
-        out[f"{s}_with_train_byte_duplicate"] = nb
-        out[f"{s}_with_train_pixel_duplicate"] = npx  # includes the byte-identical ones
-        out[f"{s}_with_train_near_duplicate"] = nn  # near only (not pixel-identical)
-        out[f"{s}_with_any_{'_or_'.join(sorted(others))}_copy"] = nany
+            c = copies.get(i, set())
+            in_train = {(t, k) for sp, t, k in c if sp == "train"}
+            moved = {t for t, _ in in_train if t != "identity"}
+            byte_splits = bytes_splits[recs[i]["bytes_hash"]]
+            n["bytes"] += "train" in byte_splits
+            n["pixel"] += any(k == "pixel" for _, k in in_train)
+            n["near"] += any(k == "near" for _, k in in_train)
+            n["any"] += bool(byte_splits & others or {sp for sp, _, _ in c} & others)
+            n["bytes_trainval"] += bool(byte_splits & others)
+            n["moved"] += bool(moved)
+            n["moved_only"] += bool(moved) and not any(t == "identity" for t, _ in in_train)
+            by_t.update(moved)
+        out[f"{s}_with_train_byte_duplicate"] = n["bytes"]
+        out[f"{s}_with_train_pixel_duplicate"] = n["pixel"]  # includes the byte-identical ones
+        out[f"{s}_with_train_near_duplicate"] = n["near"]  # near only (not pixel-identical)
+        out[f"{s}_with_any_{'_or_'.join(sorted(others))}_copy"] = n["any"]
         if s != "val":
-            out[f"{s}_with_train_or_val_byte_duplicate"] = nb_trainval
+            out[f"{s}_with_train_or_val_byte_duplicate"] = n["bytes_trainval"]
+        out[f"{s}_with_train_transformed_copy"] = n["moved"]
+        out[f"{s}_with_train_transformed_copy_only"] = n["moved_only"]
+        out[f"{s}_with_train_copy_by_transform"] = dict(sorted(by_t.items()))
     return out
 
 
@@ -499,6 +620,10 @@ def markdown(result: dict[str, Any], max_listed: int = 20) -> str:
             )
         if len(st["unusual"]) > max_listed:
             lines.append(f"- ... and {len(st['unusual']) - max_listed} more")
+    if "annotations" in result:  # added by data_prep.build --annotations
+        from data_prep import annotations as annotations_lib
+
+        lines += ["", annotations_lib.markdown(result["annotations"])]
     if "shortcut" in result:
         from data_prep import shortcut as shortcut_lib
 
@@ -528,7 +653,12 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     try:
         result = run_audit(
-            f.src, dataset=f.dataset, workers=f.workers, shortcut=f.shortcut, label_map=f.label_map
+            f.src,
+            dataset=f.dataset,
+            workers=f.workers,
+            shortcut=f.shortcut,
+            label_map=f.label_map,
+            transforms=hashing.TRANSFORMS if f.mirrors else hashing.IDENTITY_ONLY,
         )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"data_prep.audit: {e}")
@@ -558,6 +688,9 @@ def _define_flags() -> None:
     flags.DEFINE_enum("dataset", "auto", ("auto",) + layouts.DATASETS, "layout")
     flags.DEFINE_integer("workers", 0, "decode processes (0 = number of CPUs)")
     flags.DEFINE_bool("shortcut", False, "add the metadata shortcut audit")
+    flags.DEFINE_bool(
+        "mirrors", True, "count mirrored and rotated copies as duplicates (--nomirrors: plain only)"
+    )
     flags.DEFINE_enum(
         "label_map",
         "binary",

@@ -1,9 +1,11 @@
 """Builds a prepared dataset from a raw folder.
 
-  python -m data_prep.build --dataset=brain_tumor_mri|chest_xray|folder --src=DIR --out=DIR
+  python -m data_prep.build --dataset=brain_tumor_mri|chest_xray|folder|yolo --src=DIR --out=DIR
       [--size=256] [--label_map=binary|multiclass] [--val_fraction=0.15] [--seed=0]
       [--skip_bad] [--dedup_test] [--channels=auto|1|3] [--keep_val]
       [--image_format=png|jpeg] [--jpeg_quality=95]
+      [--annotations=PATH --annotation_format=auto|yolo|via|coco|masks]
+      [--annotations_from=PREPARED_OR_YOLO_DIR]
 
 The audit runs first (its report lands in ``OUT/audit.json`` / ``OUT/audit.md``); an
 undecodable file stops the build unless ``--skip_bad``. A validation split is carved from
@@ -11,7 +13,11 @@ train (seeded, stratified by label, grouped so that one patient, one set of iden
 pixels or one near-duplicate cluster never spans train and val). The official val split
 (16 images in chest_xray) is merged into train first unless ``--keep_val``.
 ``--dedup_test`` adds a ``test_dedup`` split without the test images that duplicate (exactly
-or nearly) a train or val image or belong to a patient seen in train or val.
+or nearly, mirrored and rotated copies included) a train or val image or belong to a patient
+seen in train or val. ``--annotations`` rasterises lesion annotations into the dataset's
+``mask`` with a per-image ``mask_known`` flag (``data_prep.annotations``); a bad annotation
+stops the build with one line naming its file and entry unless ``--skip_bad``, and the counts
+land in ``audit.md`` and ``xmedjax_dataset.json`` (``annotations``).
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import annotations as annotations_lib
 from data_prep import audit as audit_lib
+from data_prep import borrow as borrow_lib
 from data_prep import builder, dataset_format, hashing, image_io, layouts
 
 BAD_KINDS = ("undecodable", "not_an_image", "empty_file")
+_NAMED = ("brain_tumor_mri", "chest_xray")  # layouts whose prepared dataset keeps their name
 
 
 class BuildError(RuntimeError):
@@ -34,10 +43,16 @@ class BuildError(RuntimeError):
 
 
 def _item_to_example(item: tuple) -> builder.Example:
-    f, rec, label, size = item
+    f, rec, label, size, ann = item
     img = image_io.decode_file(f.path)
     px = image_io.resize_longer_side(img.pixels, size)
+    mask = None
+    if ann is not None:  # rasterised at the source resolution, then resized as the image
+        full = annotations_lib.rasterise(ann, img.pixels.shape[0], img.pixels.shape[1])
+        mask = annotations_lib.resize_mask(full, px.shape[:2])
     return builder.Example(
+        mask=mask,
+        mask_known=ann is not None,
         image=px,
         label=label,
         id=f.relpath,
@@ -94,7 +109,7 @@ def _group_ids(files, recs, idx: list[int], near_pairs) -> list[int]:
             ("p:" + layouts.patient_id(files[i].relpath))
             if layouts.patient_id(files[i].relpath)
             else None,
-            "h:" + recs[i]["pixel_hash"],
+            "h:" + recs[i].get("copy_hash", recs[i]["pixel_hash"]),
         ):
             if key is None:
                 continue
@@ -127,17 +142,106 @@ def prepare(
     progress: bool = True,
     image_format: str = "png",
     jpeg_quality: int = 95,
+    annotations: str = "",
+    annotation_format: str = "auto",
+    annotations_from: str = "",
 ) -> dict:
-    """Audits ``src`` and writes the prepared dataset to ``out``; returns its info dict."""
+    """Audits ``src`` and writes the prepared dataset to ``out``; returns its info dict.
+
+    ``annotations``/``annotation_format``: lesion annotations (see ``data_prep.annotations``)
+    rasterised into the dataset's ``mask`` and ``mask_known`` (the yolo layout reads
+    ``src/labels`` by default); ``annotations_from``: borrow masks from the annotated
+    dataset the images were copied from (``data_prep.borrow``).
+    """
     if dataset not in layouts.DATASETS:
         raise BuildError(f"--dataset must be one of {layouts.DATASETS}, got {dataset!r}")
-    if label_map is None:
-        label_map = "binary"
-    res = audit_lib.run_audit(src, dataset=dataset, workers=workers, progress=progress)
+    label_map = label_map or "binary"
+    ann_source = annotations_lib.source_for(annotation_format, annotations, src, dataset)
+    res = audit_lib.run_audit(
+        src,
+        dataset=dataset,
+        workers=workers,
+        progress=progress,
+        exclude=ann_source.excludes if ann_source else None,
+    )
     audit_lib.write_report(res, out)
-    records = res["_records"]
-    files = [f for f, _ in records]
-    recs = [r for _, r in records]
+    files, recs = _unzip(res)
+    skipped = _bad_files(res, src, out, skip_bad)
+    ok = [i for i, r in enumerate(recs) if "error" not in r and files[i].class_name]
+    class_names = sorted({files[i].class_name for i in ok})
+    lmap = layouts.label_map_for(dataset, label_map, class_names)
+    labels = {i: lmap.label_of(files[i].class_name) for i in ok}
+    splits, official_val = _splits(res, src, ok, labels, keep_val, val_fraction, seed)
+    dedup_meta = _add_test_dedup(files, recs, splits, res) if dedup_test else _NO_DEDUP
+    borrowed = (annotations_from, workers, progress)
+    anns, ann_meta = _annotate(res, out, ann_source, borrowed, ok, splits, skip_bad)
+    n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
+    nch = int(channels) if channels != "auto" else 3 if n_colour > 0.5 * max(1, len(ok)) else 1
+    items = _items(files, recs, labels, splits, size, anns)
+    spec = builder.DatasetSpec(
+        name=dataset if dataset in _NAMED else os.path.basename(os.path.abspath(src)),
+        label_names=lmap.label_names,
+        channels=nch,
+        has_masks=anns is not None,
+        size=size,
+        splits=items,
+        to_example=_item_to_example,
+        image_format=image_format,
+        jpeg_quality=jpeg_quality,
+        metadata={
+            "dataset": dataset,
+            "src": os.path.abspath(src),
+            "label_map": label_map,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "official_val_merged_into_train": bool(official_val) and not keep_val,
+            "skipped_bad_files": skipped,
+            "colour_images": n_colour,
+            **dedup_meta,
+            "audit_summary": res["summary"],
+            **({"annotations": ann_meta} if ann_meta else {}),
+        },
+    )
+    builder.write_prepared(spec, out, progress=progress)
+    return _info(out)
+
+
+def _unzip(res) -> tuple[list, list]:
+    """The audit's (RawFile, record) pairs as two lists."""
+    return [f for f, _ in res["_records"]], [r for _, r in res["_records"]]
+
+
+def _items(files, recs, labels, splits, size, anns) -> dict[str, list[tuple]]:
+    """Per split, the items ``_item_to_example`` converts, in path order."""
+    by_image = anns.by_image if anns is not None else {}
+    return {
+        s: [
+            (files[i], recs[i], labels[i], size, by_image.get(files[i].relpath))
+            for i in sorted(v, key=lambda i: files[i].relpath)
+        ]
+        for s, v in splits.items()
+    }
+
+
+_NO_DEDUP = {
+    "test_dedup_dropped": 0,
+    "test_dedup_dropped_by_reason": {},
+    "test_dedup_dropped_mirrored_or_rotated_only": 0,
+}
+
+
+def _add_test_dedup(files, recs, splits, res) -> dict[str, Any]:
+    """Adds splits["test_dedup"]; returns what it dropped, for the metadata."""
+    splits["test_dedup"], reasons = _dedup(files, recs, splits, _near_pairs(res))
+    return {
+        "test_dedup_dropped": len(splits["test"]) - len(splits["test_dedup"]),
+        "test_dedup_dropped_by_reason": reasons,
+        "test_dedup_dropped_mirrored_or_rotated_only": _transformed_only(recs, splits, res),
+    }
+
+
+def _bad_files(res, src: str, out: str, skip_bad: bool) -> list[str]:
+    """Undecodable files: a BuildError, or (--skip_bad) listed on stderr and returned."""
     bad = [p for p in res["problems"] if p["kind"] in BAD_KINDS]
     if bad and not skip_bad:
         names = "; ".join(f"{p['files'][0]} ({p['kind']})" for p in bad[:5])
@@ -151,10 +255,12 @@ def prepare(
         print(f"--skip_bad: skipping {len(skipped)} bad file(s):", file=sys.stderr)
         for s in skipped:
             print(f"  {s}", file=sys.stderr)
-    ok = [i for i, r in enumerate(recs) if "error" not in r and files[i].class_name]
-    class_names = sorted({files[i].class_name for i in ok})
-    lmap = layouts.label_map_for(dataset, label_map, class_names)
-    labels = {i: lmap.label_of(files[i].class_name) for i in ok}
+    return skipped
+
+
+def _splits(res, src, ok, labels, keep_val, val_fraction, seed) -> tuple[dict, list[int]]:
+    """train/val(/test) indices: the official val kept, or val carved from train (+ val)."""
+    files, recs = _unzip(res)
     by_split: dict[str, list[int]] = collections.defaultdict(list)
     for i in ok:
         by_split[files[i].split].append(i)
@@ -172,50 +278,59 @@ def prepare(
         splits = {"train": pool, "val": official_val}
     else:
         pool += official_val
-        near = _near_pairs(res)
-        gids = _group_ids(files, recs, pool, near)
+        gids = _group_ids(files, recs, pool, _near_pairs(res))
         tr, va = carve_val(pool, [labels[i] for i in pool], gids, val_fraction, seed)
         splits = {"train": tr, "val": va}
     splits["test"] = by_split.get("test", [])
-    dropped, reasons = 0, {}
-    if dedup_test:
-        splits["test_dedup"], reasons = _dedup(files, recs, splits, _near_pairs(res))
-        dropped = len(splits["test"]) - len(splits["test_dedup"])
-    n_colour = sum(1 for i in ok if recs[i]["channels"] == 3)
-    if channels == "auto":
-        nch = 3 if n_colour > 0.5 * max(1, len(ok)) else 1
+    return splits, official_val
+
+
+def _annotate(res, out, source, borrowed, ok, splits, skip_bad):
+    """Reads the annotations of the images ``ok``: (AnnotationSet, counts for the metadata),
+    (None, None) without annotations; the counts also go into the audit report in ``out``.
+
+    Bad annotations stop the build with their first line, or (--skip_bad) are listed on
+    stderr and skipped (their images become unknown). ``borrowed``: (--annotations_from,
+    workers, progress); borrowed masks fill the images the annotations leave unknown.
+    """
+    if source is None and not borrowed[0]:
+        return None, None
+    files, recs = _unzip(res)
+    refs = [
+        annotations_lib.ImageRef(
+            files[i].relpath,
+            files[i].path,
+            recs[i]["width"],
+            recs[i]["height"],
+            recs[i]["file_size"],
+        )
+        for i in ok
+    ]
+    if source is not None:
+        anns = source.load(refs)
     else:
-        nch = int(channels)
-    items = {
-        s: [(files[i], recs[i], labels[i], size) for i in sorted(v, key=lambda i: files[i].relpath)]
-        for s, v in splits.items()
-    }
-    spec = builder.DatasetSpec(
-        name=dataset if dataset != "folder" else os.path.basename(os.path.abspath(src)),
-        label_names=lmap.label_names,
-        channels=nch,
-        has_masks=False,
-        size=size,
-        splits=items,
-        to_example=_item_to_example,
-        image_format=image_format,
-        jpeg_quality=jpeg_quality,
-        metadata={
-            "dataset": dataset,
-            "src": os.path.abspath(src),
-            "label_map": label_map,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "official_val_merged_into_train": bool(official_val) and not keep_val,
-            "skipped_bad_files": skipped,
-            "colour_images": n_colour,
-            "test_dedup_dropped": dropped,
-            "test_dedup_dropped_by_reason": reasons,
-            "audit_summary": res["summary"],
-        },
-    )
-    builder.write_prepared(spec, out, progress=progress)
-    return _info(out)
+        anns = annotations_lib.AnnotationSet("borrowed", "", {}, [])
+    report = None
+    if borrowed[0]:
+        got, report = borrow_lib.borrow(
+            borrowed[0], files, recs, ok, splits, workers=borrowed[1], progress=borrowed[2]
+        )
+        anns.by_image = {**got, **anns.by_image}
+    lines = [str(e) for e in anns.errors]
+    if lines and not skip_bad:
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise BuildError(f"{lines[0]}{more}; fix it or pass --skip_bad to list and skip")
+    if lines:
+        print(f"--skip_bad: skipping {len(lines)} bad annotation(s):", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+    rels = {s: [files[i].relpath for i in v] for s, v in splits.items()}
+    meta = annotations_lib.summarise(anns, rels, lines)
+    if report is not None:
+        meta["borrowed"] = report
+    res["annotations"] = meta
+    audit_lib.write_report(res, out)
+    return anns, meta
 
 
 def _near_pairs(res) -> list[tuple[int, int]]:
@@ -225,11 +340,12 @@ def _near_pairs(res) -> list[tuple[int, int]]:
 def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
     """Test indices without leaks into train/val, and how many were dropped per reason.
 
-    Dropped: exact (same pixels) or near duplicates of a train/val image, and images of a
+    Dropped: exact (same pixels) or near duplicates of a train/val image, mirrored and
+    rotated copies included (the audit's ``copy_hash`` and near pairs), and images of a
     patient who also appears in train/val.
     """
     ref = set(splits["train"]) | set(splits.get("val", []))
-    ref_pixels = {recs[i]["pixel_hash"] for i in ref}
+    ref_pixels = {recs[i].get("copy_hash", recs[i]["pixel_hash"]) for i in ref}
     ref_patients = {layouts.patient_id(files[i].relpath) for i in ref} - {""}
     near_ref: set[int] = set()
     for a, b in near_pairs:
@@ -239,7 +355,7 @@ def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
             near_ref.add(a)
     keep, why = [], {"exact_duplicate": 0, "near_duplicate": 0, "patient_overlap": 0}
     for i in splits["test"]:
-        if recs[i]["pixel_hash"] in ref_pixels:
+        if recs[i].get("copy_hash", recs[i]["pixel_hash"]) in ref_pixels:
             why["exact_duplicate"] += 1
         elif i in near_ref:
             why["near_duplicate"] += 1
@@ -248,6 +364,25 @@ def _dedup(files, recs, splits, near_pairs) -> tuple[list[int], dict[str, int]]:
         else:
             keep.append(i)
     return keep, why
+
+
+def _transformed_only(recs, splits, res) -> int:
+    """Test images whose only copies in train/val are mirrored or rotated ones."""
+    ref = set(splits["train"]) | set(splits.get("val", []))
+    plain = {recs[i]["pixel_hash"] for i in ref}
+    moved = {recs[i].get("copy_hash", "") for i in ref}
+    near: dict[int, set[str]] = {}
+    for (a, b), t in res.get("_near_transforms", {}).items():
+        for x, y in ((a, b), (b, a)):
+            if y in ref:
+                near.setdefault(x, set()).add(t)
+    n = 0
+    for i in splits["test"]:
+        ts = near.get(i, set())
+        if recs[i]["pixel_hash"] in plain or "identity" in ts:
+            continue
+        n += bool(ts) or recs[i].get("copy_hash") in moved
+    return n
 
 
 def _info(out: str) -> dict:
@@ -275,6 +410,9 @@ def main(argv: list[str]) -> None:
             workers=f.workers,
             image_format=f.image_format,
             jpeg_quality=f.jpeg_quality,
+            annotations=f.annotations,
+            annotation_format=f.annotation_format,
+            annotations_from=f.annotations_from,
         )
     except (BuildError, FileNotFoundError, ValueError) as e:
         sys.exit(f"data_prep.build: {e}")
@@ -313,6 +451,24 @@ def _define_flags() -> None:
         "stored encoding: png (lossless) or jpeg (~5x smaller, lossy)",
     )
     flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality with --image_format=jpeg")
+    flags.DEFINE_string(
+        "annotations",
+        "",
+        "lesion annotations: a VIA or COCO JSON file, a YOLO label tree or a mask tree "
+        "(yolo/masks: beside the images when empty; the yolo layout reads src/labels)",
+    )
+    flags.DEFINE_enum(
+        "annotation_format",
+        "auto",
+        ("auto",) + annotations_lib.FORMATS,
+        "format of --annotations (auto: COCO or VIA by the JSON keys, yolo or masks by the files)",
+    )
+    flags.DEFINE_string(
+        "annotations_from",
+        "",
+        "borrow masks from the annotated dataset these images were copied from (a prepared "
+        "dataset with masks, or a yolo folder), mirrored and rotated copies included",
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from data_prep import image_io
 from data_prep.dataset_format import (
     FEATURE_KEYS,
     MASK_KEY,
+    MASK_KNOWN_KEY,
     SPLIT_ORDER,
     TFDS_NAME,
     VERSION,
@@ -51,6 +52,9 @@ class Example:
     file_format: str = ""
     file_size: int = 0
     mask: np.ndarray | None = None  # uint8/bool (H, W), same size as image
+    # True: the mask is the truth (empty = no lesion); False: unknown, never scored.
+    # None: known when a mask is given.
+    mask_known: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,6 +108,7 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise AssertionError(f"features {tuple(feats)} != dataset_format.FEATURE_KEYS")
         if self._spec.has_masks:
             feats[MASK_KEY] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+            feats[MASK_KNOWN_KEY] = tfds.features.Tensor(shape=(), dtype=np.bool_)
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"xmedjax prepared dataset {self._spec.name}",
@@ -167,6 +172,8 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     else (m.astype(np.uint8))
                 )
             out[MASK_KEY] = image_io.encode_png(m)
+            known = ex.mask is not None if ex.mask_known is None else ex.mask_known
+            out[MASK_KNOWN_KEY] = np.bool_(known)
         return out
 
 

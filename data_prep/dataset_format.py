@@ -43,6 +43,8 @@ FEATURE_KEYS = (
     "file_size",  # bytes
 )
 MASK_KEY = "mask"  # PNG bytes (H, W, 1), only when the dataset has masks
+# bool, beside MASK_KEY: False = not annotated (the all-zero mask is unknown, never scored)
+MASK_KNOWN_KEY = "mask_known"
 
 _BUILD_HINT = (
     "make one with `python -m data_prep.build --dataset=brain_tumor_mri|"

@@ -5,6 +5,8 @@ Supported layouts (all ``split/class/file``):
 - ``chest_xray``: ``train|val|test/{NORMAL,PNEUMONIA}/*``
 - ``folder``: any ``split/class/file`` tree; a ``class/file`` tree (no split level) is read
   as a single ``train`` split.
+- ``yolo``: ``ROOT/images/[split/]class/file`` with YOLO boxes in ``ROOT/labels/`` (same
+  tree, ``.txt``) or beside each image; relative paths keep the ``images/`` prefix.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 import re
 from dataclasses import dataclass
 
-DATASETS = ("brain_tumor_mri", "chest_xray", "folder")
+DATASETS = ("brain_tumor_mri", "chest_xray", "folder", "yolo")
+YOLO_IMAGES = "images"  # the image tree of the yolo layout
+YOLO_LABELS = "labels"  # its label tree
 
 SPLIT_ALIASES = {
     "training": "train",
@@ -70,6 +74,8 @@ def _visible(name: str) -> bool:
 def detect_layout(src: str) -> str:
     """Guesses the dataset layout of a raw folder (falls back to 'folder')."""
     top = {d.lower() for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))}
+    if {YOLO_IMAGES, YOLO_LABELS} <= top:
+        return "yolo"
     if {"training", "testing"} <= top:
         return "brain_tumor_mri"
     if {"train", "test"} <= top:
@@ -126,6 +132,18 @@ def scan(src: str) -> tuple[list[RawFile], dict[str, list[str]]]:
                     rel = os.path.relpath(p, src).replace(os.sep, "/")
                     files.append(RawFile(split, cname, rel, p))
     return files, classes
+
+
+def scan_dataset(src: str, dataset: str) -> tuple[list[RawFile], dict[str, list[str]]]:
+    """``scan`` for a layout: the yolo layout scans ``src/images`` (paths keep the prefix)."""
+    if dataset != "yolo":
+        return scan(src)
+    root = os.path.join(src, YOLO_IMAGES)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--dataset=yolo expects {root} (and {YOLO_LABELS}/ beside it)")
+    files, classes = scan(root)
+    prefix = YOLO_IMAGES + "/"
+    return [RawFile(f.split, f.class_name, prefix + f.relpath, f.path) for f in files], classes
 
 
 def label_map_for(dataset: str, label_map: str, class_names: list[str]) -> LabelMap:

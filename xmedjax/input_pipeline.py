@@ -9,8 +9,10 @@ Eval: a fixed order, every example exactly once; the last global batch is padded
 carries ``valid=False`` and ``index=-1`` on padding.
 
 Batches are dicts of numpy arrays: ``image`` float32 (b, H, W, C), ``label`` int32 (b,),
-``mask`` float32 (b, H, W) when the dataset has masks; eval adds ``valid``, ``index``,
-``id``. ``b = global_batch_size // shard_count``; process ``p`` gets rows
+``mask`` float32 (b, H, W) and ``mask_known`` bool (b,) when the dataset has masks
+(``mask_known`` False: the image is not annotated, its all-zero mask is unknown, not a
+negative; datasets written before the flag existed read as all known); eval adds
+``valid``, ``index``, ``id``. ``b = global_batch_size // shard_count``; process ``p`` gets rows
 ``[p * b, (p + 1) * b)`` of each global batch. ``to_global_array`` turns a batch into
 global ``jax.Array``s sharded along the data axis of a mesh.
 
@@ -164,6 +166,7 @@ class _Decoder:
         }
         if self.has_masks:
             out["mask"] = np.clip(arrays[1].astype(np.float32), 0.0, 1.0)
+            out["mask_known"] = np.bool_(rec["mask_known"] if "mask_known" in rec else True)
         return out
 
 
@@ -321,6 +324,7 @@ class _EvalElement:
             out["label"] = np.int32(0)
             if "mask" in out:
                 out["mask"] = np.zeros_like(out["mask"])
+                out["mask_known"] = np.bool_(False)
         out["valid"] = np.bool_(valid)
         out["index"] = np.int64(g if valid else -1)
         out["id"] = np.str_(_text(rec["id"]) if valid else "")
