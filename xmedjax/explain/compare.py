@@ -183,10 +183,10 @@ def markdown_table(
 
 
 def load_workdir(workdir: str, config_path: str | None = None) -> dict[str, Any]:
-    """A trained run's best checkpoint as a `compare_models` entry (restored via xmedjax.train)."""
+    """A trained run's best checkpoint as a `compare_models` entry (restored via xmedjax.runs)."""
     import ml_collections
 
-    from xmedjax import train
+    from xmedjax import runs
 
     if config_path:
         import importlib.util
@@ -198,14 +198,14 @@ def load_workdir(workdir: str, config_path: str | None = None) -> dict[str, Any]
     else:
         with open(os.path.join(workdir, "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
-    train.setup_runtime(config)
-    run = train.build_run(config, workdir)
-    state, _ = train.restore_best(run)
+    runs.setup_runtime(config)
+    run = runs.build_run(config, workdir)
+    state, _ = runs.restore_best(run)
     d = config.data
     return {
         "label": f"{config.model.arch}",
         "graphdef": run.mdef.graphdef,
-        "state": train.host_model_state(state),
+        "state": runs.host_model_state(state),
         "data_dir": run.data_dir,
         "image_size": int(d.image_size),
         "channels": int(d.channels),
