@@ -6,7 +6,6 @@ import csv
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -198,33 +197,3 @@ def test_explain_and_predict_folder(model, tmp_path):
     with open(only["predictions"]["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(r["prediction"] == "1" for r in rows)  # p1 >= 0 always
-
-
-def test_compare_models_markdown_table(model, dataset):
-    from xmedjax.explain import compare
-
-    graphdef, state = model
-    entry = dict(
-        graphdef=graphdef,
-        state=state,
-        data_dir=dataset,
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
-    )
-    other_state = jax.tree.map(lambda v: v * 0.9, state)
-    results = compare.compare_models(
-        [dict(entry, label="resnet50 a"), dict(entry, label="resnet50 b", state=other_state)],
-        n_images=8,
-        methods=("gradcam", "scorecam", "random"),
-        method_opts=FAST,
-        steps=4,
-    )
-    assert results["resnet50 a"]["meta"]["cam_layer"] == "layer1"
-    text = compare.markdown_table(results)
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows[0].count("resnet50 a") == len(compare.COLUMNS) and rows[0].count(
-        "resnet50 b"
-    ) == len(compare.COLUMNS)
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["gradcam", "scorecam", "random"]
-    assert "best pointing game" in text
