@@ -276,3 +276,59 @@ def test_loop_state_json_round_trip_and_legacy_checkpoints():
     assert early.stop is train.StopReason.EARLY_STOPPING
     assert early.stop_message == "early stopping after epoch 2"
     assert train.LoopState.from_json(dict(legacy, finished=None)).stop is None
+
+
+def test_modes_without_a_checkpoint_stop_before_creating_anything(tmp_path):
+    from test_configs import _main
+
+    missing = tmp_path / "typo"
+    for mode, extra in (("evaluate", {}), ("explain", {}), ("predict", {"predict.folder": "."})):
+        config = tiny_config("", mode=mode, **extra)  # phantoms would be built in the workdir
+        with pytest.raises(FileNotFoundError, match=f"^{missing} has no best checkpoint") as err:
+            modes.MODES[mode](config, str(missing))
+        assert "\n" not in str(err.value)
+        assert not missing.exists()
+    res = _main("--config=configs/demo.py", f"--workdir={missing}", "--config.mode=evaluate")
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {missing} has no best checkpoint (nothing under "), last
+    assert not missing.exists()
+
+
+def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path, phantom_dir):
+    import shutil
+
+    from xmedjax import input_pipeline
+
+    workdir = str(tmp_path / "run")
+    train.fit(runs.build_run(tiny_config(phantom_dir, **{"training.max_epochs": 1}), workdir))
+    config_json = os.path.join(workdir, "config.json")
+    saved = open(config_json).read()
+    other = {"model.arch": "densenet121", "data.image_size": 64, "model.dtype": "bfloat16"}
+    with pytest.raises(config_checks.ConfigError) as err:
+        modes.evaluate(tiny_config(phantom_dir, mode="evaluate", **other), workdir)
+    assert str(err.value) == (
+        f"{workdir} holds checkpoints of another model: saved "
+        "config.model.arch='resnet50' (this config: 'densenet121'), "
+        "config.model.dtype='float32' (this config: 'bfloat16'), "
+        "config.data.image_size=32 (this config: 64); "
+        "use the saved values, or another --workdir for a new run"
+    )
+    assert open(config_json).read() == saved  # the check runs before config.json is written
+
+    three = str(tmp_path / "three_classes")
+    shutil.copytree(phantom_dir, three)
+    info_path = os.path.join(three, input_pipeline.INFO_FILE)
+    info = json.load(open(info_path))
+    info.update(num_classes=3, label_names=[*info["label_names"], "other"])
+    json.dump(info, open(info_path, "w"))
+    with pytest.raises(
+        config_checks.ConfigError,
+        match=r"saved num_classes \(of the dataset\)=2 \(this config: 3\); use the saved",
+    ):
+        runs.build_run(tiny_config(three), workdir)  # resuming (mode train) is checked too
+    with pytest.raises(
+        config_checks.ConfigError, match=r"saved config.model.width=0.0625 \(this config: 0.125\)"
+    ):
+        runs.load_trained(workdir, tiny_config(phantom_dir, **{"model.width": 0.125}))
+    assert open(config_json).read() == saved

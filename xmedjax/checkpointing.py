@@ -179,6 +179,16 @@ def restore_saved(workdir: str, state_like: Any, which: str = BEST) -> tuple[Any
     return restored["state"], restored["loop"], step
 
 
+def saved_state_metadata(workdir: str, which: str = BEST) -> dict | None:
+    """Shapes and dtypes of the newest `which` checkpoint's TrainState (Orbax ArrayMetadata
+    leaves, no arrays read), or None without one. Read-only."""
+    paths = _saved_step_paths(workdir, which)
+    if not paths:
+        return None
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.metadata(paths[max(paths)] / "state").item_metadata.tree
+
+
 def read_params(workdir: str, which: str = LATEST, step: int | None = None) -> dict:
     """The raw saved state tree (numpy, no target structure): for tests and inspection."""
     manager = _manager(checkpoint_dir(workdir, which), 2, which)

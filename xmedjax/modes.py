@@ -174,7 +174,11 @@ def _saved_metrics(run: Run) -> dict | None:
 
 
 def _restored_run(config: Any, workdir: str) -> tuple[Run, ts.TrainState, int]:
-    """The run with its best checkpoint restored (every process joins the restore)."""
+    """The run with its best checkpoint restored (every process joins the restore).
+
+    A work directory without a best checkpoint stops here, before anything is created.
+    """
+    runs.require_best_checkpoint(workdir)
     runs.setup_runtime(config)
     run = runs.build_run(config, workdir)
     state, step = runs.restore_best(run)

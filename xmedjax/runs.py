@@ -199,14 +199,113 @@ def _abstract_train_state(config, num_classes: int) -> tuple[ts.ModelDef, ts.Tra
     return mdef, abstract
 
 
+# ----------------------------------------------------------------------------- saved runs
+# The config keys that make a checkpoint's model: a saved run must be restored with the same.
+MODEL_KEYS = ("model.arch", "model.width", "model.dtype", "data.channels", "data.image_size")
+
+
+def require_best_checkpoint(workdir: str) -> int:
+    """The step of WORKDIR's best checkpoint; creates nothing.
+
+    Raises FileNotFoundError, one line naming the work directory, when there is none (a
+    mistyped --workdir, or a run that never reached its first checkpoint).
+    """
+    workdir = _workdir(workdir)
+    step = checkpointing.saved_step(workdir, checkpointing.BEST)
+    if step is None:
+        raise FileNotFoundError(
+            f"{workdir} has no best checkpoint (nothing under "
+            f"{checkpointing.checkpoint_dir(workdir, checkpointing.BEST)}); train it first "
+            "(config.mode=train) or check --workdir"
+        )
+    return step
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _saved_num_classes(workdir: str) -> int | None:
+    """The classifier size of the run's checkpoint (best, else latest), from Orbax metadata."""
+    from xmedjax.models.convert import HEAD_KEYS  # noqa: PLC0415
+
+    tree = checkpointing.saved_state_metadata(workdir, checkpointing.BEST)
+    if tree is None:
+        tree = checkpointing.saved_state_metadata(workdir, checkpointing.LATEST)
+    params = (tree or {}).get("params", {})
+    for head in HEAD_KEYS:
+        if head in params:
+            return int(params[head]["bias"]["value"].shape[0])
+    return None
+
+
+def _requested_num_classes(config: Any, workdir: str) -> int | None:
+    """The class count of the config's dataset when it exists already (nothing is built)."""
+    data_dir = dataset_dir(config, workdir)
+    if not os.path.isfile(os.path.join(data_dir, input_pipeline.INFO_FILE)):
+        return None
+    return input_pipeline.read_dataset_info(data_dir).num_classes
+
+
+def saved_model_differences(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, requested)} of the model keys where WORKDIR's checkpoints differ from config.
+
+    Compares MODEL_KEYS with WORKDIR/config.json (the config the checkpoints were made with)
+    and the checkpoint's classifier size with the config's dataset ("num_classes"). Empty
+    when the work directory holds no checkpoint. Reads metadata only; writes nothing.
+    """
+    workdir = _workdir(workdir)
+    path = os.path.join(workdir, CONFIG_FILE)
+    has_checkpoint = any(
+        checkpointing.saved_step(workdir, w) is not None
+        for w in (checkpointing.BEST, checkpointing.LATEST)
+    )
+    if not has_checkpoint:
+        return {}
+    saved = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    out = {}
+    for key in MODEL_KEYS:
+        try:
+            old, new = _lookup(saved, key), _lookup(config, key)
+        except KeyError:  # no config.json, or a key it lacks
+            continue
+        if old != new:
+            out[f"config.{key}"] = (old, new)
+    saved_classes = _saved_num_classes(workdir)
+    asked_classes = _requested_num_classes(config, workdir)
+    if None not in (saved_classes, asked_classes) and saved_classes != asked_classes:
+        out["num_classes (of the dataset)"] = (saved_classes, asked_classes)
+    return out
+
+
+def check_same_model(config: Any, workdir: str) -> None:
+    """Before restoring: raises ConfigError, one line naming each model key that differs from
+    the checkpoints in `workdir` with its saved value (instead of Orbax's shape errors)."""
+    diffs = saved_model_differences(config, workdir)
+    if diffs:
+        keys = ", ".join(f"{k}={old!r} (this config: {new!r})" for k, (old, new) in diffs.items())
+        raise ConfigError(
+            f"{_workdir(workdir)} holds checkpoints of another model: saved {keys}; use the "
+            "saved values, or another --workdir for a new run"
+        )
+
+
 # ----------------------------------------------------------------------------- runs
 def build_run(config, workdir: str) -> Run:
     """Data, mesh, model and a fresh (replicated) TrainState; nothing restored yet.
 
     Creates the work directory, builds the phantom dataset on first use and writes
-    WORKDIR/config.json (process 0).
+    WORKDIR/config.json (process 0). A work directory whose checkpoints are of another model
+    (`MODEL_KEYS`, class count) raises ConfigError first, before anything is written.
     """
     workdir = _workdir(workdir)
+    check_same_model(config, workdir)  # before anything is built, written or restored
     os.makedirs(workdir, exist_ok=True)
     data_dir = prepare_data(config, workdir)
     info = input_pipeline.read_dataset_info(data_dir)
@@ -217,9 +316,11 @@ def build_run(config, workdir: str) -> Run:
     mdef, state = ts.create_train_state(model, make_optimizer(config))
     state = ts.place_state(state, mesh)
     primary = mesh_lib.is_primary()
-    if primary:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    if primary:  # atomically: other processes may be reading it in check_same_model
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
     return Run(config, workdir, data_dir, info, mesh, mdef, state, primary)
 
 
@@ -274,19 +375,16 @@ def load_trained(workdir: str, config: Any = None) -> TrainedModel:
     `config` (optional) replaces WORKDIR/config.json; either is validated. Reads the dataset's
     `xmedjax_dataset.json` (class names and count) but builds no data, and creates or writes
     nothing under `workdir`. A missing config.json, dataset or best checkpoint raises
-    FileNotFoundError, a bad config ConfigError, each one line naming the work directory.
+    FileNotFoundError, a bad config (or a `config` of another model than the checkpoint's)
+    ConfigError, each one line naming the work directory.
     """
     workdir = _workdir(workdir)
     if config is None:
         config = read_saved_config(workdir)
     else:
         config = _validated(config, f"config for {workdir}")
-    step = checkpointing.saved_step(workdir, checkpointing.BEST)
-    if step is None:
-        raise FileNotFoundError(
-            f"{workdir} has no best checkpoint (nothing under "
-            f"{checkpointing.checkpoint_dir(workdir, checkpointing.BEST)}); train it first"
-        )
+        check_same_model(config, workdir)
+    require_best_checkpoint(workdir)
     data_dir = dataset_dir(config, workdir)
     info = input_pipeline.read_dataset_info(data_dir)
     mdef, abstract = _abstract_train_state(config, info.num_classes)
@@ -304,10 +402,12 @@ def load_trained(workdir: str, config: Any = None) -> TrainedModel:
 
 __all__ = [
     "CONFIG_FILE",
+    "MODEL_KEYS",
     "Run",
     "TrainedModel",
     "build_model",
     "build_run",
+    "check_same_model",
     "dataset_dir",
     "eval_data_kwargs",
     "host_model_state",
@@ -316,6 +416,8 @@ __all__ = [
     "phantom_dir",
     "prepare_data",
     "read_saved_config",
+    "require_best_checkpoint",
     "restore_best",
+    "saved_model_differences",
     "setup_runtime",
 ]
