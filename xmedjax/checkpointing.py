@@ -185,8 +185,13 @@ def saved_state_metadata(workdir: str, which: str = BEST) -> dict | None:
     paths = _saved_step_paths(workdir, which)
     if not paths:
         return None
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.metadata(paths[max(paths)] / "state").item_metadata.tree
+    handler = ocp.CompositeCheckpointHandler(  # every item named, or Orbax warns about it
+        state=ocp.StandardCheckpointHandler(),
+        loop=ocp.JsonCheckpointHandler(),
+        data_iter=grain.checkpoint.CheckpointHandler(),
+    )
+    with ocp.Checkpointer(handler) as checkpointer:
+        return checkpointer.metadata(paths[max(paths)]).item_metadata["state"].tree
 
 
 def read_params(workdir: str, which: str = LATEST, step: int | None = None) -> dict:
