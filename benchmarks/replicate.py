@@ -11,7 +11,7 @@ Each model is one run of the project's own command, in a child process,
         --config.data.data_dir=<data_root>/<dataset> --config.runtime.compilation_cache_dir=<cache_dir> \
         --config.runtime.progress_bar=False
 
-that is `xmedjax.train.train_and_evaluate` with the paper's hyper-parameters (configs/default.py:
+that is `xmedjax.modes.train_and_evaluate` with the paper's hyper-parameters (configs/default.py:
 Adam 1e-4, batch 32, up to 50 epochs, early stopping on val loss with patience 10, the
 Keras-style augmentation), FROM SCRATCH: no ImageNet weights are available to us, so these
 numbers are not the paper's transfer-learning setting. The run evaluates its best checkpoint

@@ -12,7 +12,7 @@
 # four     the paper's four models in one command (the wall-time  prepared/chest_xray, with
 #          target); needs brain_binary already on the warm box     brain_binary left by `upload`
 # upload   nothing: leaves the carried dataset on the warm box    the dataset to leave there
-# cams     xmedjax.explain.compare (every saliency method) on the  prepared/brain_binary
+# cams     xmedjax.compare (every saliency method) on the          prepared/brain_binary
 #          brain runs a `brain`/`brain4` call left on the warm box
 # profile  jax.profiler trace + XLA dumps of PROFILE_ARCH's          (none needed)
 #          PROFILE_PROGRAMS (default densenet121 gradcam_bf16_small) -> $OUT/profile.tar.gz
@@ -134,8 +134,8 @@ case $PHASE in
   cams)   # the CAM-method comparison on the brain test set, from the brain runs left on the warm box
     wds=$(ls -d runs/replicate/brain_resnet50 runs/replicate/brain_densenet121 runs/replicate/brain4_densenet121 2>/dev/null | paste -sd, -)
     if [[ -z $wds ]]; then say "no brain runs on this machine: run the brain phase first"; else
-      say "xmedjax.explain.compare on $wds"
-      timeout $((CALL_S - (SECONDS - T0) - 15)) python3 -m xmedjax.explain.compare --workdirs="$wds" \
+      say "xmedjax.compare on $wds"
+      timeout $((CALL_S - (SECONDS - T0) - 15)) python3 -m xmedjax.compare --workdirs="$wds" \
         --split=test --images="${CAM_IMAGES:-64}" --out="$OUT/cam_comparison_brain.md" 2>&1 \
         | grep --line-buffered -v -E "^(W|I)[0-9]{4} " | tee "$OUT/cams_log.txt"
     fi ;;

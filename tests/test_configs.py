@@ -205,12 +205,12 @@ def test_validation_loads_neither_jax_nor_flax(tmp_path):
 def test_names_are_what_the_code_implements():
     import numpy as np
 
-    from xmedjax import input_pipeline, names, train
+    from xmedjax import input_pipeline, modes, names
     from xmedjax import train_state as ts
     from xmedjax.explain import run
     from xmedjax.models import ARCHITECTURES
 
-    assert tuple(train.MODES) == names.MODES
+    assert tuple(modes.MODES) == names.MODES
     assert sorted(ARCHITECTURES) == sorted(names.ARCHS)
     assert run.QUALITY_METHODS == names.QUALITY_METHODS == names.SALIENCY_METHODS
     for name in names.OPTIMIZERS:

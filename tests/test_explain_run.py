@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -270,36 +269,6 @@ def test_folder_explains_the_reported_thresholded_class(model, tmp_path):
         p = data["probabilities"]
         np.testing.assert_array_equal(data["predictions"], p[:, 1] >= np.float32(threshold))
         assert np.any(np.argmax(p, axis=1) != data["predictions"])  # the case that matters
-
-
-def test_compare_models_markdown_table(model, dataset):
-    from xmedjax.explain import compare
-
-    graphdef, state = model
-    entry = dict(
-        graphdef=graphdef,
-        state=state,
-        data_dir=dataset,
-        image_size=SIZE,
-        channels=1,
-        normalization="unit",
-    )
-    other_state = jax.tree.map(lambda v: v * 0.9, state)
-    results = compare.compare_models(
-        [dict(entry, label="resnet50 a"), dict(entry, label="resnet50 b", state=other_state)],
-        n_images=8,
-        methods=("gradcam", "scorecam", "random"),
-        method_opts=FAST,
-        steps=4,
-    )
-    assert results["resnet50 a"]["meta"]["cam_layer"] == "layer1"
-    text = compare.markdown_table(results)
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows[0].count("resnet50 a") == len(compare.COLUMNS) and rows[0].count(
-        "resnet50 b"
-    ) == len(compare.COLUMNS)
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["gradcam", "scorecam", "random"]
-    assert "best pointing game" in text
 
 
 def _decodes(path: str) -> bool:

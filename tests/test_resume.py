@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_train import ROOT, TINY_COUNTS, phantom_dir, tiny_config  # noqa: F401 (fixture)
 
-from xmedjax import checkpointing, train
+from xmedjax import checkpointing, runs, train
 
 # The child runs the real CLI with each train batch delayed, so the test can interrupt it
 # mid-epoch deterministically.
@@ -141,8 +141,9 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted_run(tmp_path, phan
     config = tiny_config(phantom_dir, **_overrides(phantom_dir))
     # Reference: one uninterrupted run.
     ref_dir = str(tmp_path / "ref")
-    loop = train.fit(train.build_run(config, ref_dir))
-    assert loop["finished"] == f"reached {total} steps"
+    loop = train.fit(runs.build_run(config, ref_dir))
+    assert loop.stop is train.StopReason.MAX_STEPS and loop.stop_step == total
+    assert loop.stop_message == f"reached {total} steps"
 
     work = str(tmp_path / "interrupted")
     # 1. SIGTERM during step 3: the step finishes, is saved, and the loop raises Preempted.
@@ -155,7 +156,7 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted_run(tmp_path, phan
         seed=0,
     )
     with pytest.raises(train.Preempted, match="SIGTERM: saved step 3"):
-        train.fit(train.build_run(config, work), train_iterator=_TermAt(inner, at=3))
+        train.fit(runs.build_run(config, work), train_iterator=_TermAt(inner, at=3))
     assert _saved_steps(work)[-1] == 3
 
     # 2. The real CLI resumes in a child; kill -9 it in the middle of epoch 2 (not an epoch end).
@@ -168,10 +169,10 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted_run(tmp_path, phan
     assert steps[-1] <= killed_at < total
 
     # 3. Rerun to the end: same parameters, bit for bit, and the same loop records.
-    loop2 = train.fit(train.build_run(config, work))
-    assert loop2["finished"] == loop["finished"]
+    loop2 = train.fit(runs.build_run(config, work))
+    assert loop2.stop is loop.stop and loop2.stop_message == loop.stop_message
     assert _saved_steps(work)[-1] == total
     for a, b in zip(_final_params(ref_dir), _final_params(work), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert [h["val_loss"] for h in loop2["history"]] == [h["val_loss"] for h in loop["history"]]
-    assert loop2["best_step"] == loop["best_step"]
+    assert [h["val_loss"] for h in loop2.history] == [h["val_loss"] for h in loop.history]
+    assert loop2.best_step == loop.best_step

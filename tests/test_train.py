@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -12,7 +13,7 @@ import PIL.Image
 import pytest
 from absl import flags
 
-from xmedjax import checkpointing, config_checks, train
+from xmedjax import checkpointing, config_checks, modes, runs, train
 from xmedjax import train_state as ts
 
 flags.FLAGS.mark_as_parsed()
@@ -63,7 +64,7 @@ def phantom_dir(tmp_path_factory) -> str:
 def test_demo_config_end_to_end(tmp_path, phantom_dir):
     workdir = str(tmp_path / "run")
     config = tiny_config(phantom_dir)
-    results = train.train_and_evaluate(config, workdir)
+    results = modes.train_and_evaluate(config, workdir)
     saved = json.load(open(os.path.join(workdir, "metrics.json")))
     assert saved["val"]["accuracy"] == results["val"]["accuracy"]
     for split in ("val", "test"):
@@ -106,7 +107,7 @@ def test_demo_config_end_to_end(tmp_path, phantom_dir):
 
     # Rerunning a finished run goes straight to evaluation; evaluate and predict modes reuse the best checkpoint.
     before = saved["test"]
-    again = train.evaluate(tiny_config(phantom_dir, mode="evaluate"), workdir)
+    again = modes.evaluate(tiny_config(phantom_dir, mode="evaluate"), workdir)
     assert (
         again["test"]["accuracy"] == before["accuracy"]
         and again["test"]["auc_roc"] == before["auc_roc"]
@@ -117,7 +118,7 @@ def test_demo_config_end_to_end(tmp_path, phantom_dir):
         PIL.Image.fromarray(
             (np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)
         ).save(folder / f"{i}.png")
-    out = train.predict(
+    out = modes.predict(
         tiny_config(phantom_dir, mode="predict", **{"predict.folder": str(folder)}), workdir
     )
     assert out is not None
@@ -155,7 +156,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, phantom_di
 
     workdir = str(tmp_path / "nan")
     config = tiny_config(phantom_dir)
-    run = train.build_run(config, workdir)
+    run = runs.build_run(config, workdir)
     inner = input_pipeline.make_train_iterator(
         phantom_dir,
         "train",
@@ -218,14 +219,14 @@ def test_init_checkpoint_loads_converted_weights(tmp_path, phantom_dir):
         source, str(tmp_path / "weights"), {"arch": "resnet50", "num_classes": 2, "in_channels": 1}
     )
     config = tiny_config(phantom_dir, **{"init.checkpoint": weights, "init.head": "strict"})
-    model = train.build_model(config, 2)
+    model = runs.build_model(config, 2)
     for (path, a), (_, b) in zip(
         nnx.to_flat_state(nnx.state(source)), nnx.to_flat_state(nnx.state(model)), strict=True
     ):
         np.testing.assert_array_equal(
             np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path)
         )
-    fresh = train.build_model(tiny_config(phantom_dir), 2)
+    fresh = runs.build_model(tiny_config(phantom_dir), 2)
     assert not np.array_equal(
         np.asarray(nnx.state(fresh)["fc"]["kernel"].get_value()),
         np.asarray(nnx.state(source)["fc"]["kernel"].get_value()),
@@ -236,16 +237,96 @@ def test_plateau_and_early_stopping_schedules():
     t = tiny_config("/unused").training
     t.reduce_on_plateau_patience, t.reduce_on_plateau_factor, t.min_learning_rate = 2, 0.5, 0.2
     t.early_stopping_patience, t.early_stopping_min_delta = 4, 0.01
-    loop = train._new_loop_state(1.0)
-    lrs, stops = [], []
+    loop = train.LoopState(learning_rate=1.0)
+    lrs, stops, messages = [], [], []
     for epoch, val_loss in enumerate(
         [1.0, 0.9, 0.95, 0.92, 0.895, 0.899, 0.898, 0.897, 0.896], start=1
     ):
-        loop["epoch"] = epoch
-        train.update_schedules(loop, val_loss, t)
-        lrs.append(loop["learning_rate"])
-        stops.append(loop["finished"])
+        loop = train.update_schedules(dataclasses.replace(loop, epoch=epoch), val_loss, t)
+        lrs.append(loop.learning_rate)
+        stops.append(loop.stop)
+        messages.append(loop.stop_message)
     # plateau (best 0.9 at epoch 2): epochs 3, 4 -> halve; 0.895 is a new best at 5; 6, 7 -> halve; 8, 9 -> floor
     assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2]
     # early stopping needs > 0.01 improvement: best stays 0.9 (epoch 2); 4 epochs later (6) it stops
-    assert stops[:5] == [None] * 5 and stops[5] == "early stopping after epoch 6"
+    assert stops[:5] == [None] * 5 and stops[5] is train.StopReason.EARLY_STOPPING
+    assert messages[:5] == [None] * 5 and messages[5] == "early stopping after epoch 6"
+
+
+def test_loop_state_json_round_trip_and_legacy_checkpoints():
+    record = {"epoch": 1, "step": 4, "train_loss": 0.7, "val_loss": 0.6, "learning_rate": 1e-3}
+    loop = train.LoopState(
+        learning_rate=1e-3,
+        epoch=2,
+        stop=train.StopReason.MAX_STEPS,
+        stop_step=8,
+        best_step=4,
+        best_value=0.6,
+        history=(record, dict(record, epoch=2, step=8)),
+    )
+    saved = json.loads(json.dumps(loop.to_json()))  # what Orbax's JsonSave/JsonRestore do
+    assert saved["stop"] == "max_steps" and train.LoopState.from_json(saved) == loop
+    # A loop item written before LoopState: the stop reason was a "finished" string.
+    legacy = {k: v for k, v in saved.items() if k not in ("stop", "stop_step")}
+    restored = train.LoopState.from_json(dict(legacy, finished="reached 8 steps"))
+    assert restored == loop and restored.stop_message == "reached 8 steps"
+    early = train.LoopState.from_json(dict(legacy, finished="early stopping after epoch 2"))
+    assert early.stop is train.StopReason.EARLY_STOPPING
+    assert early.stop_message == "early stopping after epoch 2"
+    assert train.LoopState.from_json(dict(legacy, finished=None)).stop is None
+
+
+def test_modes_without_a_checkpoint_stop_before_creating_anything(tmp_path):
+    from test_configs import _main
+
+    missing = tmp_path / "typo"
+    for mode, extra in (("evaluate", {}), ("explain", {}), ("predict", {"predict.folder": "."})):
+        config = tiny_config("", mode=mode, **extra)  # phantoms would be built in the workdir
+        with pytest.raises(FileNotFoundError, match=f"^{missing} has no best checkpoint") as err:
+            modes.MODES[mode](config, str(missing))
+        assert "\n" not in str(err.value)
+        assert not missing.exists()
+    res = _main("--config=configs/demo.py", f"--workdir={missing}", "--config.mode=evaluate")
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {missing} has no best checkpoint (nothing under "), last
+    assert not missing.exists()
+
+
+def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path, phantom_dir):
+    import shutil
+
+    from xmedjax import input_pipeline
+
+    workdir = str(tmp_path / "run")
+    train.fit(runs.build_run(tiny_config(phantom_dir, **{"training.max_epochs": 1}), workdir))
+    config_json = os.path.join(workdir, "config.json")
+    saved = open(config_json).read()
+    other = {"model.arch": "densenet121", "data.image_size": 64, "model.dtype": "bfloat16"}
+    with pytest.raises(config_checks.ConfigError) as err:
+        modes.evaluate(tiny_config(phantom_dir, mode="evaluate", **other), workdir)
+    assert str(err.value) == (
+        f"{workdir} holds checkpoints of another model: saved "
+        "config.model.arch='resnet50' (this config: 'densenet121'), "
+        "config.model.dtype='float32' (this config: 'bfloat16'), "
+        "config.data.image_size=32 (this config: 64); "
+        "use the saved values, or another --workdir for a new run"
+    )
+    assert open(config_json).read() == saved  # the check runs before config.json is written
+
+    three = str(tmp_path / "three_classes")
+    shutil.copytree(phantom_dir, three)
+    info_path = os.path.join(three, input_pipeline.INFO_FILE)
+    info = json.load(open(info_path))
+    info.update(num_classes=3, label_names=[*info["label_names"], "other"])
+    json.dump(info, open(info_path, "w"))
+    with pytest.raises(
+        config_checks.ConfigError,
+        match=r"saved num_classes \(of the dataset\)=2 \(this config: 3\); use the saved",
+    ):
+        runs.build_run(tiny_config(three), workdir)  # resuming (mode train) is checked too
+    with pytest.raises(
+        config_checks.ConfigError, match=r"saved config.model.width=0.0625 \(this config: 0.125\)"
+    ):
+        runs.load_trained(workdir, tiny_config(phantom_dir, **{"model.width": 0.125}))
+    assert open(config_json).read() == saved

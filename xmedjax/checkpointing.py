@@ -5,9 +5,11 @@
 
 `state` is the TrainState (params, BatchNorm statistics, optimiser state with its learning
 rate, step); `data_iter` the Grain iterator state (one JSON per process, Grain's own Orbax
-handler); `loop` the host-side loop state (epoch, early-stopping and plateau counters,
-history) as JSON. Orbax writes each step into a temporary folder and renames it when
-complete, so a run killed mid-save resumes from the previous complete step.
+handler); `loop` the host-side loop state (`train.LoopState`: epoch, early-stopping and
+plateau counters, history, why training stopped) as JSON. `saved_step` and `restore_saved`
+read a run without creating or writing anything (for `runs.load_trained`). Orbax writes each
+step into a temporary folder and renames it when complete, so a run killed mid-save resumes
+from the previous complete step.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ class RunCheckpoints:
         self.latest.close()
         self.best.close()
 
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Waits for pending saves, then closes both managers (on success and on errors)."""
+        self.wait()
+        self.close()
+
     # ------------------------------------------------------------------ restore
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -111,14 +121,77 @@ class RunCheckpoints:
                 f"no {which} checkpoint under {checkpoint_dir(self.workdir, which)}; "
                 "train first (config.mode=train) with this --workdir"
             )
-        restored = manager.restore(
-            step,
+        return (*_restore_state_and_loop(manager, step, state_like), step)
+
+
+def _restore_state_and_loop(
+    manager: ocp.CheckpointManager, step: int, state_like: Any
+) -> tuple[Any, dict]:
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(state_like)),
+            loop=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored["state"], restored["loop"]
+
+
+def saved_step(workdir: str, which: str = BEST) -> int | None:
+    """The newest complete step saved under WORKDIR/checkpoints/<which>, or None.
+
+    Creates nothing (unlike `RunCheckpoints`, whose managers create their folders).
+    """
+    paths = _saved_step_paths(workdir, which)
+    return max(paths) if paths else None
+
+
+def _saved_step_paths(workdir: str, which: str) -> dict[int, Any]:
+    directory = checkpoint_dir(workdir, which)
+    if not os.path.isdir(directory):
+        return {}
+    return {  # finalised steps only
+        ocp.utils.step_from_checkpoint_name(p.name): p
+        for p in ocp.utils.checkpoint_steps_paths(directory)
+    }
+
+
+def restore_saved(workdir: str, state_like: Any, which: str = BEST) -> tuple[Any, dict, int]:
+    """(state, loop, step) of the newest `which` checkpoint, read-only: nothing is written.
+
+    `state_like` is a TrainState or its ShapeDtypeStructs (with shardings).
+    """
+    paths = _saved_step_paths(workdir, which)
+    if not paths:
+        raise FileNotFoundError(
+            f"no {which} checkpoint under {checkpoint_dir(workdir, which)}; "
+            "train first (config.mode=train) with this --workdir"
+        )
+    step = max(paths)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            paths[step],
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_like(state_like)),
                 loop=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], restored["loop"], step
+    return restored["state"], restored["loop"], step
+
+
+def saved_state_metadata(workdir: str, which: str = BEST) -> dict | None:
+    """Shapes and dtypes of the newest `which` checkpoint's TrainState (Orbax ArrayMetadata
+    leaves, no arrays read), or None without one. Read-only."""
+    paths = _saved_step_paths(workdir, which)
+    if not paths:
+        return None
+    handler = ocp.CompositeCheckpointHandler(  # every item named, or Orbax warns about it
+        state=ocp.StandardCheckpointHandler(),
+        loop=ocp.JsonCheckpointHandler(),
+        data_iter=grain.checkpoint.CheckpointHandler(),
+    )
+    with ocp.Checkpointer(handler) as checkpointer:
+        return checkpointer.metadata(paths[max(paths)]).item_metadata["state"].tree
 
 
 def read_params(workdir: str, which: str = LATEST, step: int | None = None) -> dict:

@@ -1,7 +1,7 @@
 """python -m xmedjax.main --config=configs/NAME.py --workdir=runs/NAME [--config.KEY=VALUE ...]
 
 Modes (config.mode): train (default: train or resume, then evaluate the best checkpoint on
-val and test and explain the test split), evaluate, explain, predict. See xmedjax/train.py.
+val and test and explain the test split), evaluate, explain, predict: see xmedjax/modes.py.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ def main(argv: list[str]) -> None:
         config = config_checks.validate(_CONFIG.value)
     except config_checks.ConfigError as err:
         sys.exit(f"config error: {err}")
-    from xmedjax import train  # noqa: PLC0415 (heavy imports after the config is known good)
+    # heavy imports after the config is known good
+    from xmedjax import modes, train  # noqa: PLC0415
 
     try:
-        train.MODES[config.mode](config, _WORKDIR.value)
+        modes.MODES[config.mode](config, _WORKDIR.value)
     except config_checks.ConfigError as err:  # a value that does not fit the data or devices
         sys.exit(f"config error: {err}")
     except (train.NonFiniteError, FileNotFoundError) as err:

@@ -3,8 +3,8 @@
 Every method is in `METHODS` under one signature,
 `fn(graphdef, state, images, targets, **opts) -> CamResult(raw, maps, logits, targets)`;
 `compute_methods` runs several on one batch sharing the gradient CAMs' backward pass.
-The `explain`/`predict` modes live in `xmedjax.explain.run`, the comparison command in
-`xmedjax.explain.compare`.
+The `explain`/`predict` modes' work lives in `xmedjax.explain.run`; the comparison command is
+`python -m xmedjax.compare`. Nothing here imports the training modules (train, runs, modes).
 """
 
 from xmedjax.explain.attribution import integrated_gradients_fn, smoothgrad_fn

@@ -224,7 +224,8 @@ def _label_names(data_dir: str) -> list[str] | None:
         return None
 
 
-def _merge_opts(method_opts: dict[str, dict] | None) -> dict[str, dict]:
+def method_options(method_opts: dict[str, dict] | None = None) -> dict[str, dict]:
+    """FAST_OPTS updated per method by `method_opts` (the options every quality stage uses)."""
     out = {k: dict(v) for k, v in FAST_OPTS.items()}
     for k, v in (method_opts or {}).items():
         out.setdefault(k, {}).update(v)
@@ -284,7 +285,7 @@ def explain_split(
     Returns {"heatmaps": {method: npz path}, "grid": path, "quality": scores or None,
     "quality_path": path or None, "seconds": {"maps": s, "quality": s}, "cam_layer": ...}.
     """
-    methods, opts = tuple(methods), _merge_opts(method_opts)
+    methods, opts = tuple(methods), method_options(method_opts)
     cam_layer = _cam_layer(graphdef, state, preprocess, cam_layer)
     started = time.time()
     subset = None if quality is None else quality.new_subset()
@@ -515,7 +516,7 @@ def explain_folder(
             _progress(images, "explain" if methods else "predict", progress),
             choose=choose_targets(threshold=threshold),
             methods=methods,
-            method_opts=_merge_opts(method_opts),
+            method_opts=method_options(method_opts),
             cam_layer=_cam_layer(graphdef, state, preprocess, cam_layer) if methods else None,
             on_batch=_overlay_writer(staging) if overlays and methods else None,
         )
