@@ -653,7 +653,10 @@ def _best_on_primary(config, workdir: str) -> tuple[Run, ts.TrainState]:
 
 
 def explain(config, workdir: str) -> dict | None:
-    """Mode explain: heatmaps of config.explain.split from the best checkpoint."""
+    """Mode explain: heatmaps of config.explain.split from the best checkpoint (of the
+    images under config.predict.folder when it is set, as predict mode)."""
+    if config.predict.folder:
+        return predict(config, workdir)
     run, state = _best_on_primary(config, workdir)
     if not run.primary:
         return None
@@ -673,6 +676,7 @@ def predict(config, workdir: str) -> dict | None:
     c = config
     metrics = _saved_metrics(run) or {}
     threshold = (metrics.get(c.data.val_split) or {}).get("threshold") or 0.5
+    from xmedjax.explain.annotated import FolderAnnotations  # noqa: PLC0415
     from xmedjax.explain.run import predict_folder  # noqa: PLC0415
 
     return predict_folder(
@@ -686,6 +690,7 @@ def predict(config, workdir: str) -> dict | None:
         threshold=threshold,
         label_names=run.info.label_names,
         progress=c.runtime.progress_bar,
+        annotations=FolderAnnotations.from_config(c),
     )
 
 
