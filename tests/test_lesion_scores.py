@@ -239,6 +239,7 @@ def annotated_folder(tmp_path_factory):
                 "regions": regions,
                 "file_attributes": {},
             }
+    via["gone.png123"] = {"filename": "gone.png", "size": 123, "regions": []}  # not in the folder
     with open(root / "outlines.json", "w") as f:
         json.dump(via, f)
     return str(root), sizes
@@ -265,6 +266,8 @@ def test_annotated_folder_scores_match_a_recomputation_from_the_npz(
         q = json.load(f)
     assert set(out["heatmaps"]) == {"gradcam", "random"}  # the baseline is always scored
     assert q["_meta"]["mask_counts"] == {"annotated": 2, "empty": 1, "unknown": 1}
+    assert q["_meta"]["annotations"]["entries_without_image"] == 1
+    assert q["_meta"]["annotation_error_count"] == 0
     assert not os.path.isdir(os.path.join(str(tmp_path), "overlays", "random"))
     for method in ("gradcam", "random"):
         npz = export.read_heatmaps(os.path.join(str(tmp_path), "heatmaps", f"folder_{method}.npz"))

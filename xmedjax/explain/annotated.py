@@ -52,6 +52,7 @@ AREA = (
     "energy_in_mask and iou (map >= 0.5) at S x S against the source mask resized by area "
     "(lesion where at least half of the pixel is; npz 'masks')"
 )
+MAX_LISTED = 100  # annotation errors listed in _meta (all are counted)
 RELIANCE_KEYS = tuple(f"p_{c}" for c in reliance_lib.CONDITIONS)
 
 
@@ -128,7 +129,11 @@ class FolderMasks:
                 rel, size = self._raw(p).relpath, os.path.getsize(p)
                 refs.append(annotations_lib.ImageRef(rel, os.path.abspath(p), hw[1], hw[0], size))
         self.set = self.source.load(refs)
-        self.errors = [str(e) for e in self.set.errors]
+        # entries naming an image the folder does not hold (a folder with part of an
+        # annotated set) are set aside; the other bad entries are errors (image unknown)
+        missing = [e for e in self.set.errors if e.image is None and "not an image of" in e.problem]
+        self.missing = [e.entry for e in missing]
+        self.errors = [str(e) for e in self.set.errors if e not in missing]
 
     def _raw(self, path: str) -> layouts.RawFile:
         rel = os.path.relpath(os.path.abspath(path), self.folder).replace(os.sep, "/")
@@ -140,7 +145,13 @@ class FolderMasks:
         return None if ann is None else annotations_lib.rasterise(ann, height, width)
 
     def counts(self) -> dict[str, Any]:
-        return {"format": self.source.format, "path": self.source.path or "beside the images"}
+        """What _meta.annotations reports: format, path, entries naming no image here."""
+        return {
+            "format": self.source.format,
+            "path": self.source.path or "beside the images",
+            "entries_without_image": len(self.missing),
+            "entries_without_image_first": self.missing[:20],
+        }
 
 
 class FolderScorer:
@@ -310,7 +321,8 @@ def folder_quality(
             "empty": int((known & ~lesion).sum()),
             "unknown": int((~known).sum()),
         },
-        "annotation_errors": scorer.masks.errors,
+        "annotation_errors": scorer.masks.errors[:MAX_LISTED],
+        "annotation_error_count": len(scorer.masks.errors),
         "n_localisation": int(lesion.sum()),
         "targets": f"positive class {scorer.positive_class}",
         "geometry": GEOMETRY,

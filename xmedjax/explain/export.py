@@ -9,7 +9,9 @@
 - `heatmap_grid_figure`: one matplotlib figure of those cases for one method.
 - `report_section_html(workdir)`: an HTML fragment (figures inlined as base64 PNG) with one
   grid per method for each `WORKDIR/heatmaps/<split>_grid.npz` that `run.explain_split`
-  wrote, plus the `explain_quality.json` table when present; report.py embeds it.
+  wrote (known lesion outlines drawn in white), plus the tables of `explain_quality.json`
+  and `explain_quality_folder.json` when present (`quality_table_html` with bootstrap
+  intervals, `paired_table_html`, `reliance_table_html`); report.py embeds it.
 """
 
 from __future__ import annotations

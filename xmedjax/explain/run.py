@@ -13,13 +13,17 @@ mask, or the first ones when the dataset has no masks), explaining the TRUE clas
 localisation (masks only), deletion/insertion AUC, cascading weight randomisation ("ends":
 head only and all layers) and a cheap label randomisation (the head refit on shuffled
 labels by ridge regression unless the settings carry `label_state`, a model trained on
-shuffled labels).
+shuffled labels); localisation comes with bootstrap intervals and paired differences, and
+with masks the `lesion_reliance` section (`xmedjax.explain.reliance`).
 
 `explain_folder` and `predict_folder` do the same for a folder of the user's PNG/JPEG/DICOM
 files and write `WORKDIR/predictions_folder.{csv,json}` (`predictions_io`), one row per
 file, with status "error" for a file that cannot be read (the rest goes on). Both paths run
 one batch loop, `explain_batches`, whose `choose_targets` rule picks each image's class
-once: the class explained is the class reported (a val-chosen threshold included).
+once: the class explained is the class reported (a val-chosen threshold included), except
+in an annotated folder (`annotations=annotated.FolderAnnotations(...)`), whose maps explain
+the lesion class and are scored against the outlines into
+`WORKDIR/explain_quality_folder.json` (`xmedjax.explain.annotated`).
 Progress bars go to stderr (tqdm). Everything with side effects lives here, in `export.py`
 and `predictions_io.py`; the maths is in pure jitted functions of (graphdef, state, inputs).
 """
@@ -541,6 +545,11 @@ class _FolderScoring:
     @classmethod
     def start(cls, graphdef, state, folder: str, files: Sequence[str], settings) -> _FolderScoring:
         masks = annotated.FolderMasks(folder, files, settings)
+        if masks.missing:
+            logging_utils.log(
+                f"{len(masks.missing)} annotation entries name images that are not under "
+                f"{folder} (ignored), e.g. {masks.missing[0]}"
+            )
         if masks.errors:
             logging_utils.log(
                 f"{len(masks.errors)} bad annotation(s) skipped (their images are unknown, "
