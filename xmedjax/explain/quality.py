@@ -608,9 +608,10 @@ def collect_subset(
 class QualitySubset:
     """The fixed subset of a split that the quality scores use, gathered as batches stream by.
 
-    The first `n_images` images with a non-empty lesion mask (the first images when the
-    dataset has no masks), and, while fewer than `fit_images` are held, every valid image
-    of each batch, any class, for `shuffled_label_head` (0: none).
+    The first `n_images` images with a known (`mask_known`), non-empty lesion mask (the
+    first images when the dataset has no masks), and, while fewer than `fit_images` are
+    held, every valid image of each batch, any class, for `shuffled_label_head` (0: none).
+    `mask_counts` counts every valid image seen: with a lesion, known empty, not annotated.
     """
 
     def __init__(self, n_images: int, fit_images: int = 0):
