@@ -83,7 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.explain.quality_methods = ()  # methods the quality scores compare; () = all the explain package offers
 
     c.predict = ml_collections.ConfigDict()
-    c.predict.folder = ""  # images/DICOMs to classify (and explain) in predict mode
+    c.predict.folder = ""  # images/DICOMs to classify (and explain) in predict or explain mode
+    # Lesion annotations of predict.folder (a VIA/COCO JSON file, a YOLO labels folder or a
+    # mask-image folder; '' = none): every method is scored against them and lesion reliance
+    # is measured -> WORKDIR/explain_quality_folder.json.
+    c.predict.annotations = ""
+    c.predict.annotation_format = "auto"  # auto | via | coco | yolo | masks
+    c.predict.positive_class = -1  # the lesion class the maps explain; -1 = the last class
 
     c.runtime = ml_collections.ConfigDict()
     c.runtime.compilation_cache_dir = "~/.cache/xmedjax/jax"  # '' = off

@@ -18,6 +18,7 @@ import ml_collections
 from configs import default as default_schema
 from xmedjax.errors import ConfigError
 from xmedjax.names import (
+    ANNOTATION_FORMATS,
     ARCHS,
     BEST_METRICS,
     CLASS_WEIGHTINGS,
@@ -225,19 +226,52 @@ def check_values(c) -> None:
     _cmp(c, "explain.batch_size", lambda v: v > 0, "> 0")
     _cmp(c, "explain.quality_images", lambda v: v > 0, "> 0")
     _cmp(c, "explain.split", lambda v: bool(v), "a split name")
+    _check_predict(c)
+
+    _choice(c, "runtime.distributed", DISTRIBUTED)
+    _cmp(c, "runtime.num_processes", lambda v: v >= 0, ">= 0")
+    _cmp(c, "runtime.process_id", lambda v: v >= -1, ">= -1")
+
+
+def _check_predict(c) -> None:
+    """The folder of predict mode (or explain mode with a folder) and its annotations."""
     if c.mode == "predict":
         _require(
             bool(c.predict.folder),
             "config.predict.folder must name a folder of images in predict mode",
         )
+    if c.mode in ("predict", "explain") and c.predict.folder:
         _require(
             os.path.isdir(os.path.expanduser(c.predict.folder)),
             f"config.predict.folder must be an existing folder, got {c.predict.folder!r}",
         )
-
-    _choice(c, "runtime.distributed", DISTRIBUTED)
-    _cmp(c, "runtime.num_processes", lambda v: v >= 0, ">= 0")
-    _cmp(c, "runtime.process_id", lambda v: v >= -1, ">= -1")
+    _choice(c, "predict.annotation_format", ANNOTATION_FORMATS)
+    _cmp(c, "predict.positive_class", lambda v: v >= -1, ">= -1 (-1 = the last class)")
+    if not c.predict.annotations:
+        return
+    _require(
+        bool(c.predict.folder),
+        "config.predict.annotations needs config.predict.folder (the annotated images)",
+    )
+    path = os.path.expanduser(c.predict.annotations)
+    _require(
+        os.path.exists(path),
+        f"config.predict.annotations must be an existing file or folder, got "
+        f"{c.predict.annotations!r}",
+    )
+    fmt = c.predict.annotation_format
+    if fmt in ("via", "coco"):
+        _require(
+            os.path.isfile(path),
+            f"config.predict.annotations must be a JSON file for annotation_format={fmt}, "
+            f"got {c.predict.annotations!r}",
+        )
+    if fmt in ("yolo", "masks"):
+        _require(
+            os.path.isdir(path),
+            f"config.predict.annotations must be a folder for annotation_format={fmt}, "
+            f"got {c.predict.annotations!r}",
+        )
 
 
 def validate(config) -> ml_collections.ConfigDict:

@@ -442,6 +442,11 @@ def load_image_file(path: str, *, preprocess: Preprocess) -> np.ndarray:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such image file: {path}")
-    pixels = image_io.decode_file(path).pixels
+    return preprocess_pixels(image_io.decode_file(path).pixels, preprocess=preprocess)
+
+
+def preprocess_pixels(pixels: np.ndarray, *, preprocess: Preprocess) -> np.ndarray:
+    """Decoded uint8 pixels (H, W) or (H, W, 3) -> float32 (image_size, image_size, channels):
+    the whole image stretched to the square (PIL bilinear), then `to_float`."""
     resized = augment_lib.warp([pixels], None, preprocess.image_size)[0]
     return to_float(resized, preprocess.channels, preprocess.normalization)

@@ -124,6 +124,29 @@ def bootstrap_ci(
     return out
 
 
+def bootstrap_mean_ci(
+    values: np.ndarray, *, samples: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> list[float]:
+    """Percentile bootstrap interval [low, high] of the mean of per-example `values`.
+
+    Examples are resampled with replacement (`samples` draws from a generator seeded by
+    `seed`); NaN values are dropped first. A paired comparison of two scores on the same
+    examples passes their per-example differences. [nan, nan] when there is no value or
+    `samples` is 0.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if not len(v) or samples <= 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples, np.float64)
+    chunk = max(1, 2_000_000 // len(v))  # bounded memory: at most ~2M indices at a time
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
+        means[start : start + n] = v[rng.integers(0, len(v), (n, len(v)))].mean(axis=1)
+    return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
+
+
 def classification_metrics(
     labels: Sequence[int],
     probs: np.ndarray,

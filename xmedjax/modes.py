@@ -216,7 +216,10 @@ def evaluate(config: Any, workdir: str) -> dict | None:
 
 
 def explain(config: Any, workdir: str) -> dict | None:
-    """Mode explain: heatmaps of config.explain.split from the best checkpoint."""
+    """Mode explain: heatmaps of config.explain.split from the best checkpoint (of the
+    images under config.predict.folder when it is set, as predict mode)."""
+    if config.predict.folder:
+        return predict(config, workdir)
     run, state, _ = _restored_run(config, workdir)
     if not run.primary:
         return None
@@ -236,6 +239,7 @@ def predict(config: Any, workdir: str) -> dict | None:
     c = config
     metrics = _saved_metrics(run) or {}
     threshold = (metrics.get(c.data.val_split) or {}).get("threshold") or 0.5
+    from xmedjax.explain.annotated import FolderAnnotations  # noqa: PLC0415
     from xmedjax.explain.run import predict_folder  # noqa: PLC0415
 
     return predict_folder(
@@ -249,6 +253,7 @@ def predict(config: Any, workdir: str) -> dict | None:
         threshold=threshold,
         label_names=run.info.label_names,
         progress=c.runtime.progress_bar,
+        annotations=FolderAnnotations.from_config(c),
     )
 
 

@@ -22,6 +22,8 @@ BEST_METRICS = ("val_loss", "val_accuracy", "val_auc_roc")
 THRESHOLDS = ("youden", "0.5")
 HEADS = ("reinit", "strict")
 DISTRIBUTED = ("auto", "on", "off")
+# Lesion annotations of a predict/explain folder (`data_prep.annotations.FORMATS` + auto).
+ANNOTATION_FORMATS = ("auto", "via", "coco", "yolo", "masks")
 
 # ----------------------------------------------------------------------------- saliency methods
 # The CAMs that need only the target activation and its gradient (one backward pass).

@@ -9,7 +9,9 @@
 - `heatmap_grid_figure`: one matplotlib figure of those cases for one method.
 - `report_section_html(workdir)`: an HTML fragment (figures inlined as base64 PNG) with one
   grid per method for each `WORKDIR/heatmaps/<split>_grid.npz` that `run.explain_split`
-  wrote, plus the `explain_quality.json` table when present; report.py embeds it.
+  wrote (known lesion outlines drawn in white), plus the tables of `explain_quality.json`
+  and `explain_quality_folder.json` when present (`quality_table_html` with bootstrap
+  intervals, `paired_table_html`, `reliance_table_html`); report.py embeds it.
 """
 
 from __future__ import annotations
@@ -135,10 +137,13 @@ def heatmap_grid_figure(
     label_names: Sequence[str] | None = None,
     title: str = "",
     alpha: float = 0.5,
+    masks: np.ndarray | None = None,
+    mask_known: np.ndarray | None = None,
 ):
     """A matplotlib Figure: one row per class, per group `per_group` overlays (blank when none).
 
-    `cases` comes from `select_grid_cases` (row indices into the arrays).
+    `cases` comes from `select_grid_cases` (row indices into the arrays). `masks` (N, H, W),
+    when given, draws each known (`mask_known`, default all) lesion's outline in white.
     """
     import matplotlib
 
@@ -168,6 +173,8 @@ def heatmap_grid_figure(
                     continue
                 i = group[k]
                 ax.imshow(overlay(images[i], maps[i], alpha))
+                if masks is not None and (mask_known is None or bool(mask_known[i])):
+                    _outline(ax, masks[i])
                 pred = int(predictions[i])
                 ax.set_xlabel(
                     f"pred {names[pred]} p={float(probabilities[i][pred]):.2f}", fontsize=6
@@ -176,6 +183,15 @@ def heatmap_grid_figure(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _outline(ax, mask: np.ndarray) -> None:
+    """Draws a lesion mask's outline (white) on an axes showing an image of its size."""
+    mask = np.asarray(mask, np.float32)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.max() > 0.5 and mask.min() < 0.5:
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
 
 
 def figure_to_base64_png(fig, dpi: int = 80) -> str:
@@ -198,23 +214,106 @@ QUALITY_COLUMNS = (
     ("sanity_randomization_ssim", "rand. weights SSIM"),
     ("sanity_label_spearman", "rand. labels Spearman"),
 )
+LOCALISATION_COLUMNS = QUALITY_COLUMNS[:3]
+# explain_quality.json's keys that are not saliency methods
+SUMMARY_KEYS = ("lesion_reliance",)
+RELIANCE_ROWS = (
+    ("lesion_removed", "lesion removed"),
+    ("control_removed", "control region removed"),
+    ("lesion_only", "everything but the lesion removed"),
+)
+
+
+def _methods(quality: dict) -> list[tuple[str, dict]]:
+    """(name, scores) of the saliency methods in an explain_quality*.json."""
+    return [
+        (name, scores)
+        for name, scores in quality.items()
+        if isinstance(scores, dict) and not name.startswith("_") and name not in SUMMARY_KEYS
+    ]
 
 
 def quality_table_html(quality: dict[str, dict]) -> str:
-    """An HTML table of explain_quality.json (methods x scores)."""
-    cols = [
-        (k, name)
-        for k, name in QUALITY_COLUMNS
-        if any(k in v for v in quality.values() if isinstance(v, dict))
-    ]
+    """An HTML table of explain_quality.json (methods x scores; localisation with its
+    bootstrap 95% interval when present)."""
+    methods = _methods(quality)
+    cols = [(k, name) for k, name in QUALITY_COLUMNS if any(k in v for _, v in methods)]
     head = "".join(f"<th>{html.escape(name)}</th>" for _, name in cols)
     rows = []
-    for method, scores in quality.items():
-        if not isinstance(scores, dict) or method.startswith("_"):
-            continue
-        cells = "".join(f"<td>{_fmt(scores.get(k))}</td>" for k, _ in cols)
+    for method, scores in methods:
+        ci = scores.get("ci95") or {}
+        cells = "".join(f"<td>{_fmt(scores.get(k))}{_ci(ci.get(k))}</td>" for k, _ in cols)
         rows.append(f"<tr><td>{html.escape(method)}</td>{cells}</tr>")
     return f"<table class='xai-quality'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def paired_table_html(quality: dict[str, dict]) -> str:
+    """Each method minus each reference (random, gradcam) on the same images: the mean
+    difference of each localisation score and its paired bootstrap 95% interval."""
+    methods = [(m, v) for m, v in _methods(quality) if v.get("paired")]
+    refs = sorted({r for _, v in methods for r in v["paired"]}, key=lambda r: r != "random")
+    if not methods or not refs:
+        return ""
+    head = "".join(
+        f"<th>{html.escape(name)} &minus; {html.escape(ref)}</th>"
+        for ref in refs
+        for _, name in LOCALISATION_COLUMNS
+    )
+    rows = []
+    for method, scores in methods:
+        cells = []
+        for ref in refs:
+            entry = scores["paired"].get(ref, {})
+            for key, _ in LOCALISATION_COLUMNS:
+                d = entry.get(key) or {}
+                cells.append(f"<td>{_fmt(d.get('difference'))}{_ci(d.get('ci95'))}</td>")
+        rows.append(f"<tr><td>{html.escape(method)}</td>{''.join(cells)}</tr>")
+    return f"<table class='xai-paired'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def reliance_table_html(section: dict | None) -> str:
+    """The lesion_reliance section as a table: probability of the true class, mean drop and
+    flip rate with 95% intervals per condition, and lesion minus control."""
+    if not section:
+        return ""
+    orig = section.get("original", {})
+    rows = [
+        "<tr><th>image</th><th>p(true class)</th><th>mean drop</th><th>flip rate</th></tr>",
+        f"<tr><td>original</td><td>{_fmt(orig.get('probability'))}"
+        f"{_ci(orig.get('probability_ci95'))}</td><td></td><td></td></tr>",
+    ]
+    for key, name in RELIANCE_ROWS:
+        e = section.get(key, {})
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{_fmt(e.get('probability'))}</td>"
+            f"<td>{_fmt(e.get('mean_drop'))}{_ci(e.get('mean_drop_ci95'))}</td>"
+            f"<td>{_fmt(e.get('flip_rate'))}{_ci(e.get('flip_rate_ci95'))}</td></tr>"
+        )
+    vs = section.get("lesion_vs_control", {})
+    rows.append(
+        "<tr><td><b>lesion &minus; control</b></td><td></td>"
+        f"<td>{_fmt(vs.get('mean_drop_difference'))}{_ci(vs.get('mean_drop_difference_ci95'))}"
+        f"</td><td>{_fmt(vs.get('flip_rate_difference'))}"
+        f"{_ci(vs.get('flip_rate_difference_ci95'))}</td></tr>"
+    )
+    control = section.get("control", {})
+    note = html.escape(
+        f"{section.get('n_images', '?')} annotated positive images "
+        f"({section.get('n_predicted_target', '?')} decided as the true class: the flip-rate "
+        f"denominator; decision: {section.get('decision', '?')}); control regions placed "
+        f"inside the anatomy and off the lesion: {control.get('placed', '?')} (fallback "
+        f"{control.get('fallback', '?')}). Fill: {section.get('fill', '?')}."
+    )
+    return f"<table class='xai-reliance'>{''.join(rows)}</table><p class=ci>{note}</p>"
+
+
+def _ci(interval) -> str:
+    if not interval or len(interval) != 2 or any(v is None for v in interval):
+        return ""
+    lo, hi = (float(v) for v in interval)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return ""
+    return f" <span class=ci>[{lo:.3f}, {hi:.3f}]</span>"
 
 
 def _fmt(value) -> str:
@@ -227,25 +326,54 @@ def _fmt(value) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.3f}"
 
 
+def _quality_html(path: str, title: str) -> str:
+    """One explain_quality*.json as HTML: the method table, paired differences, reliance."""
+    with open(path) as f:
+        quality = json.load(f)
+    meta = quality.get("_meta", {})
+    where = (
+        f"folder {meta['folder']}, explaining {meta.get('targets', '?')}"
+        if "folder" in meta
+        else f"split {meta.get('split', '?')}, explaining the true class; "
+        f"label check: {meta.get('label_model', 'n/a')}"
+    )
+    counts = meta.get("mask_counts")
+    masks = (
+        f"; masks: {counts['annotated']} with a lesion (scored), {counts['empty']} known "
+        f"empty (negatives, not scored), {counts['unknown']} not annotated"
+        if counts
+        else ""
+    )
+    note = html.escape(f"{meta.get('n_images', '?')} images of {where}{masks}")
+    parts = [f"<h3>{html.escape(title)}</h3><p>{note}</p>{quality_table_html(quality)}"]
+    paired = paired_table_html(quality)
+    if paired:
+        parts.append(
+            "<h4>Paired differences (same images; bracketed: 95% bootstrap interval)</h4>" + paired
+        )
+    reliance = reliance_table_html(quality.get("lesion_reliance"))
+    if reliance:
+        parts.append("<h4>Lesion reliance: does the model need the lesion?</h4>" + reliance)
+    return "".join(parts)
+
+
 def report_section_html(
     workdir: str, *, methods: Sequence[str] | None = None, dpi: int = 80
 ) -> str:
-    """HTML fragment for the run report: quality table plus per-method heatmap grids.
+    """HTML fragment for the run report: quality tables plus per-method heatmap grids.
 
-    Reads `WORKDIR/explain_quality.json` and every `WORKDIR/heatmaps/<split>_grid.npz`
-    (written by `xmedjax.explain.run.explain_split`). Returns "" when there is nothing.
+    Reads `WORKDIR/explain_quality.json` (and `explain_quality_folder.json`, an annotated
+    folder's, when present) and every `WORKDIR/heatmaps/<split>_grid.npz` (written by
+    `xmedjax.explain.run.explain_split`; lesion outlines drawn where its masks are known).
+    Returns "" when there is nothing.
     """
     parts = []
-    quality_path = os.path.join(workdir, "explain_quality.json")
-    if os.path.isfile(quality_path):
-        with open(quality_path) as f:
-            quality = json.load(f)
-        meta = quality.get("_meta", {})
-        note = html.escape(
-            f"{meta.get('n_images', '?')} images of split {meta.get('split', '?')}, explaining the true class; "
-            f"label check: {meta.get('label_model', 'n/a')}"
-        )
-        parts.append(f"<h3>Saliency quality</h3><p>{note}</p>{quality_table_html(quality)}")
+    for name, title in (
+        ("explain_quality.json", "Saliency quality"),
+        ("explain_quality_folder.json", "Saliency quality on the annotated folder"),
+    ):
+        if os.path.isfile(os.path.join(workdir, name)):
+            parts.append(_quality_html(os.path.join(workdir, name), title))
     for grid_path in sorted(glob.glob(os.path.join(workdir, "heatmaps", "*_grid.npz"))):
         grid = read_heatmaps(grid_path)
         split = os.path.basename(grid_path)[: -len("_grid.npz")]
@@ -261,7 +389,10 @@ def report_section_html(
                 grid["probabilities"],
                 cases,
                 label_names=names,
-                title=f"{method} on {split}",
+                title=f"{method} on {split}"
+                + (" (white: lesion outline)" if "masks" in grid else ""),
+                masks=grid.get("masks"),
+                mask_known=grid.get("mask_known"),
             )
             parts.append(
                 f"<h4>{html.escape(method)} ({html.escape(split)})</h4>"
@@ -278,7 +409,9 @@ __all__ = [
     "heatmap_grid_figure",
     "heatmap_path",
     "overlay",
+    "paired_table_html",
     "quality_table_html",
+    "reliance_table_html",
     "read_heatmaps",
     "report_section_html",
     "save_overlay_png",

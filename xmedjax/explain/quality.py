@@ -86,6 +86,100 @@ def iou(maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> np.ndarr
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
+LOCALISATION_KEYS = ("pointing_game", "energy_in_mask", "iou")
+# What every method is compared with, image by image, when present (`paired_comparisons`).
+PAIRED_REFERENCES = ("random", "gradcam")
+
+
+def localisation_per_image(
+    maps: np.ndarray, masks: np.ndarray, threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """{pointing_game, energy_in_mask, iou}: float64 (N,) per image, every image given."""
+    masks = binarize_masks(masks)
+    return {
+        "pointing_game": pointing_game(maps, masks),
+        "energy_in_mask": energy_in_mask(maps, masks),
+        "iou": iou(maps, masks, threshold),
+    }
+
+
+def summarise_localisation(
+    per_image: Mapping[str, np.ndarray], *, samples: int = 1000, seed: int = 0
+) -> dict:
+    """Means of per-image localisation scores, `n_localisation` and `ci95` (percentile
+    bootstrap over images, `metrics.bootstrap_mean_ci`): {key: [low, high]}."""
+    from xmedjax.metrics import bootstrap_mean_ci
+
+    n = len(next(iter(per_image.values()))) if per_image else 0
+    out: dict = {k: _nanmean(per_image[k]) if n else float("nan") for k in LOCALISATION_KEYS}
+    out["n_localisation"] = int(n)
+    out["ci95"] = {
+        k: bootstrap_mean_ci(per_image[k] if n else [], samples=samples, seed=seed)
+        for k in LOCALISATION_KEYS
+    }
+    return out
+
+
+def paired_comparisons(
+    per_image: Mapping[str, Mapping[str, np.ndarray]],
+    references: Sequence[str] = PAIRED_REFERENCES,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Each method against each reference method on the same images.
+
+    `per_image` is {method: localisation_per_image(...)} over one set of images. Returns
+    {method: {reference: {"n": images, key: {"difference": mean(method - reference),
+    "ci95": [low, high]}}}} (paired bootstrap: the per-image differences are resampled);
+    a method is not compared with itself, an absent reference is skipped.
+    """
+    from xmedjax.metrics import bootstrap_mean_ci
+
+    out: dict[str, dict] = {}
+    for method, scores in per_image.items():
+        out[method] = {}
+        for ref in references:
+            if ref == method or ref not in per_image:
+                continue
+            entry: dict = {"n": int(len(scores["pointing_game"]))}
+            for key in LOCALISATION_KEYS:
+                diff = np.asarray(scores[key], np.float64) - np.asarray(per_image[ref][key])
+                entry[key] = {
+                    "difference": _nanmean(diff) if len(diff) else float("nan"),
+                    "ci95": bootstrap_mean_ci(diff, samples=samples, seed=seed),
+                }
+            out[method][ref] = entry
+    return out
+
+
+def peak_positions(maps: np.ndarray, image_hw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) float64 (N,): each map's maximum in the coordinates of its source image.
+
+    The peak is `np.argmax` of the map as given (the first in row-major order on ties);
+    its pixel centre (col + 0.5, row + 0.5) on the S x S map is scaled to the source
+    image of `image_hw` (N, 2) = (height, width), which the input pipeline stretched to
+    S x S: x = (col + 0.5) * width / S, y = (row + 0.5) * height / S.
+    """
+    maps = np.asarray(maps)
+    n, rows, cols = maps.shape
+    flat = np.argmax(maps.reshape(n, -1), axis=1)
+    row, col = np.divmod(flat, cols)
+    hw = np.asarray(image_hw, np.float64).reshape(n, 2)
+    return (col + 0.5) * hw[:, 1] / cols, (row + 0.5) * hw[:, 0] / rows
+
+
+def points_in_masks(xs: np.ndarray, ys: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """1.0 where source pixel (floor(x), floor(y)) of each image's own-size mask is lesion."""
+    out = np.zeros(len(masks), np.float64)
+    for i, mask in enumerate(masks):
+        h, w = mask.shape
+        c = min(w - 1, max(0, int(np.floor(xs[i]))))
+        r = min(h - 1, max(0, int(np.floor(ys[i]))))
+        out[i] = float(bool(mask[r, c]))
+    return out
+
+
 # ----------------------------------------------------------------------------- faithfulness
 
 
@@ -374,6 +468,33 @@ def localisation_scores(
     }
 
 
+def score_localisation(
+    maps: Mapping[str, np.ndarray],
+    masks: np.ndarray,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    threshold: float = 0.5,
+) -> dict[str, dict]:
+    """{method: summarise_localisation(...) + "paired": paired_comparisons(...)[method]} of
+    every method's maps (N, H, W) against `masks`, over the images with a non-empty mask
+    (the localisation targets; an empty mask is a negative, not scored)."""
+    masks = binarize_masks(masks)
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    per_image = {
+        name: localisation_per_image(np.asarray(m)[keep], masks[keep], threshold)
+        for name, m in maps.items()
+    }
+    paired = paired_comparisons(per_image, samples=samples, seed=seed)
+    return {
+        name: {
+            **summarise_localisation(scores, samples=samples, seed=seed),
+            "paired": paired[name],
+        }
+        for name, scores in per_image.items()
+    }
+
+
 def score_methods(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -391,11 +512,12 @@ def score_methods(
     label_model: str = "caller",
     layer: str | None = None,
     seed: int = 0,
+    bootstrap_samples: int = 1000,
 ) -> dict[str, dict]:
     """Every quality score of every named registry method on one batch of images.
 
     `targets` are the classes to explain (for localisation: the lesion class). `masks`
-    (N, H, W) or None skips localisation. The parameter-randomisation summary
+    (N, H, W) or None skips localisation (`score_localisation`: intervals, paired). The parameter-randomisation summary
     (`sanity_randomization_spearman`/`_ssim`) is the fully randomised end of the cascade,
     `sanity_randomization_head_*` the head-only start; `cascade="full"` also scores every
     stage in between (under `sanity_randomization_cascade`), `"ends"` only those two
@@ -412,9 +534,10 @@ def score_methods(
     original = compute_methods(graphdef, state, images, targets, names, method_opts, layer)
     maps = {name: np.asarray(result.maps) for name, result in original.items()}
     out: dict[str, dict] = {name: {"n_images": int(len(images))} for name in names}
+    if masks is not None:
+        for name, scores in score_localisation(maps, masks, samples=bootstrap_samples).items():
+            out[name].update(scores)
     for name in names:
-        if masks is not None:
-            out[name].update(localisation_scores(maps[name], masks))
         if faithfulness:
             d_auc, i_auc, _, _ = deletion_insertion_fn(
                 graphdef, state, images, original[name].maps, targets, steps=steps
@@ -463,14 +586,17 @@ def _count(parts: dict[str, list]) -> int:
 def collect_subset(
     subset: dict[str, list], batch: Mapping, valid: np.ndarray, limit: int | None = None
 ) -> None:
-    """Appends a batch's valid images that have a non-empty lesion mask (every valid image
-    when the batch has no masks) to subset["images"], ["labels"] and ["masks"], up to
-    `limit` images in all (None: no limit)."""
+    """Appends a batch's valid images that have a known, non-empty lesion mask (every valid
+    image when the batch has no masks) to subset["images"], ["labels"] and ["masks"], up to
+    `limit` images in all (None: no limit). `mask_known` False (not annotated) is never
+    taken; a known empty mask is a negative, not a localisation target."""
     keep = np.asarray(valid, bool).copy()
     masks = None
     if "mask" in batch:
         masks = binarize_masks(np.asarray(batch["mask"]))
         keep &= masks.reshape(len(masks), -1).any(axis=1)
+        if "mask_known" in batch:
+            keep &= np.asarray(batch["mask_known"], bool)
     if limit is not None:
         keep &= np.cumsum(keep) <= max(0, limit - _count(subset))
     if masks is not None:
@@ -482,20 +608,35 @@ def collect_subset(
 class QualitySubset:
     """The fixed subset of a split that the quality scores use, gathered as batches stream by.
 
-    The first `n_images` images with a non-empty lesion mask (the first images when the
-    dataset has no masks), and, while fewer than `fit_images` are held, every valid image
-    of each batch, any class, for `shuffled_label_head` (0: none).
+    The first `n_images` images with a known (`mask_known`), non-empty lesion mask (the
+    first images when the dataset has no masks), and, while fewer than `fit_images` are
+    held, every valid image of each batch, any class, for `shuffled_label_head` (0: none).
+    `mask_counts` counts every valid image seen: with a lesion, known empty, not annotated.
     """
 
     def __init__(self, n_images: int, fit_images: int = 0):
         self.n_images, self.fit_images = n_images, fit_images
         self.has_masks = False
+        # every valid image seen: with a lesion mask, known empty (negatives), not annotated
+        self.mask_counts = {"annotated": 0, "empty": 0, "unknown": 0}
         self._subset: dict[str, list] = {"images": [], "labels": [], "masks": []}
         self._fit: dict[str, list] = {"images": [], "labels": []}
 
+    def _count_masks(self, batch: Mapping, valid: np.ndarray) -> None:
+        if "mask" not in batch:
+            return
+        masks = binarize_masks(np.asarray(batch["mask"]))[valid]
+        known = np.asarray(batch.get("mask_known", np.ones(len(valid), bool)), bool)[valid]
+        lesion = masks.reshape(len(masks), -1).any(axis=1)
+        self.mask_counts["annotated"] += int((known & lesion).sum())
+        self.mask_counts["empty"] += int((known & ~lesion).sum())
+        self.mask_counts["unknown"] += int((~known).sum())
+
     def add(self, batch: Mapping, valid: np.ndarray) -> None:
-        """Takes what it still needs from one batch (dict of image, label, mask?)."""
+        """Takes what it still needs from one batch (dict of image, label, mask?,
+        mask_known?) and counts its masks."""
         valid = np.asarray(valid, bool)
+        self._count_masks(batch, valid)
         if _count(self._subset) < self.n_images:
             collect_subset(self._subset, batch, valid, self.n_images)
             self.has_masks = self.has_masks or "mask" in batch
@@ -550,6 +691,23 @@ def label_randomization_model(
     )
 
 
+def _reliance_section(graphdef, state, arrays, samples, seed, batch_size) -> dict | None:
+    """The lesion_reliance section of a subset's arrays, labels as the true class."""
+    from xmedjax.explain.reliance import lesion_reliance
+
+    section = lesion_reliance(
+        graphdef,
+        state,
+        arrays["images"],
+        arrays["masks"],
+        arrays["labels"],
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return None if section is None else {**section, "targets": "true label"}
+
+
 def score_subset(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -563,12 +721,18 @@ def score_subset(
     label_state: nnx.State | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    bootstrap_samples: int = 1000,
+    reliance: bool = True,
 ) -> dict[str, dict] | None:
     """`score_methods` of `methods` on a split's `QualitySubset`, explaining the TRUE class,
     with the cheap cascade ("ends") and label randomisation; None when the subset is empty.
 
-    The scores come with `_meta`: split, n_images, targets, label_model, subset,
-    method_opts, cam_layer and seconds (this call, the head refit included).
+    With masks, localisation comes with bootstrap `ci95` and `paired` comparisons, and
+    (`reliance`) the `lesion_reliance` section (`xmedjax.explain.reliance`) of the subset's
+    images, their labels as the true class. The scores come with `_meta`: split, n_images,
+    targets, label_model, subset, mask_counts (every image of the split: with a lesion,
+    known empty, not annotated), method_opts, cam_layer, bootstrap_samples and seconds
+    (this call, the head refit included).
     """
     started = time.time()
     arrays = subset.arrays()
@@ -596,21 +760,32 @@ def score_subset(
         label_model=label_model,
         layer=layer,
         seed=seed,
+        bootstrap_samples=bootstrap_samples,
     )
+    if reliance and arrays["masks"] is not None:
+        section = _reliance_section(graphdef, state, arrays, bootstrap_samples, seed, batch_size)
+        if section is not None:
+            scores["lesion_reliance"] = section
     scores["_meta"] = {
         "split": split,
         "n_images": int(len(arrays["images"])),
         "targets": "true label",
         "label_model": label_model,
-        "subset": "first images with a non-empty mask" if subset.has_masks else "first images",
+        "subset": (
+            "first images with a known, non-empty mask" if subset.has_masks else "first images"
+        ),
+        "mask_counts": subset.mask_counts if subset.has_masks else None,
         "method_opts": method_opts,
         "cam_layer": layer or "model target",
+        "bootstrap_samples": bootstrap_samples,
         "seconds": round(time.time() - started, 2),
     }
     return scores
 
 
 __all__ = [
+    "LOCALISATION_KEYS",
+    "PAIRED_REFERENCES",
     "QualitySubset",
     "binarize_masks",
     "boxes_to_masks",
@@ -622,7 +797,13 @@ __all__ = [
     "gaussian_blur",
     "iou",
     "label_randomization_model",
+    "localisation_per_image",
     "localisation_scores",
+    "paired_comparisons",
+    "peak_positions",
+    "points_in_masks",
+    "score_localisation",
+    "summarise_localisation",
     "pointing_game",
     "randomization_stages",
     "randomize_stages",

@@ -13,13 +13,17 @@ mask, or the first ones when the dataset has no masks), explaining the TRUE clas
 localisation (masks only), deletion/insertion AUC, cascading weight randomisation ("ends":
 head only and all layers) and a cheap label randomisation (the head refit on shuffled
 labels by ridge regression unless the settings carry `label_state`, a model trained on
-shuffled labels).
+shuffled labels); localisation comes with bootstrap intervals and paired differences, and
+with masks the `lesion_reliance` section (`xmedjax.explain.reliance`).
 
 `explain_folder` and `predict_folder` do the same for a folder of the user's PNG/JPEG/DICOM
 files and write `WORKDIR/predictions_folder.{csv,json}` (`predictions_io`), one row per
 file, with status "error" for a file that cannot be read (the rest goes on). Both paths run
 one batch loop, `explain_batches`, whose `choose_targets` rule picks each image's class
-once: the class explained is the class reported (a val-chosen threshold included).
+once: the class explained is the class reported (a val-chosen threshold included), except
+in an annotated folder (`annotations=annotated.FolderAnnotations(...)`), whose maps explain
+the lesion class and are scored against the outlines into
+`WORKDIR/explain_quality_folder.json` (`xmedjax.explain.annotated`).
 Progress bars go to stderr (tqdm). Everything with side effects lives here, in `export.py`
 and `predictions_io.py`; the maths is in pure jitted functions of (graphdef, state, inputs).
 """
@@ -41,8 +45,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from data_prep import image_io
 from xmedjax import input_pipeline, json_io, logging_utils, metrics, names
-from xmedjax.explain import export, predictions_io
+from xmedjax.explain import annotated, export, predictions_io
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer, compute_methods
 from xmedjax.explain.capture import forward_fn
@@ -60,14 +65,17 @@ FAST_OPTS: dict[str, dict] = {
 @dataclasses.dataclass(frozen=True)
 class QualitySettings:
     """What the quality stage of `explain_split` scores: the first `n_images` images (with a
-    lesion), `steps` deletion/insertion steps, `methods`, and for label randomisation
-    `label_state` (a model trained on shuffled labels; None: the ridge head refit)."""
+    known lesion), `steps` deletion/insertion steps, `methods`, for label randomisation
+    `label_state` (a model trained on shuffled labels; None: the ridge head refit),
+    `bootstrap_samples` for the intervals and whether to measure lesion `reliance`."""
 
     n_images: int = 32
     steps: int = 10
     methods: tuple[str, ...] = QUALITY_METHODS
     label_state: nnx.State | None = dataclasses.field(default=None, compare=False)
     seed: int = 0
+    bootstrap_samples: int = 1000  # localisation and lesion-reliance intervals
+    reliance: bool = True  # the lesion_reliance section (datasets with masks)
 
     def new_subset(self) -> quality_lib.QualitySubset:
         """An empty subset: n_images, plus 2 * n_images for the head refit (no label_state)."""
@@ -98,6 +106,8 @@ class QualitySettings:
             label_state=self.label_state,
             seed=self.seed,
             batch_size=batch_size,
+            bootstrap_samples=self.bootstrap_samples,
+            reliance=self.reliance,
         )
 
 
@@ -151,13 +161,16 @@ def explain_batches(
     method_opts: dict[str, dict] | None = None,
     cam_layer: str | None = None,
     on_batch: Callable[[Mapping[str, Any], np.ndarray, dict], None] | None = None,
+    explain_class: TargetChooser | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """THE explain loop: predictions and `methods`' maps of every valid row of `batches`.
 
     Each batch is a dict of numpy arrays of one constant batch size (one compile): image
     (B, H, W, C), valid (B,) bool, id (B,) str, index (B,), label (B,) (-1: unknown), mask?.
     `choose(probabilities, batch)` picks the classes that are both explained and returned
-    as `predictions`. `on_batch(batch, valid, results)` sees every batch and its maps.
+    as `predictions`, unless `explain_class` (same signature) picks other classes to
+    explain (an annotated folder: the lesion class; the maps' `targets` say which).
+    `on_batch(batch, valid, results)` sees every batch and its maps.
     Returns (rows: ids, index, labels, probabilities, predictions; {method: raw, maps
     (float16), targets}), valid rows only, in batch order.
     """
@@ -172,9 +185,16 @@ def explain_batches(
         _, probs = predict_fn(graphdef, state, images)
         probs = np.asarray(probs)
         targets = np.asarray(choose(probs, batch), np.int32)
+        explained = targets if explain_class is None else explain_class(probs, batch)
         results = (
             compute_methods(
-                graphdef, state, images, jnp.asarray(targets), methods, method_opts, cam_layer
+                graphdef,
+                state,
+                images,
+                jnp.asarray(explained, jnp.int32),
+                methods,
+                method_opts,
+                cam_layer,
             )
             if methods
             else {}
@@ -197,15 +217,23 @@ def explain_batches(
 
 
 def _write_heatmaps(
-    workdir: str, name: str, rows: dict, per_method: dict, *, with_index: bool
+    workdir: str,
+    name: str,
+    rows: dict,
+    per_method: dict,
+    *,
+    with_index: bool,
+    per_row: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, str]:
-    """WORKDIR/heatmaps/<name>_<method>.npz for every method; returns {method: path}."""
+    """WORKDIR/heatmaps/<name>_<method>.npz for every method, with `per_row[method]`'s
+    arrays (one row per image) when given; returns {method: path}."""
     extra = {"index": rows["index"]} if with_index else {}
     return {
         method: export.write_heatmaps(
             export.heatmap_path(workdir, name, method),
             ids=rows["ids"],
             **extra,
+            **(per_row or {}).get(method, {}),
             labels=rows["labels"],
             predictions=rows["predictions"],
             probabilities=rows["probabilities"],
@@ -334,7 +362,8 @@ def _write_grid(
     per_group: int,
     preprocess: Preprocess,
 ) -> str | None:
-    """Stores the report grid's cases (display images + every method's maps) in <split>_grid.npz."""
+    """Stores the report grid's cases (display images, every method's maps, the lesion masks
+    and mask_known when the split has masks) in <split>_grid.npz."""
     predictions = rows["predictions"]
     cases = export.select_grid_cases(rows["labels"], predictions, rows["probabilities"], per_group)
     picked = sorted({i for per_class in cases for group in per_class for i in group})
@@ -349,6 +378,9 @@ def _write_grid(
     remap = {i: j for j, i in enumerate(picked)}
     local = [[[remap[i] for i in group] for group in per_class] for per_class in cases]
     extra = {f"maps_{m}": v[picked] for m, v in maps_by_method.items()}
+    if "mask" in loaded:  # the report draws the lesion outline of the known masks
+        extra["masks"] = quality_lib.binarize_masks(loaded["mask"])
+        extra["mask_known"] = np.asarray(loaded.get("mask_known", np.ones(len(picked), bool)))
     path = os.path.join(workdir, "heatmaps", f"{split}_grid.npz")
     np.savez_compressed(
         path,
@@ -363,25 +395,6 @@ def _write_grid(
         **extra,
     )
     return path
-
-
-# compare.py (another engineer's) imports these two private names; keep them until it moves
-# to `input_pipeline.make_eval_iterator` and `quality.collect_subset`.
-def _batches(
-    data_dir: str,
-    split: str,
-    *,
-    batch_size: int,
-    image_size: int,
-    channels: int,
-    normalization: str,
-) -> Iterable[dict]:
-    return _split_batches(
-        data_dir, split, batch_size, Preprocess(image_size, channels, normalization)
-    )
-
-
-_collect_subset = quality_lib.collect_subset
 
 
 # ----------------------------------------------------------------------------- user folders
@@ -403,32 +416,38 @@ class _FolderImages:
         self.ids = [os.path.relpath(p, folder) for p in self.files]
         self.errors: dict[int, str] = {}
 
-    def _load(self, index: int) -> np.ndarray | None:
+    def _load(self, index: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """(model input, source (height, width)) of one file; None (and an error) if unreadable."""
         path = self.files[index]
         try:
-            return input_pipeline.load_image_file(path, preprocess=self.preprocess)
+            pixels = image_io.decode_file(path).pixels
+            image = input_pipeline.preprocess_pixels(pixels, preprocess=self.preprocess)
+            return image, pixels.shape[:2]
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the folder
             message = str(e).removeprefix(f"{path}: ")
             self.errors[index] = f"{type(e).__name__}: {message}"
             return None
 
-    def _batch(self, pending: list[tuple[int, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _batch(self, pending: list[tuple[int, tuple]]) -> dict[str, np.ndarray]:
         pad = self.batch_size - len(pending)
         index = np.array([i for i, _ in pending] + [-1] * pad)
+        images = [im for _, (im, _) in pending]
+        sizes = [hw for _, (_, hw) in pending]
         return {
-            "image": np.stack([im for _, im in pending] + [pending[0][1]] * pad, dtype=np.float32),
+            "image": np.stack(images + [images[0]] * pad, dtype=np.float32),
             "valid": index >= 0,
             "id": np.array([self.ids[i] for i, _ in pending] + [""] * pad),
             "index": index,
             "label": np.full(self.batch_size, -1, np.int32),
+            "image_hw": np.array(sizes + [sizes[0]] * pad, np.int32),  # source (height, width)
         }
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        pending: list[tuple[int, np.ndarray]] = []
+        pending: list[tuple[int, tuple]] = []
         for index in range(len(self.files)):
-            image = self._load(index)
-            if image is not None:
-                pending.append((index, image))
+            loaded = self._load(index)
+            if loaded is not None:
+                pending.append((index, loaded))
             if pending and (len(pending) == self.batch_size or index == len(self.files) - 1):
                 yield self._batch(pending)
                 pending = []
@@ -444,14 +463,20 @@ class _FolderImages:
 
 
 # what a folder run writes (overlays are staged in the hidden folder, then moved in)
-_FOLDER_OUTPUTS = ("predictions_folder.csv", "predictions_folder.json", "overlays")
+_FOLDER_OUTPUTS = (
+    "predictions_folder.csv",
+    "predictions_folder.json",
+    "overlays",
+    "explain_quality_folder.json",
+)
 _OVERLAY_STAGING = ".overlays.partial"
 
 
 def _clear_folder_outputs(workdir: str) -> None:
     """Removes what an earlier folder run wrote (predictions_folder.*, overlays/,
-    heatmaps/folder_*.npz, a killed run's staged overlays), so that a run that fails leaves
-    nothing stale that looks fresh and overlays of two runs never mix."""
+    heatmaps/folder_*.npz, explain_quality_folder.json, a killed run's staged overlays), so
+    that a run that fails leaves nothing stale that looks fresh and overlays of two runs
+    never mix."""
     stale = [os.path.join(workdir, name) for name in (*_FOLDER_OUTPUTS, _OVERLAY_STAGING)]
     stale += glob.glob(os.path.join(glob.escape(workdir), "heatmaps", "folder_*.npz"))
     for path in stale:
@@ -461,17 +486,108 @@ def _clear_folder_outputs(workdir: str) -> None:
             os.remove(path)
 
 
-def _overlay_writer(folder: str) -> Callable[[Mapping[str, Any], np.ndarray, dict], None]:
+def _overlay_writer(
+    folder: str, methods: Sequence[str]
+) -> Callable[[Mapping[str, Any], np.ndarray, dict], None]:
     """on_batch hook: FOLDER/<method>/<relative path, extension kept>.png (a.jpg -> a.jpg.png,
-    so a.jpg, a.png and a.dcm keep three overlays)."""
+    so a.jpg, a.png and a.dcm keep three overlays) for each of `methods`."""
 
     def write(batch: Mapping[str, Any], valid: np.ndarray, results: dict) -> None:
         ids, images = np.asarray(batch["id"])[valid], np.asarray(batch["image"])[valid]
         for name, result in results.items():
+            if name not in methods:
+                continue
             for rel, image, heat in zip(ids, images, np.asarray(result.maps)[valid]):
                 export.save_overlay_png(os.path.join(folder, name, f"{rel}.png"), image, heat)
 
     return write
+
+
+def _hooks(*hooks: Callable | None) -> Callable | None:
+    """One on_batch hook calling each given hook in turn (None when there is none)."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def call(batch: Mapping[str, Any], valid: np.ndarray, results: dict) -> None:
+        for hook in live:
+            hook(batch, valid, results)
+
+    return call
+
+
+@dataclasses.dataclass
+class _FolderScoring:
+    """An annotated folder's scoring: its masks, the on_batch scorer, the lesion class."""
+
+    settings: annotated.FolderAnnotations
+    masks: annotated.FolderMasks
+    scorer: annotated.FolderScorer
+
+    @classmethod
+    def start(cls, graphdef, state, folder: str, files: Sequence[str], settings) -> _FolderScoring:
+        masks = annotated.FolderMasks(folder, files, settings)
+        if masks.missing:
+            logging_utils.log(
+                f"{len(masks.missing)} annotation entries name images that are not under "
+                f"{folder} (ignored), e.g. {masks.missing[0]}"
+            )
+        if masks.errors:
+            logging_utils.log(
+                f"{len(masks.errors)} bad annotation(s) skipped (their images are unknown, "
+                f"listed in explain_quality_folder.json): {masks.errors[0]}"
+            )
+        positive = settings.resolve_class(annotated.num_classes(graphdef, state))
+        scorer = annotated.FolderScorer(
+            masks,
+            graphdef,
+            state,
+            positive_class=positive,
+            reliance=settings.reliance,
+            seed=settings.seed,
+        )
+        return cls(settings, masks, scorer)
+
+    def explain_class(self) -> TargetChooser:
+        positive = self.scorer.positive_class
+        return lambda probs, batch: np.full(len(probs), positive, np.int32)
+
+    def write(
+        self,
+        workdir: str,
+        threshold: float | None,
+        meta: dict,
+        *,
+        label_names: Sequence[str] | None,
+        started: float,
+    ) -> tuple[dict, str]:
+        """explain_quality_folder.json: (scores, path); `meta` gains the positive class's
+        name and the seconds since `started`."""
+        if label_names is not None:
+            meta["positive_class_name"] = str(label_names[self.scorer.positive_class])
+        meta["seconds"] = round(time.time() - started, 2)
+        scores = annotated.folder_quality(
+            self.scorer, self.settings, threshold=threshold, meta=meta
+        )
+        path = os.path.join(workdir, "explain_quality_folder.json")
+        return scores, json_io.write_json(path, scores)
+
+
+def _folder_files(
+    graphdef, state, folder: str, workdir: str, annotations
+) -> tuple[list[str], _FolderScoring | None]:
+    """The folder's image files (annotation files left out) and its scoring (None without
+    annotations); clears the previous folder outputs once there are images."""
+    files = input_pipeline.list_image_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
+    _clear_folder_outputs(workdir)
+    if annotations is None:
+        return files, None
+    scoring = _FolderScoring.start(graphdef, state, folder, files, annotations)
+    if not scoring.masks.files:
+        raise FileNotFoundError(f"no images under {folder}, only annotation files")
+    return scoring.masks.files, scoring
 
 
 def explain_folder(
@@ -489,6 +605,7 @@ def explain_folder(
     overlays: bool = True,
     cam_layer: str | None = "auto",
     progress: bool = True,
+    annotations: annotated.FolderAnnotations | None = None,
 ) -> dict[str, Any]:
     """Predictions and maps for every PNG/JPEG/DICOM file under `folder`.
 
@@ -500,28 +617,39 @@ def explain_folder(
     read (left out of the maps; the count is printed). The previous run's folder outputs are
     removed first, overlays are written aside and moved in at the end, the predictions last.
     Raises RuntimeError, after writing the predictions, when no file could be read.
-    Returns {"heatmaps": {method: path}, "predictions": {"csv": path, "json": path}}.
+
+    With `annotations` (`annotated.FolderAnnotations`), every map explains the lesion class
+    (npz `targets`; `predictions` stay the decisions), `random` is added to the methods when
+    missing (the baseline; no overlays), each npz gains per-image rows (`annotated.npz_rows`)
+    and WORKDIR/explain_quality_folder.json holds localisation with intervals and lesion
+    reliance (`annotated.folder_quality`); annotation files inside `folder` are not images.
+    Returns {"heatmaps": {method: path}, "predictions": {"csv": path, "json": path},
+    "quality": scores or None, "quality_path": path or None}.
     """
-    methods = tuple(methods)
-    files = input_pipeline.list_image_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no PNG/JPEG/DICOM files under {folder}")
-    _clear_folder_outputs(workdir)
+    started, methods = time.time(), tuple(methods)
+    files, scoring = _folder_files(graphdef, state, folder, workdir, annotations)
+    explained = methods + (("random",) if scoring and "random" not in methods else ())
     images = _FolderImages(folder, files, batch_size=batch_size, preprocess=preprocess)
+    layer = _cam_layer(graphdef, state, preprocess, cam_layer) if explained else None
     staging = os.path.join(workdir, _OVERLAY_STAGING)
     try:
         rows, per_method = explain_batches(
             graphdef,
             state,
-            _progress(images, "explain" if methods else "predict", progress),
+            _progress(images, "explain" if explained else "predict", progress),
             choose=choose_targets(threshold=threshold),
-            methods=methods,
+            methods=explained,
             method_opts=method_options(method_opts),
-            cam_layer=_cam_layer(graphdef, state, preprocess, cam_layer) if methods else None,
-            on_batch=_overlay_writer(staging) if overlays and methods else None,
+            cam_layer=layer,
+            on_batch=_hooks(
+                _overlay_writer(staging, methods) if overlays and methods else None,
+                scoring.scorer if scoring else None,
+            ),
+            explain_class=scoring.explain_class() if scoring else None,
         )
+        per_row = annotated.npz_rows(scoring.scorer) if scoring and len(rows["ids"]) else None
         heatmaps = (
-            _write_heatmaps(workdir, "folder", rows, per_method, with_index=False)
+            _write_heatmaps(workdir, "folder", rows, per_method, with_index=False, per_row=per_row)
             if len(rows["ids"])
             else {}
         )
@@ -529,16 +657,32 @@ def explain_folder(
             os.replace(staging, os.path.join(workdir, "overlays"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    out = {"heatmaps": heatmaps, "quality": None, "quality_path": None}
+    if scoring is not None and len(rows["ids"]):
+        meta = {"folder": folder, "n_files": len(files), "n_images": int(len(rows["ids"]))}
+        meta.update(cam_layer=layer or "model target", methods=list(explained))
+        out["quality"], out["quality_path"] = scoring.write(
+            workdir, threshold, meta, label_names=label_names, started=started
+        )
+    out["predictions"] = _write_folder_predictions(workdir, folder, images, rows, label_names)
+    return out
+
+
+def _write_folder_predictions(
+    workdir: str, folder: str, images: _FolderImages, rows: dict, label_names
+) -> dict[str, str]:
+    """predictions_folder.{csv,json}; raises RuntimeError when no file could be read."""
     table = images.table(rows)
     paths = predictions_io.write_predictions(workdir, "predictions_folder", table, label_names)
-    n_ok = len(files) - len(images.errors)
+    n_files = len(images.files)
+    n_ok = n_files - len(images.errors)
     logging_utils.log(
-        f"predicted {n_ok} of {len(files)} files under {folder}; {len(images.errors)} could "
+        f"predicted {n_ok} of {n_files} files under {folder}; {len(images.errors)} could "
         f"not be read (status error in {paths['csv']})"
     )
     if not n_ok:
-        raise RuntimeError(f"none of the {len(files)} files under {folder} could be read")
-    return {"heatmaps": heatmaps, "predictions": paths}
+        raise RuntimeError(f"none of the {n_files} files under {folder} could be read")
+    return paths
 
 
 def predict_folder(
@@ -552,7 +696,8 @@ def predict_folder(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Predict mode: `explain_folder` with no maps unless `methods` are named (same keywords:
-    batch_size, label_names, threshold, method_opts, overlays, cam_layer, progress)."""
+    batch_size, label_names, threshold, method_opts, overlays, cam_layer, progress,
+    annotations)."""
     return explain_folder(
         graphdef,
         state,
