@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from data_prep import audit as audit_lib
-from data_prep import builder, dataset_format, hashing, image_io, layouts
+from data_prep import builder, cli_errors, dataset_format, hashing, image_io, layouts
 
 BAD_KINDS = ("undecodable", "not_an_image", "empty_file")
 
@@ -135,6 +135,8 @@ def prepare(
         label_map = "binary"
     res = audit_lib.run_audit(src, dataset=dataset, workers=workers, progress=progress)
     audit_lib.write_report(res, out)
+    for line in audit_lib.console_notes(res):
+        print(line, file=sys.stderr)
     records = res["_records"]
     files = [f for f, _ in records]
     recs = [r for _, r in records]
@@ -168,6 +170,7 @@ def prepare(
         )
     pool = list(by_split["train"])
     official_val = by_split.get("val", [])
+    _check_two_classes(pool + official_val, labels, lmap.label_names, src, out)
     if keep_val and official_val:
         splits = {"train": pool, "val": official_val}
     else:
@@ -218,6 +221,22 @@ def prepare(
     return _info(out)
 
 
+def _check_two_classes(
+    indices: list[int], labels: dict[int, int], label_names, src: str, out: str
+) -> None:
+    """A BuildError unless the train images hold two classes or more (one class trains to a
+    meaningless loss 0 and accuracy 1)."""
+    present = collections.Counter(label_names[labels[i]] for i in indices)
+    if len(present) >= 2:
+        return
+    found = ", ".join(f"{name!r} ({n} images)" for name, n in present.items()) or "nothing"
+    raise BuildError(
+        f"the train split of {src} holds one class only: {found}; a classifier needs two or "
+        f"more classes, each with images (empty class folders are listed in "
+        f"{os.path.join(out, 'audit.md')})"
+    )
+
+
 def _near_pairs(res) -> list[tuple[int, int]]:
     return res.get("_near_pairs", [])
 
@@ -254,30 +273,29 @@ def _info(out: str) -> dict:
     return dataset_format.read_info(out)
 
 
+@cli_errors.one_line_errors("data_prep.build", expected=(ValueError,))
 def main(argv: list[str]) -> None:
+    """The command: one line per failure (the traceback under --verbosity=1)."""
     del argv
     from absl import flags
 
     f = flags.FLAGS
-    try:
-        info = prepare(
-            f.dataset,
-            f.src,
-            f.out,
-            size=f.size,
-            label_map=f.label_map,
-            val_fraction=f.val_fraction,
-            seed=f.seed,
-            skip_bad=f.skip_bad,
-            dedup_test=f.dedup_test,
-            channels=f.channels,
-            keep_val=f.keep_val,
-            workers=f.workers,
-            image_format=f.image_format,
-            jpeg_quality=f.jpeg_quality,
-        )
-    except (BuildError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"data_prep.build: {e}")
+    info = prepare(
+        f.dataset,
+        f.src,
+        f.out,
+        size=f.size,
+        label_map=f.label_map,
+        val_fraction=f.val_fraction,
+        seed=f.seed,
+        skip_bad=f.skip_bad,
+        dedup_test=f.dedup_test,
+        channels=f.channels,
+        keep_val=f.keep_val,
+        workers=f.workers,
+        image_format=f.image_format,
+        jpeg_quality=f.jpeg_quality,
+    )
     print(
         f"prepared {info['name']} in {f.out}: splits {info['splits']}, "
         f"{info['num_classes']} classes {info['label_names']}, {info['channels']} channel(s)"
