@@ -21,6 +21,7 @@ numpy arrays); TFDS does not check shapes, so ``encode_example`` does.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -45,6 +46,8 @@ from data_prep.dataset_format import (
 
 RECORDS_PREFIX = "records-"  # DIR/records-<stamp>-<id>: one complete build's records
 STAGING_PREFIX = ".building-"  # DIR/.building-<pid>-<id>: a build in progress
+# Only folders named exactly as a build names them are ever deleted.
+_OURS = re.compile(r"(records-\d{8}T\d{6}|\.building-\d+)-[0-9a-f]{6}")
 
 
 @dataclass
@@ -251,7 +254,7 @@ def remove_stale_records(out_dir: str, *, keep: str) -> list[str]:
             continue
         if name.startswith(STAGING_PREFIX) and _build_running(name):
             continue
-        if name.startswith((RECORDS_PREFIX, STAGING_PREFIX)) or name == TFDS_NAME:
+        if _OURS.fullmatch(name) or name == TFDS_NAME:
             stale.append(path)
     for path in stale:
         try:
