@@ -11,7 +11,8 @@ Modules:
   shortcut   metadata-only classifiers: can the label be guessed without the lesion?
   dataset_format  the prepared-dataset format: xmedjax_dataset.json, record keys,
              PreparedSource (raw records); shared with ``xmedjax``
-  builder    the writer (TFDS GeneratorBasedBuilder + xmedjax_dataset.json)
+  builder    the writer (TFDS GeneratorBasedBuilder + xmedjax_dataset.json); atomic rebuilds
+  cli_errors one line per command failure (traceback under --verbosity=1 or in a log file)
   build      ``python -m data_prep.build --dataset=... --src=DIR --out=DIR``
   phantoms   synthetic brain-MRI / chest-X-ray phantoms with lesion masks
 Training pipelines live in ``xmedjax.input_pipeline``. Nothing here imports ``xmedjax``.

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import hashing, image_io, layouts
+from data_prep import cli_errors, hashing, image_io, layouts
 
 SMALL_SIDE = 32  # images with a side below this are noted as tiny
 STRICT_SIMILARITY = 0.9  # structure similarity of near-identical copies
@@ -646,24 +646,37 @@ def markdown(result: dict[str, Any], max_listed: int = 20) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONSOLE_KINDS = ("empty_class", "empty_split")  # said on the console, not only in audit.md
+
+
+def console_notes(result: dict[str, Any]) -> list[str]:
+    """One line per problem of ``CONSOLE_KINDS`` (an empty class or split folder)."""
+    return [
+        f"note: {p['kind'].replace('_', ' ')}: {p['detail']}"
+        for p in result["problems"]
+        if p["kind"] in CONSOLE_KINDS
+    ]
+
+
+@cli_errors.one_line_errors("data_prep.audit", expected=(ValueError,))
 def main(argv: list[str]) -> None:
+    """The command: one line per failure (the traceback under --verbosity=1)."""
     del argv
     from absl import flags
 
     f = flags.FLAGS
-    try:
-        result = run_audit(
-            f.src,
-            dataset=f.dataset,
-            workers=f.workers,
-            shortcut=f.shortcut,
-            label_map=f.label_map,
-            transforms=hashing.TRANSFORMS if f.mirrors else hashing.IDENTITY_ONLY,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"data_prep.audit: {e}")
+    result = run_audit(
+        f.src,
+        dataset=f.dataset,
+        workers=f.workers,
+        shortcut=f.shortcut,
+        label_map=f.label_map,
+        transforms=hashing.TRANSFORMS if f.mirrors else hashing.IDENTITY_ONLY,
+    )
     jpath, mpath = write_report(result, f.out)
     s = result["summary"]
+    for line in console_notes(result):
+        print(line, file=sys.stderr)
     print(f"wrote {jpath} and {mpath}")
     print(f"problems by kind: {s['problems_by_kind']}")
     for k, v in s.items():

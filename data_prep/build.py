@@ -32,7 +32,7 @@ import numpy as np
 from data_prep import annotations as annotations_lib
 from data_prep import audit as audit_lib
 from data_prep import borrow as borrow_lib
-from data_prep import builder, dataset_format, hashing, image_io, layouts
+from data_prep import builder, cli_errors, dataset_format, hashing, image_io, layouts
 
 BAD_KINDS = ("undecodable", "not_an_image", "empty_file")
 _NAMED = ("brain_tumor_mri", "chest_xray")  # layouts whose prepared dataset keeps their name
@@ -165,6 +165,8 @@ def prepare(
         exclude=ann_source.excludes if ann_source else None,
     )
     audit_lib.write_report(res, out)
+    for line in audit_lib.console_notes(res):
+        print(line, file=sys.stderr)
     files, recs = _unzip(res)
     skipped = _bad_files(res, src, out, skip_bad)
     ok = [i for i, r in enumerate(recs) if "error" not in r and files[i].class_name]
@@ -172,6 +174,7 @@ def prepare(
     lmap = layouts.label_map_for(dataset, label_map, class_names)
     labels = {i: lmap.label_of(files[i].class_name) for i in ok}
     splits, official_val = _splits(res, src, ok, labels, keep_val, val_fraction, seed)
+    _check_two_classes(splits["train"] + splits.get("val", []), labels, lmap.label_names, src, out)
     dedup_meta = _add_test_dedup(files, recs, splits, res) if dedup_test else _NO_DEDUP
     borrowed = (annotations_from, workers, progress)
     anns, ann_meta = _annotate(res, out, ann_source, borrowed, ok, splits, skip_bad)
@@ -333,6 +336,22 @@ def _annotate(res, out, source, borrowed, ok, splits, skip_bad):
     return anns, meta
 
 
+def _check_two_classes(
+    indices: list[int], labels: dict[int, int], label_names, src: str, out: str
+) -> None:
+    """A BuildError unless the train images hold two classes or more (one class trains to a
+    meaningless loss 0 and accuracy 1)."""
+    present = collections.Counter(label_names[labels[i]] for i in indices)
+    if len(present) >= 2:
+        return
+    found = ", ".join(f"{name!r} ({n} images)" for name, n in present.items()) or "nothing"
+    raise BuildError(
+        f"the train split of {src} holds one class only: {found}; a classifier needs two or "
+        f"more classes, each with images (empty class folders are listed in "
+        f"{os.path.join(out, 'audit.md')})"
+    )
+
+
 def _near_pairs(res) -> list[tuple[int, int]]:
     return res.get("_near_pairs", [])
 
@@ -389,33 +408,32 @@ def _info(out: str) -> dict:
     return dataset_format.read_info(out)
 
 
+@cli_errors.one_line_errors("data_prep.build", expected=(ValueError,))
 def main(argv: list[str]) -> None:
+    """The command: one line per failure (the traceback under --verbosity=1)."""
     del argv
     from absl import flags
 
     f = flags.FLAGS
-    try:
-        info = prepare(
-            f.dataset,
-            f.src,
-            f.out,
-            size=f.size,
-            label_map=f.label_map,
-            val_fraction=f.val_fraction,
-            seed=f.seed,
-            skip_bad=f.skip_bad,
-            dedup_test=f.dedup_test,
-            channels=f.channels,
-            keep_val=f.keep_val,
-            workers=f.workers,
-            image_format=f.image_format,
-            jpeg_quality=f.jpeg_quality,
-            annotations=f.annotations,
-            annotation_format=f.annotation_format,
-            annotations_from=f.annotations_from,
-        )
-    except (BuildError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"data_prep.build: {e}")
+    info = prepare(
+        f.dataset,
+        f.src,
+        f.out,
+        size=f.size,
+        label_map=f.label_map,
+        val_fraction=f.val_fraction,
+        seed=f.seed,
+        skip_bad=f.skip_bad,
+        dedup_test=f.dedup_test,
+        channels=f.channels,
+        keep_val=f.keep_val,
+        workers=f.workers,
+        image_format=f.image_format,
+        jpeg_quality=f.jpeg_quality,
+        annotations=f.annotations,
+        annotation_format=f.annotation_format,
+        annotations_from=f.annotations_from,
+    )
     print(
         f"prepared {info['name']} in {f.out}: splits {info['splits']}, "
         f"{info['num_classes']} classes {info['label_names']}, {info['channels']} channel(s)"

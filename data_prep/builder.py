@@ -3,8 +3,14 @@ plus a small ``xmedjax_dataset.json`` beside it (the format: ``data_prep.dataset
 
 Layout of a prepared dataset directory ``DIR``::
 
-  DIR/xmedjax_dataset.json                 name, classes, channels, split counts, ...
-  DIR/xmedjax_prepared/1.0.0/*.array_record  (+ TFDS dataset_info.json, features.json)
+  DIR/xmedjax_dataset.json                 name, classes, channels, split counts, records_dir
+  DIR/records-<stamp>-<id>/xmedjax_prepared/1.0.0/*.array_record  (+ TFDS metadata files)
+
+A (re)build writes into a hidden staging folder ``DIR/.building-<pid>-<id>``, renames it to
+a new ``records-...`` folder, then replaces ``xmedjax_dataset.json`` atomically: that
+replacement is the commit. Only then are the previous records deleted. Killed at any moment,
+``DIR`` holds the previous dataset or the new one, whole; the next build removes what an
+interrupted one left behind.
 
 Read it back without TensorFlow with ``dataset_format.PreparedSource`` (which calls
 ``tfds.data_source(TFDS_NAME, data_dir=DIR, decoders=...)``).
@@ -15,7 +21,11 @@ numpy arrays); TFDS does not check shapes, so ``encode_example`` does.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +38,17 @@ from data_prep.dataset_format import (
     FEATURE_KEYS,
     MASK_KEY,
     MASK_KNOWN_KEY,
+    RECORDS_KEY,
     SPLIT_ORDER,
     TFDS_NAME,
     VERSION,
     write_info,
 )
+
+RECORDS_PREFIX = "records-"  # DIR/records-<stamp>-<id>: one complete build's records
+STAGING_PREFIX = ".building-"  # DIR/.building-<pid>-<id>: a build in progress
+# Only folders named exactly as a build names them are ever deleted.
+_OURS = re.compile(r"(records-\d{8}T\d{6}|\.building-\d+)-[0-9a-f]{6}")
 
 
 @dataclass
@@ -84,6 +100,7 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._spec = spec
         self._progress = progress
         self._num_classes = len(spec.label_names)
+        self.class_counts: dict[str, list[int]] = {}  # split -> examples per class, as written
         super().__init__(file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -124,13 +141,16 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str) -> Iterable[tuple[int, dict[str, Any]]]:
         items = self._spec.splits[split]
+        counts = self.class_counts.setdefault(split, [0] * self._num_classes)
         from tqdm import tqdm
 
         for i, item in enumerate(
             tqdm(items, desc=f"encode {split}", unit="img", disable=not self._progress, leave=False)
         ):
             ex = self._spec.to_example(item)
-            yield i, self._encode(ex)
+            encoded = self._encode(ex)
+            counts[ex.label] += 1
+            yield i, encoded
 
     def _encode(self, ex: Example) -> dict[str, Any]:
         img = image_io.to_channels(ex.image, self._spec.channels)
@@ -178,7 +198,11 @@ class XmedPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> str:
-    """Builds the TFDS array_record files and xmedjax_dataset.json into out_dir."""
+    """Builds the TFDS array_record files and xmedjax_dataset.json into out_dir.
+
+    Atomic: the previous dataset in ``out_dir`` stays whole until the new one is complete
+    (see the module docstring).
+    """
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     empty = [s for s, items in spec.splits.items() if not items]
@@ -187,31 +211,78 @@ def write_prepared(spec: DatasetSpec, out_dir: str, progress: bool = True) -> st
         spec.splits = {s: items for s, items in spec.splits.items() if items}
     if not spec.splits:
         raise ValueError(f"nothing to write into {out_dir}: every split is empty")
-    tfds_dir = os.path.join(out_dir, TFDS_NAME)
-    if os.path.exists(tfds_dir):
-        shutil.rmtree(tfds_dir)  # our own output: rebuild from scratch
     if not progress:
         tfds.disable_progress_bar()
-    builder = XmedPrepared(spec, progress=progress, data_dir=out_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    token = secrets.token_hex(3)
+    staging = os.path.join(out_dir, f"{STAGING_PREFIX}{os.getpid()}-{token}")
+    try:
+        builder = XmedPrepared(spec, progress=progress, data_dir=staging)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+        downloads = os.path.join(staging, "downloads")  # TFDS leaves an empty one behind
+        if os.path.isdir(downloads) and not any(fs for _, _, fs in os.walk(downloads)):
+            shutil.rmtree(downloads)
+        records = f"{RECORDS_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{token}"
+        os.rename(staging, os.path.join(out_dir, records))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # ours, incomplete; the error propagates
+        raise
+    write_info(out_dir, _info_dict(spec, records, builder.class_counts))  # the commit
+    remove_stale_records(out_dir, keep=records)
+    return out_dir
+
+
+def _info_dict(spec: DatasetSpec, records: str, class_counts: dict[str, list[int]]) -> dict:
+    splits = _ordered(spec.splits)
     info = {
         "name": spec.name,
         "num_classes": len(spec.label_names),
         "label_names": list(spec.label_names),
         "channels": spec.channels,
-        "splits": {s: len(spec.splits[s]) for s in _ordered(spec.splits)},
+        "splits": {s: len(spec.splits[s]) for s in splits},
+        "class_counts": {s: class_counts.get(s, []) for s in splits},
         "has_masks": spec.has_masks,
         "size": spec.size,
         "image_format": spec.image_format,
         "tfds_name": TFDS_NAME,
         "tfds_version": VERSION,
+        RECORDS_KEY: records,
     }
     info.update(spec.metadata)
-    downloads = os.path.join(out_dir, "downloads")  # TFDS leaves an empty one behind
-    if os.path.isdir(downloads) and not any(f for _, _, fs in os.walk(downloads) for f in fs):
-        shutil.rmtree(downloads)
-    write_info(out_dir, info)
-    return out_dir
+    return info
+
+
+def remove_stale_records(out_dir: str, *, keep: str) -> list[str]:
+    """Deletes what earlier builds left in ``out_dir`` besides ``keep``: older records folders,
+    the pre-records_dir layout, staging folders of builds no longer running. Returns them."""
+    stale = []
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if name == keep or not os.path.isdir(path):
+            continue
+        if name.startswith(STAGING_PREFIX) and _build_running(name):
+            continue
+        if _OURS.fullmatch(name) or name == TFDS_NAME:
+            stale.append(path)
+    for path in stale:
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            print(f"warning: could not remove {path} ({err}); delete it by hand", file=sys.stderr)
+    return stale
+
+
+def _build_running(staging_name: str) -> bool:
+    """Whether the process that owns ``.building-<pid>-<id>`` is alive (on this machine)."""
+    pid = staging_name[len(STAGING_PREFIX) :].split("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _ordered(splits) -> list[str]:

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from data_prep import cli_errors
+
 KINDS = ("brain", "chest")
 SHORTCUTS = (None, "size", "aspect", "corner_marker", "intensity", "border")
 LABEL_NAMES = {"brain": ("notumor", "tumor"), "chest": ("NORMAL", "PNEUMONIA")}
@@ -340,6 +342,7 @@ def info(kind: str) -> dict[str, Any]:
     return {"label_names": LABEL_NAMES[kind], "num_classes": 2}
 
 
+@cli_errors.one_line_errors("data_prep.phantoms", expected=(ValueError,))
 def main(argv: list[str]) -> None:
     """``python -m data_prep.phantoms --out=DIR [--kind=brain] [--size=64] ...``"""
     del argv

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from xmedjax import input_pipeline, names
+from xmedjax import cli_errors, input_pipeline, names
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain.cams import auto_cam_layer
 from xmedjax.explain.run import method_options
@@ -261,11 +261,11 @@ def _define_flags() -> None:
     )
 
 
+@cli_errors.one_line_errors("xmedjax.compare")
 def main(argv: Sequence[str]) -> None:
-    """Command-line entry (absl): see the module docstring."""
+    """Command-line entry (absl): see the module docstring; every failure ends in one line."""
     from absl import app, flags, logging  # noqa: PLC0415
 
-    from xmedjax import config_checks  # noqa: PLC0415
     from xmedjax import mesh as mesh_lib  # noqa: PLC0415
 
     if len(argv) > 1:
@@ -276,19 +276,14 @@ def main(argv: Sequence[str]) -> None:
     if f.configs and len(f.configs) != len(f.workdirs):
         raise app.UsageError("--configs must name one config per workdir")
     mesh_lib.setup_compilation_cache(f.compilation_cache_dir)
-    try:
-        results = compare_workdirs(
-            f.workdirs,
-            f.configs or None,
-            split=f.split,
-            n_images=f.images,
-            methods=tuple(f.methods),
-            cam_layer=None if f.cam_layer == "model" else f.cam_layer,
-        )
-    except config_checks.ConfigError as err:
-        sys.exit(f"config error: {err}")
-    except FileNotFoundError as err:
-        sys.exit(f"error: {err}")
+    results = compare_workdirs(
+        f.workdirs,
+        f.configs or None,
+        split=f.split,
+        n_images=f.images,
+        methods=tuple(f.methods),
+        cam_layer=None if f.cam_layer == "model" else f.cam_layer,
+    )
     text = write_comparison(
         results, f.out, command="python -m xmedjax.compare " + " ".join(sys.argv[1:])
     )

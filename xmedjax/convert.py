@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from xmedjax import cli_errors
 from xmedjax.models import ARCHITECTURES, create_model, load_torchvision_weights
+from xmedjax.models.convert import read_state_dict
 from xmedjax.models.weights_io import save_weights
 
 _ARCH = flags.DEFINE_enum("arch", None, sorted(ARCHITECTURES), "Model architecture.")
@@ -30,11 +32,14 @@ _IN_CHANNELS = flags.DEFINE_enum(
 )
 
 
-def main(argv):
+@cli_errors.one_line_errors("xmedjax.convert", expected=(ImportError,))
+def main(argv: list[str]) -> None:
+    """The command: a missing or unreadable file is one line (the traceback under -v=1)."""
     del argv
+    weights = read_state_dict(_SRC.value)  # before building the model: fail fast
     model = create_model(_ARCH.value, _NUM_CLASSES.value, in_channels=int(_IN_CHANNELS.value))
     head = "strict" if _NUM_CLASSES.value == 1000 else "reinit"
-    load_torchvision_weights(model, _SRC.value, head=head)
+    load_torchvision_weights(model, weights, head=head)
     meta = {
         "arch": _ARCH.value,
         "num_classes": _NUM_CLASSES.value,

@@ -33,16 +33,40 @@ import numpy as np
 
 from data_prep.dataset_format import (  # noqa: F401 (the format's names, re-exported)
     INFO_FILE,
+    DatasetError,
     DatasetInfo,
     PreparedSource,
     check_split,
     read_dataset_info,
+    split_class_counts,
 )
 from xmedjax import augment as augment_lib
+from xmedjax.errors import ConfigError
 from xmedjax.names import NORMALIZATIONS
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_trainable(data_dir: str, train_split: str) -> None:
+    """A ConfigError naming ``config.data.data_dir`` unless ``train_split`` holds two classes
+    or more: a one-class dataset "trains" to loss 0 and accuracy 1, which means nothing.
+
+    Cheap for datasets built with per-class counts in their info file; older ones are counted.
+    """
+    info = read_dataset_info(data_dir)
+    check_split(info, data_dir, train_split)
+    counts = split_class_counts(data_dir, train_split)
+    present = {info.label_names[c]: n for c, n in enumerate(counts) if n > 0}
+    if info.num_classes >= 2 and len(present) >= 2:
+        return
+    found = ", ".join(f"{k!r} ({n} examples)" for k, n in present.items()) or "no example"
+    raise ConfigError(
+        f"config.data.data_dir={data_dir}: split {train_split!r} holds one class only "
+        f"({found}; the dataset's classes: {list(info.label_names)}); a classifier needs two "
+        "or more: add the missing class's images and rebuild with python -m data_prep.build"
+    )
 
 
 # ----------------------------------------------------------------------------- preprocessing

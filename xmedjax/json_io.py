@@ -6,7 +6,7 @@ writes `{"auc": 0.9, "ci": [null, 1.0]}`: numpy scalars and arrays become Python
 lists, NaN and infinities become null, dict keys become strings, anything else JSON does
 not know becomes its `str()`. Files are replaced atomically (a temp file in the same folder,
 then `os.replace`), so a reader never sees half a file and a failed write leaves the old
-one whole.
+one whole. A write error names `path` (a full disk's error on `write()` names no file).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import threading
 from typing import Any
 
 import numpy as np
+
+from xmedjax.cli_errors import writing
 
 
 def to_jsonable(value: Any) -> Any:
@@ -46,7 +48,7 @@ def write_text_atomic(path: str, text: str) -> str:
         folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp"
     )
     try:
-        with open(tmp, "w", newline="") as f:
+        with writing(path), open(tmp, "w", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

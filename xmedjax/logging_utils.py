@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from xmedjax.cli_errors import writing
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, (np.generic, np.ndarray)):
@@ -33,7 +35,8 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = open(self._path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 (a dependency; slow import)
 
@@ -44,7 +47,8 @@ class MetricWriter:
             return
         record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in scalars.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
+        with writing(self._path):  # a full disk's error names the file
+            self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in scalars.items():
                 value = _plain(value)

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xmedjax import config_checks
+from xmedjax import cli_errors, config_checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py).", lock_config=True
@@ -21,26 +21,21 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
+@cli_errors.one_line_errors()
 def main(argv: list[str]) -> None:
+    """One mode of one run; every failure ends in one line (the traceback: --verbosity=1)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:  # Orbax/TFDS info lines drown the progress bars
         logging.set_verbosity(logging.WARNING)
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required (e.g. --workdir=runs/demo)")
-    try:
-        config = config_checks.validate(_CONFIG.value)
-    except config_checks.ConfigError as err:
-        sys.exit(f"config error: {err}")
+    config = config_checks.validate(_CONFIG.value)  # ConfigError: "config error: ..."
     # heavy imports after the config is known good
     from xmedjax import modes, train  # noqa: PLC0415
 
     try:
         modes.MODES[config.mode](config, _WORKDIR.value)
-    except config_checks.ConfigError as err:  # a value that does not fit the data or devices
-        sys.exit(f"config error: {err}")
-    except (train.NonFiniteError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
     except train.Preempted as err:
         print(str(err), flush=True)
         sys.exit(143)

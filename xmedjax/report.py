@@ -11,6 +11,7 @@ import html
 import os
 from typing import Any
 
+from xmedjax import json_io
 from xmedjax.metrics import CI_METRICS
 
 
@@ -149,7 +150,4 @@ def write_report(
     if explain_html:
         parts.append("<h2>Explanations</h2>" + explain_html)
     parts.append("</body></html>")
-    path = os.path.join(workdir, "report.html")
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
-    return path
+    return json_io.write_text_atomic(os.path.join(workdir, "report.html"), "\n".join(parts))

@@ -310,6 +310,7 @@ def build_run(config, workdir: str) -> Run:
     data_dir = prepare_data(config, workdir)
     info = input_pipeline.read_dataset_info(data_dir)
     _check_splits(config, data_dir, info)
+    input_pipeline.check_trainable(data_dir, config.data.train_split)
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_batch_size(config.training.batch_size, mesh)
     model = build_model(config, info.num_classes)

@@ -44,7 +44,11 @@ class WeightLoadError(ValueError):
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Reads a `.safetensors` file, a `.pth`/`.pt` file or a mapping into numpy arrays."""
+    """Reads a `.safetensors` file, a `.pth`/`.pt` file or a mapping into numpy arrays.
+
+    A file that is not a checkpoint of its kind (truncated, garbage) raises WeightLoadError
+    naming it.
+    """
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
@@ -54,7 +58,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
 
-            raw = load_file(path)
+            raw = _decoded(path, "safetensors", load_file)
         elif path.endswith((".pth", ".pt", ".bin")):
             raw = _read_torch_file(path)
         else:
@@ -62,6 +66,20 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
                 f"{path}: unknown checkpoint format (expected .safetensors, .pth or .pt)"
             )
     return {key: _to_numpy(value) for key, value in raw.items()}
+
+
+def _decoded(path: str, kind: str, load, *args, **kwargs) -> Any:
+    """`load(path, ...)`, its failure re-raised as one WeightLoadError line naming the file."""
+    try:
+        return load(path, *args, **kwargs)
+    except OSError:  # the file system's own error already names the file
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoder's error: the file is not readable
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise WeightLoadError(
+            f"{path}: not a readable {kind} checkpoint ({type(err).__name__}: {first}); "
+            "check the download (its size and checksum) or fetch it again"
+        ) from err
 
 
 def _read_torch_file(path: str) -> dict[str, Any]:
@@ -72,7 +90,7 @@ def _read_torch_file(path: str) -> dict[str, Any]:
             f"{path}: reading .pth files needs PyTorch (pip install 'xmedjax[torch]'), "
             "or convert it to .safetensors first"
         ) from err
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = _decoded(path, "PyTorch", torch.load, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model", "model_state"):
         if (
             isinstance(loaded, Mapping)
