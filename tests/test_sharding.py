@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 3
@@ -106,6 +107,7 @@ def compare() -> None:
         )
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one():
     import jax
 
