@@ -530,21 +530,32 @@ def _parse_yolo(label: str, im: ImageRef) -> list[dict[str, Any]]:
     return regions
 
 
-def _load_via(source: AnnotationSource, images: list[ImageRef]):
+def _load_json_export(source: AnnotationSource, images: list[ImageRef], unwrap, expected, entries):
+    """The JSON formats' frame: the file's export as `unwrap` finds it (None: not this format,
+    `expected` says what is), then `entries(path, export, index) -> (by_image, errors)`.
+    An unreadable or malformed file, or another format, is the one error."""
     path = source.path
     try:
-        data = _read_json(path)
+        data = unwrap(_read_json(path))
     except AnnotationError as e:
         return {}, [e]
+    if data is None:
+        return {}, [AnnotationError(path, "top level", expected)]
+    return entries(path, data, _ImageIndex(images, source))
+
+
+def _via_export(data: Any) -> dict | None:
     if isinstance(data, dict) and isinstance(data.get("_via_img_metadata"), dict):
         data = data["_via_img_metadata"]  # a VIA project file
-    if not isinstance(data, dict):
-        return {}, [
-            AnnotationError(
-                path, "top level", "not a VIA export (an object keyed by filename+size)"
-            )
-        ]
-    index = _ImageIndex(images, source)
+    return data if isinstance(data, dict) else None
+
+
+def _load_via(source: AnnotationSource, images: list[ImageRef]):
+    expected = "not a VIA export (an object keyed by filename+size)"
+    return _load_json_export(source, images, _via_export, expected, _via_entries)
+
+
+def _via_entries(path: str, data: dict, index: _ImageIndex):
     by_image: dict[str, Annotation] = {}
     errors: list[AnnotationError] = []
     for key, entry in data.items():
@@ -580,21 +591,21 @@ def _via_entry(path: str, where: str, entry: Any, index: _ImageIndex):
     return im, out
 
 
-def _load_coco(source: AnnotationSource, images: list[ImageRef]):
-    path = source.path
-    try:
-        data = _read_json(path)
-    except AnnotationError as e:
-        return {}, [e]
-    if not (
+def _coco_export(data: Any) -> dict | None:
+    is_coco = (
         isinstance(data, dict)
         and isinstance(data.get("images"), list)
         and isinstance(data.get("annotations", []), list)
-    ):
-        return {}, [
-            AnnotationError(path, "top level", "not COCO ('images' and 'annotations' lists)")
-        ]
-    index = _ImageIndex(images, source)
+    )
+    return data if is_coco else None
+
+
+def _load_coco(source: AnnotationSource, images: list[ImageRef]):
+    expected = "not COCO ('images' and 'annotations' lists)"
+    return _load_json_export(source, images, _coco_export, expected, _coco_entries)
+
+
+def _coco_entries(path: str, data: dict, index: _ImageIndex):
     by_image: dict[str, Annotation] = {}
     by_id: dict[Any, tuple[ImageRef, Annotation]] = {}
     listed: set[Any] = set()

@@ -15,6 +15,8 @@ import sys
 import jax
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here shares one expensive fixture
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_NAMES = (
     "resnet50_train_bs256_bf16",

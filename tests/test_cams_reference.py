@@ -65,6 +65,7 @@ def test_gradient_cams_match_pytorch_grad_cam(parity_model, reference, size):
         assert min(corr) > MIN_CORR, (arch, name, size, corr)
 
 
+@pytest.mark.slow
 def test_scorecam_matches_pytorch_grad_cam(parity_model, reference):
     arch, graphdef, state = parity_model
     # One image by default (1024 masked DenseNet121 passes, 2048 ResNet50 passes); both

@@ -72,6 +72,7 @@ def trained_runs(tmp_path_factory, phantom_dir) -> list[str]:  # noqa: F811
     return workdirs
 
 
+@pytest.mark.slow
 def test_compare_command_leaves_the_runs_untouched(trained_runs, tmp_path):
     before = {w: _snapshot(w) for w in trained_runs}
     assert any(k.startswith("data/phantoms_") for k in before[trained_runs[0]])
@@ -106,6 +107,7 @@ def test_compare_command_leaves_the_runs_untouched(trained_runs, tmp_path):
     assert all(scores[k]["meta"]["n_images"] == 4 for k in labels)
 
 
+@pytest.mark.slow
 def test_load_trained_is_read_only_and_validates(trained_runs, tmp_path):
     workdir = trained_runs[0]
     before = _snapshot(workdir)

@@ -25,6 +25,8 @@ import pytest
 
 from data_prep.phantoms import build_phantom_dataset
 
+pytestmark = pytest.mark.slow  # every test here shares one expensive fixture
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multihost_worker.py")
 STEPS = 3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_prep import phantoms
-from data_prep.dataset_format import FEATURE_KEYS, MASK_KEY
+from data_prep.dataset_format import FEATURE_KEYS, MASK_KEY, MASK_KNOWN_KEY
 from xmedjax import input_pipeline as ip
 
 
@@ -61,7 +61,7 @@ def test_phantom_dataset_with_geometry_shortcut(tmp_path):
     info = ip.read_dataset_info(out)
     assert info.has_masks and info.splits == {"train": 8, "test": 4}
     src = ip.PreparedSource(out, "train")
-    assert set(src[0]) == {*FEATURE_KEYS, MASK_KEY}  # what the format says a record holds
+    assert set(src[0]) == {*FEATURE_KEYS, MASK_KEY, MASK_KNOWN_KEY}  # what the format says
     for i in range(len(src)):
         rec = src[i]
         want = [24, 32] if rec["label"] == 1 else [24, 24]

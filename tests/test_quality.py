@@ -242,6 +242,7 @@ def phantom_model():
     )
 
 
+@pytest.mark.slow
 def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_randomised(
     phantom_model,
 ):
@@ -278,6 +279,7 @@ def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_ra
     assert np.mean([scores[n]["sanity_randomization_spearman"] for n in CAM_METHODS]) < 0.6, summary
 
 
+@pytest.mark.slow
 def test_input_attributions_on_phantoms(phantom_model):
     m = phantom_model
     names = ("integrated_gradients", "smoothgrad", "random")
@@ -296,6 +298,7 @@ def test_input_attributions_on_phantoms(phantom_model):
         assert scores[name]["pointing_game"] >= scores["random"]["pointing_game"] + 0.3, scores
 
 
+@pytest.mark.slow
 def test_label_randomisation_with_a_head_refit(phantom_model):
     m = phantom_model
     with pytest.raises(ValueError):  # one class only: shuffling changes nothing

@@ -134,6 +134,7 @@ class _TermAt:
         pass
 
 
+@pytest.mark.slow
 def test_sigterm_then_kill9_then_resume_matches_uninterrupted_run(tmp_path, phantom_dir):  # noqa: F811
     from xmedjax import input_pipeline
 

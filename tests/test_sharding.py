@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 3
@@ -116,6 +117,7 @@ def compare() -> None:
     print(f"float32: 8 devices == 1 device (losses {eight['losses'].round(6).tolist()})")
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one():
     import jax
 

@@ -9,6 +9,7 @@ rather than the lesion, so its localisation scores against the lesion mask drop.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from phantom_training import train_phantom_model, unit_images
 
 from data_prep import phantoms
@@ -38,6 +39,7 @@ def _scores(graphdef, state, data) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_corner_marker_shortcut_is_visible_in_the_localisation_scores():
     clean = phantoms.generate("brain", 512, 64, seed=21)
     marked = phantoms.generate(

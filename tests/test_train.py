@@ -61,6 +61,7 @@ def phantom_dir(tmp_path_factory) -> str:
     )
 
 
+@pytest.mark.slow
 def test_demo_config_end_to_end(tmp_path, phantom_dir):
     workdir = str(tmp_path / "run")
     config = tiny_config(phantom_dir)

@@ -137,13 +137,13 @@ def _cmp(c, key: str, test: Callable[[Any], bool], what: str) -> None:
     _require(test(value), f"config.{key} must be {what}, got {value!r}")
 
 
-def check_values(c) -> None:
-    """Ranges and choices of every value; cross-key rules."""
-    _choice(c, "mode", MODES)
+def _check_model(c) -> None:
     _choice(c, "model.arch", ARCHS)
     _cmp(c, "model.width", lambda v: 0 < v <= 4, "in (0, 4]")
     _choice(c, "model.dtype", DTYPES)
 
+
+def _check_data(c) -> None:
     _choice(c, "data.dataset", DATASETS)
     _choice(c, "data.phantom_kind", PHANTOM_KINDS)
     _choice(c, "data.normalization", NORMALIZATIONS)
@@ -159,36 +159,46 @@ def check_values(c) -> None:
             "--dataset=... --src=RAW --out=DIR), or set config.data.dataset=phantoms",
         )
     else:
-        counts = dict(c.data.phantom_counts)
-        for split in (c.data.train_split, c.data.val_split, c.data.test_split):
-            _require(
-                split in counts,
-                f"config.data.phantom_counts must give a count for split {split!r}, got {counts}",
-            )
-        for split, n in counts.items():
-            _require(
-                isinstance(n, int) and not isinstance(n, bool) and n > 0,
-                f"config.data.phantom_counts.{split} must be a positive integer, got {n!r}",
-            )
-        _require(
-            counts[c.data.train_split] >= c.training.batch_size,
-            f"config.data.phantom_counts.{c.data.train_split} must be >= "
-            f"config.training.batch_size ({c.training.batch_size}), got {counts[c.data.train_split]}",
-        )
+        _check_phantom_counts(c)
     for key in ("train_split", "val_split", "test_split"):
         _cmp(c, f"data.{key}", lambda v: bool(v), "a split name")
 
+
+def _check_phantom_counts(c) -> None:
+    counts = dict(c.data.phantom_counts)
+    for split in (c.data.train_split, c.data.val_split, c.data.test_split):
+        _require(
+            split in counts,
+            f"config.data.phantom_counts must give a count for split {split!r}, got {counts}",
+        )
+    for split, n in counts.items():
+        _require(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0,
+            f"config.data.phantom_counts.{split} must be a positive integer, got {n!r}",
+        )
+    _require(
+        counts[c.data.train_split] >= c.training.batch_size,
+        f"config.data.phantom_counts.{c.data.train_split} must be >= "
+        f"config.training.batch_size ({c.training.batch_size}), got {counts[c.data.train_split]}",
+    )
+
+
+def _check_augment(c) -> None:
     for key in ("rotation_range", "zoom_range"):
         _cmp(c, f"augment.{key}", lambda v: v >= 0, ">= 0")
     for key in ("width_shift_range", "height_shift_range"):
         _cmp(c, f"augment.{key}", lambda v: 0 <= v < 1, "in [0, 1)")
     _cmp(c, "augment.zoom_range", lambda v: v < 1, "< 1")
 
+
+def _check_optimizer(c) -> None:
     _choice(c, "optimizer.name", OPTIMIZERS)
     _cmp(c, "optimizer.learning_rate", lambda v: v > 0, "> 0")
     _cmp(c, "optimizer.weight_decay", lambda v: v >= 0, ">= 0")
     _cmp(c, "optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)")
 
+
+def _check_training(c) -> None:
     t = "training"
     _cmp(c, f"{t}.batch_size", lambda v: v > 0, "> 0")
     _cmp(c, f"{t}.eval_batch_size", lambda v: v > 0, "> 0")
@@ -205,6 +215,8 @@ def check_values(c) -> None:
     _cmp(c, f"{t}.log_every_steps", lambda v: v > 0, "> 0")
     _cmp(c, f"{t}.seed", lambda v: v >= 0, ">= 0")
 
+
+def _check_init(c) -> None:
     _choice(c, "init.head", HEADS)
     if c.init.checkpoint and "://" not in c.init.checkpoint:
         _require(
@@ -213,9 +225,13 @@ def check_values(c) -> None:
             f"got {c.init.checkpoint!r} (not found)",
         )
 
+
+def _check_evaluate(c) -> None:
     _cmp(c, "evaluate.bootstrap_samples", lambda v: v >= 0, ">= 0 (0 = no intervals)")
     _choice(c, "evaluate.threshold", THRESHOLDS)
 
+
+def _check_explain(c) -> None:
     _cmp(c, "explain.methods", lambda v: len(v) > 0, "a non-empty list")
     known = explain_methods()
     for method in tuple(c.explain.methods) + tuple(c.explain.quality_methods):
@@ -226,11 +242,6 @@ def check_values(c) -> None:
     _cmp(c, "explain.batch_size", lambda v: v > 0, "> 0")
     _cmp(c, "explain.quality_images", lambda v: v > 0, "> 0")
     _cmp(c, "explain.split", lambda v: bool(v), "a split name")
-    _check_predict(c)
-
-    _choice(c, "runtime.distributed", DISTRIBUTED)
-    _cmp(c, "runtime.num_processes", lambda v: v >= 0, ">= 0")
-    _cmp(c, "runtime.process_id", lambda v: v >= -1, ">= -1")
 
 
 def _check_predict(c) -> None:
@@ -272,6 +283,34 @@ def _check_predict(c) -> None:
             f"config.predict.annotations must be a folder for annotation_format={fmt}, "
             f"got {c.predict.annotations!r}",
         )
+
+
+def _check_runtime(c) -> None:
+    _choice(c, "runtime.distributed", DISTRIBUTED)
+    _cmp(c, "runtime.num_processes", lambda v: v >= 0, ">= 0")
+    _cmp(c, "runtime.process_id", lambda v: v >= -1, ">= -1")
+
+
+# One checker per config section, run in this order (the first problem is the one reported).
+_SECTION_CHECKS = (
+    _check_model,
+    _check_data,
+    _check_augment,
+    _check_optimizer,
+    _check_training,
+    _check_init,
+    _check_evaluate,
+    _check_explain,
+    _check_predict,
+    _check_runtime,
+)
+
+
+def check_values(c) -> None:
+    """Ranges and choices of every value; cross-key rules (one checker per config section)."""
+    _choice(c, "mode", MODES)
+    for check in _SECTION_CHECKS:
+        check(c)
 
 
 def validate(config) -> ml_collections.ConfigDict:

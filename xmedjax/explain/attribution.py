@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xmedjax.explain.capture import eval_model, forward_fn, select_logits
+from xmedjax.explain.capture import eval_model, logits_and_targets, select_logits
 from xmedjax.explain.gradcam import CamResult
 from xmedjax.explain.maps import normalize_per_image
 
@@ -53,10 +53,12 @@ def mean_input_gradient(
     return total / stack.shape[0]
 
 
-def _logits_and_targets(graphdef, state, images, targets):
-    logits, _ = forward_fn(graphdef, state, images, None)
-    chosen = jnp.argmax(logits, axis=-1) if targets is None else jnp.asarray(targets)
-    return logits, chosen.astype(jnp.int32)
+def _attribution(graphdef, state, images, targets, stack, maps_of) -> CamResult:
+    """What both methods share: the logits and the classes explained, the mean input gradient
+    over `stack` (S, B, H, W, C), and `maps_of(mean gradient) -> (raw, maps)`."""
+    logits, chosen = logits_and_targets(graphdef, state, images, targets)
+    raw, maps = maps_of(mean_input_gradient(graphdef, state, stack, chosen))
+    return CamResult(raw, maps, logits, chosen)
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
@@ -74,25 +76,19 @@ def _ig_maps(
 
 
 def integrated_gradients_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: jax.Array,
-    targets: jax.Array | None,
-    *,
-    steps: int = 32,
-    baseline: jax.Array | None = None,
+    graphdef, state, images, targets, *, steps: int = 32, baseline: jax.Array | None = None
 ) -> CamResult:
     """Integrated gradients from `baseline` (zeros by default) with a `steps`-point midpoint rule."""
     images = jnp.asarray(images, jnp.float32)
-    logits, chosen = _logits_and_targets(graphdef, state, images, targets)
     x0 = (
         jnp.zeros_like(images)
         if baseline is None
         else jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), images.shape)
     )
-    mean_grad = mean_input_gradient(graphdef, state, _ig_path(images, x0, steps), chosen)
-    raw, maps = _ig_maps(images, x0, mean_grad)
-    return CamResult(raw, maps, logits, chosen)
+    path = _ig_path(images, x0, steps)
+    return _attribution(
+        graphdef, state, images, targets, path, functools.partial(_ig_maps, images, x0)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("samples",))
@@ -111,21 +107,12 @@ def _sg_maps(mean_grad: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def smoothgrad_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: jax.Array,
-    targets: jax.Array | None,
-    *,
-    samples: int = 16,
-    noise: float = 0.15,
-    seed: int = 0,
+    graphdef, state, images, targets, *, samples: int = 16, noise: float = 0.15, seed: int = 0
 ) -> CamResult:
     """SmoothGrad: absolute mean input gradient over `samples` Gaussian-noised copies."""
     images = jnp.asarray(images, jnp.float32)
-    logits, chosen = _logits_and_targets(graphdef, state, images, targets)
     stack = _noisy_copies(images, jnp.float32(noise), jnp.uint32(seed), samples)
-    raw, maps = _sg_maps(mean_input_gradient(graphdef, state, stack, chosen))
-    return CamResult(raw, maps, logits, chosen)
+    return _attribution(graphdef, state, images, targets, stack, _sg_maps)
 
 
 __all__ = ["input_gradients", "integrated_gradients_fn", "mean_input_gradient", "smoothgrad_fn"]

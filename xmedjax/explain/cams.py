@@ -30,13 +30,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmedjax import names
+from xmedjax.explain.attribution import integrated_gradients_fn, smoothgrad_fn
 from xmedjax.explain.capture import (
-    capture_target_gradients,
+    choose_targets,
     eval_model,
-    forward_fn,
     forward_with_activation,
+    logits_and_targets,
 )
-from xmedjax.explain.gradcam import CamResult
+from xmedjax.explain.gradcam import (
+    CamResult,
+    SaliencyMethod,
+    grad_cam_fn,
+    gradcam_raw,
+    gradient_cam,
+    gradient_cams,
+)
 from xmedjax.explain.maps import to_input_size
 from xmedjax.models import model_spec
 
@@ -73,31 +81,21 @@ def xgradcam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
     return jax.nn.relu(jnp.sum(weights * activation, axis=-1))
 
 
-def _gradient_cam(raw_fn):
-    """Wraps a (activation, gradient) -> raw map rule as a jitted registry method."""
+gradcampp_fn = gradient_cam(gradcampp_raw)
+hirescam_fn = gradient_cam(hirescam_raw)
+layercam_fn = gradient_cam(layercam_raw)
+xgradcam_fn = gradient_cam(xgradcam_raw)
 
-    @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
-    def cam_fn(
-        graphdef: nnx.GraphDef,
-        state: nnx.State,
-        images: jax.Array,
-        targets: jax.Array | None,
-        *,
-        layer: str | None = None,
-    ) -> CamResult:
-        capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
-        raw = raw_fn(capture.activation, capture.gradient)
-        return CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
-
-    cam_fn.__name__ = raw_fn.__name__.replace("_raw", "_fn")
-    cam_fn.__doc__ = f"Jitted batched CAM: {raw_fn.__doc__}"
-    return cam_fn
-
-
-gradcampp_fn = _gradient_cam(gradcampp_raw)
-hirescam_fn = _gradient_cam(hirescam_raw)
-layercam_fn = _gradient_cam(layercam_raw)
-xgradcam_fn = _gradient_cam(xgradcam_raw)
+# The methods that need only the target activation and its gradient (one backward pass):
+# name -> (its rule, its registry method). Keys: xmedjax.names.GRADIENT_CAMS.
+_GRADIENT_CAMS = {
+    "gradcam": (gradcam_raw, grad_cam_fn),
+    "gradcampp": (gradcampp_raw, gradcampp_fn),
+    "hirescam": (hirescam_raw, hirescam_fn),
+    "layercam": (layercam_raw, layercam_fn),
+    "xgradcam": (xgradcam_raw, xgradcam_fn),
+}
+GRADIENT_RULES: dict = {name: rule for name, (rule, _) in _GRADIENT_CAMS.items()}
 
 
 def align_corners_matrix(out_size: int, in_size: int) -> jax.Array:
@@ -123,21 +121,11 @@ def scorecam_masks(activation: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk", "layer"))
 def scorecam_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: jax.Array,
-    targets: jax.Array | None,
-    *,
-    chunk: int = 16,
-    layer: str | None = None,
+    graphdef, state, images, targets, *, chunk: int = 16, layer: str | None = None
 ) -> CamResult:
     """Score-CAM (Wang et al. 2020), masked forward passes chunked over channels on device."""
     logits, activation = forward_with_activation(graphdef, state, images, layer)
-    chosen = (
-        jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if targets is None
-        else targets.astype(jnp.int32)
-    )
+    chosen = choose_targets(logits, targets)
     batch, h, w, channels = activation.shape
     chunk = max(1, min(int(chunk), channels))
     n_chunks = -(-channels // chunk)
@@ -170,25 +158,13 @@ def uniform_maps(batch: int, height: int, width: int, seed: jax.Array) -> jax.Ar
     return jax.vmap(lambda k: jax.random.uniform(k, (height, width)))(keys)
 
 
-def random_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: jax.Array,
-    targets: jax.Array | None,
-    *,
-    seed: int = 0,
-) -> CamResult:
+def random_fn(graphdef, state, images, targets, *, seed: int = 0) -> CamResult:
     """The `random` baseline: seeded uniform maps at the input size, independent of the model.
 
     Built from two jitted pieces (the shared `capture.forward_fn` for the logits, and
     `uniform_maps`), so it adds no compile of the model of its own.
     """
-    logits, _ = forward_fn(graphdef, state, images, None)
-    chosen = (
-        jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if targets is None
-        else jnp.asarray(targets, jnp.int32)
-    )
+    logits, chosen = logits_and_targets(graphdef, state, images, targets)
     raw = uniform_maps(images.shape[0], images.shape[1], images.shape[2], seed)
     return CamResult(raw, raw, logits, chosen)
 
@@ -223,40 +199,13 @@ def auto_cam_layer(
     return candidates[-1] if candidates else None
 
 
-def _gradient_rules() -> dict:
-    from xmedjax.explain.gradcam import gradcam_raw
-
-    return {
-        "gradcam": gradcam_raw,
-        "gradcampp": gradcampp_raw,
-        "hirescam": hirescam_raw,
-        "layercam": layercam_raw,
-        "xgradcam": xgradcam_raw,
-    }
-
-
-# The methods that need only the target activation and its gradient (one backward pass).
-# Keys: xmedjax.names.GRADIENT_CAMS.
-GRADIENT_RULES: dict = _gradient_rules()
-
-
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("names", "layer"))
 def gradient_cams_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: jax.Array,
-    targets: jax.Array | None,
-    *,
-    names: tuple[str, ...],
-    layer: str | None = None,
+    graphdef, state, images, targets, *, names: tuple[str, ...], layer: str | None = None
 ) -> dict[str, CamResult]:
     """Several gradient CAMs (names from GRADIENT_RULES) from ONE forward/backward pass."""
-    capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
-    out = {}
-    for name in names:
-        raw = GRADIENT_RULES[name](capture.activation, capture.gradient)
-        out[name] = CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
-    return out
+    rules = {name: GRADIENT_RULES[name] for name in names}
+    return gradient_cams(rules, graphdef, state, images, targets, layer)
 
 
 def compute_methods(
@@ -294,26 +243,15 @@ def compute_methods(
     return {name: out[name] for name in names}
 
 
-def _registry() -> dict:
-    from xmedjax.explain.attribution import integrated_gradients_fn, smoothgrad_fn
-    from xmedjax.explain.gradcam import grad_cam_fn
-
-    return {
-        "gradcam": grad_cam_fn,
-        "gradcampp": gradcampp_fn,
-        "hirescam": hirescam_fn,
-        "layercam": layercam_fn,
-        "xgradcam": xgradcam_fn,
-        "scorecam": scorecam_fn,
-        "integrated_gradients": integrated_gradients_fn,
-        "smoothgrad": smoothgrad_fn,
-        "random": random_fn,
-    }
-
-
-# Every saliency method under one signature: fn(graphdef, state, images, targets, **opts) -> CamResult.
+# Every saliency method under one signature (`gradcam.SaliencyMethod`).
 # Keys: xmedjax.names.SALIENCY_METHODS, in that order (tests/test_cams.py checks they agree).
-METHODS: dict = _registry()
+METHODS: dict[str, SaliencyMethod] = {
+    **{name: method for name, (_, method) in _GRADIENT_CAMS.items()},
+    "scorecam": scorecam_fn,
+    "integrated_gradients": integrated_gradients_fn,
+    "smoothgrad": smoothgrad_fn,
+    "random": random_fn,
+}
 CAM_METHODS = names.CAM_METHODS
 
 

@@ -107,6 +107,19 @@ def forward_with_activation(
 forward_fn = jax.jit(forward_with_activation, static_argnums=(0, 3))
 
 
+def choose_targets(logits: jax.Array, targets: jax.Array | None) -> jax.Array:
+    """The class explained for each image: `targets` (B,), or each image's predicted class
+    (the argmax of `logits`) when None; int32."""
+    chosen = jnp.argmax(logits, axis=-1) if targets is None else jnp.asarray(targets)
+    return chosen.astype(jnp.int32)
+
+
+def logits_and_targets(graphdef, state, images, targets) -> tuple[jax.Array, jax.Array]:
+    """The shared compiled forward's float32 logits, and `choose_targets` of them."""
+    logits, _ = forward_fn(graphdef, state, images, None)
+    return logits, choose_targets(logits, targets)
+
+
 def select_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """logits[b, targets[b]] for each image b."""
     return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=1)[:, 0]
@@ -132,13 +145,12 @@ def capture_target_gradients(
         model, name = _model_and_name(graphdef, state, layer)
         logits, captured = nnx.capture(model, nnx.Intermediate, init=perturbation)(images)
         logits = logits.astype(jnp.float32)
-        chosen = jnp.argmax(logits, axis=-1) if targets is None else targets
-        chosen = jax.lax.stop_gradient(chosen)
+        chosen = jax.lax.stop_gradient(choose_targets(logits, targets))
         return select_logits(logits, chosen).sum(), (logits, _find(captured, name), chosen)
 
     grads, (logits, activation, chosen) = jax.grad(target_score, has_aux=True)(zeros)
     gradient = _find(grads, CAM_TARGET if layer is None else LAYER_TARGET)
     return (
         TargetCapture(logits, activation.astype(jnp.float32), gradient.astype(jnp.float32)),
-        chosen.astype(jnp.int32),
+        chosen,
     )

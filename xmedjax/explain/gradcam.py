@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -22,28 +23,59 @@ class CamResult(NamedTuple):
     targets: jax.Array  # (B,) the class explained for each image
 
 
+class SaliencyMethod(Protocol):
+    """The one signature of every saliency method (`cams.METHODS`; the methods leave its
+    four shared arguments unannotated): graphdef static under jit, float32 NHWC images,
+    targets (B,) int or None (each image's predicted class), keyword-only options."""
+
+    def __call__(
+        self,
+        graphdef: nnx.GraphDef,
+        state: nnx.State,
+        images: jax.Array,
+        targets: jax.Array | None,
+        **opts: Any,
+    ) -> CamResult: ...
+
+
 def gradcam_raw(activation: jax.Array, gradient: jax.Array) -> jax.Array:
     """relu(sum_c mean_hw(dS/dA)[c] * A[c]) for NHWC activation and gradient."""
     weights = jnp.mean(gradient, axis=(1, 2), keepdims=True)
     return jax.nn.relu(jnp.sum(weights * activation, axis=-1))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
-def grad_cam_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    images: jax.Array,
-    targets: jax.Array | None,
-    *,
-    layer: str | None = None,
-) -> CamResult:
-    """Pure Grad-CAM of (graphdef, state): compiled once per graphdef and input shape.
+Rule = Callable[[jax.Array, jax.Array], jax.Array]  # (activation, gradient) -> raw (B, h, w)
 
-    `layer` optionally targets an earlier feature map (see `xmedjax.explain.capture`).
-    """
+
+def gradient_cams(
+    rules: dict[str, Rule], graphdef, state, images, targets, layer=None
+) -> dict[str, CamResult]:
+    """The CamResult of each rule, all from ONE forward/backward pass (`capture`)."""
     capture, chosen = capture_target_gradients(graphdef, state, images, targets, layer)
-    raw = gradcam_raw(capture.activation, capture.gradient)
-    return CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
+    out = {}
+    for name, rule in rules.items():
+        raw = rule(capture.activation, capture.gradient)
+        out[name] = CamResult(raw, to_input_size(raw, images.shape[1:3]), capture.logits, chosen)
+    return out
+
+
+def gradient_cam(rule: Rule) -> SaliencyMethod:
+    """A rule as a jitted registry method with a `layer` option (`grad_cam_fn` is one)."""
+
+    @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
+    def cam_fn(graphdef, state, images, targets, *, layer: str | None = None) -> CamResult:
+        return gradient_cams({"cam": rule}, graphdef, state, images, targets, layer)["cam"]
+
+    cam_fn.__name__ = rule.__name__.replace("_raw", "_fn")
+    cam_fn.__doc__ = (
+        f"Jitted batched CAM, compiled once per graphdef and input shape: {rule.__doc__} "
+        "`layer` optionally targets an earlier feature map (see `xmedjax.explain.capture`)."
+    )
+    return cam_fn
+
+
+# Pure Grad-CAM: grad_cam_fn(graphdef, state, images, targets, *, layer=None) -> CamResult.
+grad_cam_fn = gradient_cam(gradcam_raw)
 
 
 def grad_cam(model: nnx.Module, images, targets=None) -> CamResult:

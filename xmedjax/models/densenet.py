@@ -142,8 +142,7 @@ class DenseNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """NHWC images -> float32 logits."""
         fmap = nnx.relu(self.features(x.astype(self.dtype)))
-        fmap = layers.mark_cam_target(self, fmap)
-        return self.classifier(layers.global_avg_pool(fmap))
+        return layers.classify(self, fmap, self.classifier)
 
 
 def DenseNet121(*, growth_rate: int = 32, init_features: int = 64, **kwargs) -> DenseNet:

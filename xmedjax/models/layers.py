@@ -116,3 +116,9 @@ def mark_cam_target(module: nnx.Module, activation: jax.Array) -> jax.Array:
         module.sow(nnx.Intermediate, CAM_TARGET, activation)
         activation = module.perturb(CAM_TARGET, activation)
     return activation
+
+
+def classify(module: nnx.Module, fmap: jax.Array, head: nnx.Linear) -> jax.Array:
+    """The end both models share: `fmap`, the map global average pooling consumes, marked as
+    the Grad-CAM target (`mark_cam_target`), pooled in float32, then the linear `head`."""
+    return head(global_avg_pool(mark_cam_target(module, fmap)))

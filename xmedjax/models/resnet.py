@@ -61,8 +61,8 @@ class ResNet(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.dtype = dtype
         self.stage_sizes = tuple(stage_sizes)
+        self.dtype = dtype
         self.conv1 = layers.conv(
             in_channels, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=rngs
         )
@@ -105,8 +105,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """NHWC images -> float32 logits."""
-        fmap = layers.mark_cam_target(self, self.features(x))
-        return self.fc(layers.global_avg_pool(fmap))
+        return layers.classify(self, self.features(x), self.fc)
 
 
 def ResNet50(**kwargs) -> ResNet:
