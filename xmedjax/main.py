@@ -36,9 +36,9 @@ def main(argv: list[str]) -> None:
 
     try:
         modes.MODES[config.mode](config, _WORKDIR.value)
-    except train.Preempted as err:
+    except train.Preempted as err:  # SIGTERM or Ctrl-C: the step was saved
         print(str(err), flush=True)
-        sys.exit(143)
+        sys.exit(128 + err.signum)
 
 
 def run() -> None:

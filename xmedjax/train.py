@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +39,12 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; the latest checkpoint was saved."""
+    """SIGTERM or SIGINT (Ctrl-C) arrived; the latest checkpoint was saved. `signum` is the
+    signal (a command exits with 128 + signum: 143, 130)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 class StopReason(enum.StrEnum):
@@ -143,27 +149,45 @@ def update_schedules(loop: LoopState, val_loss: float, t: Any) -> LoopState:
     )
 
 
-class _SigtermFlag:
-    """SIGTERM sets a flag the loop checks after each step (the old handler is restored after)."""
+class _StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) set a flag the loop checks after each step, so the step in
+    progress is saved before the loop stops; a second Ctrl-C stops at once, unsaved. The old
+    handlers are restored after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> _StopSignals:
+        for signum in self.SIGNALS:
+            try:
+                self._old[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                break
         return self
 
     def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.raised = True
+        del frame
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            print(
+                "Ctrl-C: saving a checkpoint after this step (Ctrl-C again stops now, unsaved)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 @dataclasses.dataclass
@@ -178,7 +202,7 @@ class _Session:
     writer: logging_utils.MetricWriter
     train_fn: Callable | None = None  # these three are set once the loop is known to run
     eval_fn: Callable | None = None
-    sigterm: _SigtermFlag | None = None
+    signals: _StopSignals | None = None
 
     @property
     def t(self) -> Any:
@@ -193,9 +217,9 @@ def fit(run: Run, *, train_iterator: Any = None) -> LoopState:
     """Trains (or resumes) to the end; returns the LoopState and leaves run.state final.
 
     Raises NonFiniteError on a non-finite loss or gradient (nothing after the last good
-    checkpoint is saved) and Preempted after SIGTERM (the step is saved first). Checkpoint
-    managers, the metric writer, progress bars and the SIGTERM handler are released on
-    every way out.
+    checkpoint is saved) and Preempted after SIGTERM or SIGINT (the step is saved first).
+    Checkpoint managers, the metric writer, progress bars and the signal handlers are
+    released on every way out.
     """
     steps_per_epoch, total = _schedule(run)
     if train_iterator is None:
@@ -213,7 +237,7 @@ def fit(run: Run, *, train_iterator: Any = None) -> LoopState:
         else:
             t_start = time.time()
             s.train_fn, s.eval_fn = _compile_steps(s, state)
-            s.sigterm = stack.enter_context(_SigtermFlag())
+            s.signals = stack.enter_context(_StopSignals())
             state, loop = _train(s, state, loop)
             if ckpt.best_step() is None:  # no epoch end reached (max_steps < steps per epoch)
                 step = int(state.step)
@@ -378,14 +402,17 @@ def _raise_nonfinite(s: _Session, m: dict, step: int) -> None:
 def _save_latest(
     s: _Session, state: ts.TrainState, loop: LoopState, step: int, *, every_steps: bool
 ) -> None:
-    """Saves `latest` (always, or only every `checkpoint_every_steps`); SIGTERM saves and raises."""
+    """Saves `latest` (always, or only every `checkpoint_every_steps`); SIGTERM or SIGINT
+    saves and raises Preempted."""
     due = not every_steps or step % s.t.checkpoint_every_steps == 0
-    if due or s.sigterm.raised:
+    if due or s.signals.raised:
         s.ckpt.save_latest(step, state, s.iterator, loop.to_json())
-    if s.sigterm.raised:
+    if s.signals.raised:
+        name = signal.Signals(s.signals.signum).name
         raise Preempted(
-            f"SIGTERM: saved step {step} to {checkpointing.checkpoint_dir(s.run.workdir)}; "
-            "rerun the same command to resume"
+            f"{name}: saved step {step} to {checkpointing.checkpoint_dir(s.run.workdir)}; "
+            "rerun the same command to resume",
+            s.signals.signum,
         )
 
 
