@@ -7,7 +7,8 @@
 
 Work directory:
     WORKDIR/.lock                        held by the command running on it (workdir_lock)
-    WORKDIR/config.json                  the resolved config of the last command
+    WORKDIR/config.json                  the config the run trained with (train mode writes it)
+    WORKDIR/resumes.jsonl                one line per resumed train command: step, changed keys
     WORKDIR/data/                        the phantom dataset (config.data.dataset=phantoms)
     WORKDIR/checkpoints/{latest,best}/   Orbax (see checkpointing.py)
     WORKDIR/metrics.jsonl, tensorboard/  training logs
@@ -180,11 +181,12 @@ def _restored_run(config: Any, workdir: str) -> Iterator[tuple[Run, ts.TrainStat
     block, with the work directory locked (`workdir_lock`).
 
     A work directory without a best checkpoint stops here, before anything is created.
+    WORKDIR/config.json stays the config the run trained with (it is not rewritten).
     """
     runs.require_best_checkpoint(workdir)
     runs.setup_runtime(config)
     with workdir_lock.hold(workdir):
-        run = runs.build_run(config, workdir)
+        run = runs.build_run(config, workdir, training=False)
         state, step = runs.restore_best(run)
         yield run, state, step
 
