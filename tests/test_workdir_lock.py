@@ -109,6 +109,14 @@ def test_unfinished_checkpoint_saves_are_removed_under_the_lock(tmp_path, capsys
     assert len(out) == 1 and out[0].startswith("removed 3 unfinished checkpoint save(s)"), out
 
 
+def test_remote_work_directories_are_not_locked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with workdir_lock.hold("gs://bucket/runs/demo"):  # no flock on gs://: nothing created
+        with workdir_lock.hold("gs://bucket/runs/demo"):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
 # Two processes of one launch (jax.distributed on CPU) try the lock of WORKDIR.
 DISTRIBUTED = """
 import sys

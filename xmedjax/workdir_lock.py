@@ -140,23 +140,27 @@ def _clean_interrupted_saves(workdir: str) -> None:
 
 def _lock_here(workdir: str) -> tuple[IO[str] | None, BaseException | None, str | None]:
     """Process 0's attempt: (locked file, its error, the line every process stops with)."""
+    f = None
     try:
         f, busy = _acquire(workdir)
+        if f is not None:
+            _clean_interrupted_saves(workdir)  # before the other processes go on
     except OSError as err:  # a read-only or missing parent folder: the others stop too
         from xmedjax.cli_errors import describe  # noqa: PLC0415
 
+        if f is not None:
+            f.close()
         return None, err, describe(err)
-    if f is not None:
-        _clean_interrupted_saves(workdir)  # before the other processes go on
     return f, None, busy
 
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
     """Holds WORKDIR's lock for the block (creating WORKDIR); WorkdirBusy if another has it."""
+    remote = "://" in workdir
     workdir = os.path.abspath(os.path.expanduser(workdir))
     key = os.path.realpath(workdir)
-    if "://" in workdir or key in _held:  # not lockable, or this process holds it already
+    if remote or key in _held:  # not lockable, or this process holds it already
         _held.setdefault(key, [None, 0])[1] += 1
         try:
             yield
