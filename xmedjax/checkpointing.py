@@ -8,8 +8,10 @@
 rate, step); `data_iter` the Grain iterator state (one JSON per process, Grain's own Orbax
 handler); `loop` the host-side loop state (`train.LoopState`: epoch, early-stopping and
 plateau counters, history, why training stopped) as JSON. `saved_step` and `restore_saved`
-read a run without creating or writing anything (for `runs.load_trained`). Orbax writes each step into a temporary folder and renames it when
-complete, so a run killed mid-save resumes from the previous complete step.
+read a run without creating or writing anything (for `runs.load_trained`). Orbax writes
+each step into a temporary folder and renames it when complete, so a run killed mid-save
+resumes from the previous complete step; the next command that takes the work directory's
+lock deletes such folders (`remove_interrupted_saves`).
 
 Failures are one line (`CheckpointError`), never Orbax's cascade of tracebacks:
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -457,6 +460,27 @@ def _damaged_steps(directory: str) -> set[int]:
         if sep and step.isdigit():
             out.add(int(step))
     return out
+
+
+def remove_interrupted_saves(workdir: str) -> list[str]:
+    """Deletes the `<step>.orbax-checkpoint-tmp*` folders under latest/ and best/ (saves a
+    killed or failed command left unfinished); the paths removed.
+
+    Only for the holder of the work directory's lock (`workdir_lock.hold` calls it): another
+    command's save in progress looks the same. Orbax's `cleanup_tmp_directories` option does
+    this too, but asynchronously in every manager created, including read-only ones.
+    """
+    removed = []
+    for which in (LATEST, BEST):
+        directory = checkpoint_dir(workdir, which)
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if ocp.utils.TMP_DIR_SUFFIX in name and os.path.isdir(path):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 def read_params(workdir: str, which: str = LATEST, step: int | None = None) -> dict:

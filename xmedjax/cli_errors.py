@@ -7,9 +7,9 @@ xmedjax's own errors).
     def main(argv): ...
 
 An expected failure (a missing or unreadable file, no space left, a read-only folder, a bad
-config value, a damaged checkpoint, weights that do not fit) ends in one line and exit status
-1; a bug in one line pointing at a log file that holds its traceback; ``--verbosity=1``
-prints every traceback. ``ConfigError`` keeps its ``config error:`` prefix.
+config value, a damaged checkpoint, weights that do not fit, a work directory in use) ends
+in one line and exit status 1; a bug in one line pointing at a log file that holds its
+traceback; ``--verbosity=1`` prints every traceback. ``ConfigError`` keeps its ``config error:`` prefix.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ EXPECTED: tuple = (
     "xmedjax.checkpointing:CheckpointError",
     "xmedjax.models.convert:WeightLoadError",
     "xmedjax.train:NonFiniteError",
+    "xmedjax.workdir_lock:WorkdirBusy",
 )
 
 

@@ -2,6 +2,10 @@
 
 Modes (config.mode): train (default: train or resume, then evaluate the best checkpoint on
 val and test and explain the test split), evaluate, explain, predict: see xmedjax/modes.py.
+Every failure ends in one line (the traceback: --verbosity=1): a bad command line
+(`cli_flags`: a missing config file, one without get_config, an unknown --config.KEY), a
+bad config value, a work directory another command holds. SIGTERM and Ctrl-C during
+training save the step and exit with 143 and 130.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xmedjax import cli_errors, config_checks
+from xmedjax import cli_errors, cli_flags, config_checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py).", lock_config=True
@@ -36,14 +40,15 @@ def main(argv: list[str]) -> None:
 
     try:
         modes.MODES[config.mode](config, _WORKDIR.value)
-    except train.Preempted as err:
+    except train.Preempted as err:  # SIGTERM or Ctrl-C: the step was saved
         print(str(err), flush=True)
-        sys.exit(143)
+        sys.exit(128 + err.signum)
 
 
 def run() -> None:
+    cli_flags.checked(sys.argv)  # the config file and override keys, each failure one line
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.parse_flags)
 
 
 if __name__ == "__main__":

@@ -6,26 +6,31 @@
     predict              # the best checkpoint -> predictions (and heatmaps) of a folder
 
 Work directory:
-    WORKDIR/config.json                  the resolved config of the last command
+    WORKDIR/.lock                        held by the command running on it (workdir_lock)
+    WORKDIR/config.json                  the config the run trained with (train mode writes it)
+    WORKDIR/resumes.jsonl                one line per resumed train command: step, changed keys
     WORKDIR/data/                        the phantom dataset (config.data.dataset=phantoms)
     WORKDIR/checkpoints/{latest,best}/   Orbax (see checkpointing.py)
     WORKDIR/metrics.jsonl, tensorboard/  training logs
     WORKDIR/metrics.json, report.html, figures/, predictions/, heatmaps/
 
-Run set-up and restore are in `xmedjax.runs`, the loop in `xmedjax.train`.
+Every mode holds the work directory's lock for its whole life (`xmedjax.workdir_lock`): a
+second command on a busy work directory stops at once with one line. Run set-up and restore
+are in `xmedjax.runs`, the loop in `xmedjax.train`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from xmedjax import checkpointing, input_pipeline, runs, train
+from xmedjax import checkpointing, input_pipeline, runs, train, workdir_lock
 from xmedjax import evaluate as evaluate_lib
 from xmedjax import report as report_lib
 from xmedjax import train_state as ts
@@ -170,16 +175,20 @@ def _saved_metrics(run: Run) -> dict | None:
         return json.load(f)
 
 
-def _restored_run(config: Any, workdir: str) -> tuple[Run, ts.TrainState, int]:
-    """The run with its best checkpoint restored (every process joins the restore).
+@contextlib.contextmanager
+def _restored_run(config: Any, workdir: str) -> Iterator[tuple[Run, ts.TrainState, int]]:
+    """The run with its best checkpoint restored (every process joins the restore), for the
+    block, with the work directory locked (`workdir_lock`).
 
     A work directory without a best checkpoint stops here, before anything is created.
+    WORKDIR/config.json stays the config the run trained with (it is not rewritten).
     """
     runs.require_best_checkpoint(workdir)
     runs.setup_runtime(config)
-    run = runs.build_run(config, workdir)
-    state, step = runs.restore_best(run)
-    return run, state, step
+    with workdir_lock.hold(workdir):
+        run = runs.build_run(config, workdir, training=False)
+        state, step = runs.restore_best(run)
+        yield run, state, step
 
 
 # ----------------------------------------------------------------------------- the modes
@@ -187,31 +196,32 @@ def train_and_evaluate(config: Any, workdir: str) -> dict | None:
     """Mode train: fit (resuming if possible), then evaluate the best checkpoint and explain."""
     runs.setup_runtime(config)
     t0 = time.time()
-    run = runs.build_run(config, workdir)
-    loop = train.fit(run)
-    state, step = runs.restore_best(run)
-    results = evaluate_run(
-        run,
-        state,
-        step=step,
-        explain_too=True,
-        extra_info={
-            "stopped": loop.stop_message,
-            "best checkpoint step": step,
-            f"best {config.training.best_metric}": loop.best_value,
-            "epochs": loop.epoch,
-            "set-up and training time of this command (s)": round(time.time() - t0, 1),
-        },
-    )
-    print_outputs(run, results)
+    with workdir_lock.hold(workdir):
+        run = runs.build_run(config, workdir)
+        loop = train.fit(run)
+        state, step = runs.restore_best(run)
+        results = evaluate_run(
+            run,
+            state,
+            step=step,
+            explain_too=True,
+            extra_info={
+                "stopped": loop.stop_message,
+                "best checkpoint step": step,
+                f"best {config.training.best_metric}": loop.best_value,
+                "epochs": loop.epoch,
+                "set-up and training time of this command (s)": round(time.time() - t0, 1),
+            },
+        )
+        print_outputs(run, results)
     return results
 
 
 def evaluate(config: Any, workdir: str) -> dict | None:
     """Mode evaluate: the best checkpoint on val and test -> metrics.json, figures, report."""
-    run, state, step = _restored_run(config, workdir)
-    results = evaluate_run(run, state, step=step)
-    print_outputs(run, results)
+    with _restored_run(config, workdir) as (run, state, step):
+        results = evaluate_run(run, state, step=step)
+        print_outputs(run, results)
     return results
 
 
@@ -220,23 +230,27 @@ def explain(config: Any, workdir: str) -> dict | None:
     images under config.predict.folder when it is set, as predict mode)."""
     if config.predict.folder:
         return predict(config, workdir)
-    run, state, _ = _restored_run(config, workdir)
-    if not run.primary:
-        return None
-    result = explain_best(run, state, config.explain.split)
-    metrics = _saved_metrics(run)
-    if metrics is not None:
-        write_run_report(run, metrics)
+    with _restored_run(config, workdir) as (run, state, _):
+        if not run.primary:
+            return None
+        result = explain_best(run, state, config.explain.split)
+        metrics = _saved_metrics(run)
+        if metrics is not None:
+            write_run_report(run, metrics)
     print(f"heatmaps: {os.path.join(run.workdir, 'heatmaps')}", flush=True)
     return result
 
 
 def predict(config: Any, workdir: str) -> dict | None:
     """Mode predict: classify (and explain) every image under config.predict.folder."""
-    run, state, _ = _restored_run(config, workdir)
-    if not run.primary:
-        return None
-    c = config
+    with _restored_run(config, workdir) as (run, state, _):
+        if not run.primary:
+            return None
+        return _predict_folder(run, state)
+
+
+def _predict_folder(run: Run, state: ts.TrainState) -> dict:
+    c = run.config
     metrics = _saved_metrics(run) or {}
     threshold = (metrics.get(c.data.val_split) or {}).get("threshold") or 0.5
     from xmedjax.explain.annotated import FolderAnnotations  # noqa: PLC0415

@@ -14,6 +14,7 @@ restores the best checkpoint, and never creates or writes anything in the work d
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 from collections.abc import Callable
@@ -24,12 +25,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from xmedjax import checkpointing, config_checks, input_pipeline, logging_utils
+from xmedjax import checkpointing, cli_errors, config_checks, input_pipeline, logging_utils
 from xmedjax import mesh as mesh_lib
 from xmedjax import train_state as ts
 from xmedjax.config_checks import ConfigError
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "config.json"  # the config the run trained with (train mode writes it)
+RESUMES_FILE = "resumes.jsonl"  # one line per resumed train command: time, step, changes
 
 
 @dataclasses.dataclass
@@ -44,6 +46,9 @@ class Run:
     mdef: ts.ModelDef
     state: ts.TrainState
     primary: bool
+    # Settings a resumed train command changed ({"optimizer.learning_rate": (saved, new)}):
+    # the keys `RESUMABLE` allows, against WORKDIR/config.json; empty on a fresh start.
+    changes: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +206,43 @@ def _abstract_train_state(config, num_classes: int) -> tuple[ts.ModelDef, ts.Tra
 
 # ----------------------------------------------------------------------------- saved runs
 # The config keys that make a checkpoint's model: a saved run must be restored with the same.
-MODEL_KEYS = ("model.arch", "model.width", "model.dtype", "data.channels", "data.image_size")
+# (data.normalization: the model's input contract; another one gives silently wrong outputs.)
+MODEL_KEYS = (
+    "model.arch",
+    "model.width",
+    "model.dtype",
+    "data.channels",
+    "data.image_size",
+    "data.normalization",
+)
+# The keys a resumed train command may change (prefixes end in "."), each applied from the
+# resume step: the step limits (grow: the run goes on; shrink: it ends sooner, or at once),
+# the learning rate (the current rate becomes the new value, plateau reductions so far
+# dropped), the plateau/early-stopping knobs (from the next epoch end), how often to
+# checkpoint and log, and what only evaluation, explanation, prediction or the runtime use.
+# Any other change (the data, its split and order, augmentation, batch size, seed, optimiser,
+# best metric, class weighting, initial weights) would make the resumed run neither the
+# saved one nor a fresh one: refused, one line (see `check_resume`).
+RESUMABLE = (
+    "mode",
+    "optimizer.learning_rate",
+    "training.max_epochs",
+    "training.max_steps",
+    "training.early_stopping_patience",
+    "training.early_stopping_min_delta",
+    "training.reduce_on_plateau_patience",
+    "training.reduce_on_plateau_factor",
+    "training.min_learning_rate",
+    "training.checkpoint_every_steps",
+    "training.log_every_steps",
+    "training.eval_batch_size",
+    "data.worker_count",
+    "data.test_split",
+    "evaluate.",
+    "explain.",
+    "predict.",
+    "runtime.",
+)
 
 
 def require_best_checkpoint(workdir: str) -> int:
@@ -258,17 +299,13 @@ def saved_model_differences(config: Any, workdir: str) -> dict[str, tuple[Any, A
     when the work directory holds no checkpoint. Reads metadata only; writes nothing.
     """
     workdir = _workdir(workdir)
-    path = os.path.join(workdir, CONFIG_FILE)
     has_checkpoint = any(
         checkpointing.saved_step(workdir, w) is not None
         for w in (checkpointing.BEST, checkpointing.LATEST)
     )
     if not has_checkpoint:
         return {}
-    saved = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
+    saved = _read_config_json(workdir) or {}
     out = {}
     for key in MODEL_KEYS:
         try:
@@ -296,16 +333,116 @@ def check_same_model(config: Any, workdir: str) -> None:
         )
 
 
+def _read_config_json(workdir: str) -> dict | None:
+    """WORKDIR/config.json as saved (None without one); ConfigError when it is not JSON."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as err:
+            raise ConfigError(
+                f"{path} is not valid JSON ({err}); restore it from a copy, or delete it "
+                "(the next train command writes it again, unchecked)"
+            ) from None
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a JSON-like config: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_differences(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, this config)} for every setting where `config` differs from the config
+    WORKDIR's run trained with (WORKDIR/config.json), when WORKDIR holds a `latest`
+    checkpoint that a train command would resume; else {}. Read-only.
+
+    A key the saved config lacks because it predates the key in the schema is skipped; any
+    other key present on one side only differs (None on the other side).
+    """
+    workdir = _workdir(workdir)
+    if checkpointing.saved_step(workdir, checkpointing.LATEST) is None:
+        return {}
+    saved = _read_config_json(workdir)
+    if saved is None:
+        return {}
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    schema = _flat(config_checks.default_config().to_dict())
+    keys = sorted((old.keys() | new.keys()) - (schema.keys() - old.keys()))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
+def resumable(key: str) -> bool:
+    """Whether a resumed train command may change `key` (dotted, without "config.")."""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def check_resume(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """The settings a train command resuming WORKDIR changes ({key: (saved, new)}, all
+    `RESUMABLE`); ConfigError, one line naming each other changed key with its saved value.
+    """
+    diffs = resume_differences(config, workdir)
+    refused = {k: v for k, v in diffs.items() if not resumable(k)}
+    if refused:
+        keys = ", ".join(
+            f"config.{k}={old!r} (this config: {new!r})" for k, (old, new) in refused.items()
+        )
+        raise ConfigError(
+            f"{_workdir(workdir)} was trained with other settings, which a resumed run cannot "
+            f"change: saved {keys}; rerun with the saved values, or use another --workdir "
+            "for a new run"
+        )
+    return diffs
+
+
+def record_resume(run: Run, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Appends one line to WORKDIR/resumes.jsonl (process 0): time, step, {key: [old, new]}."""
+    if not run.primary:
+        return
+    path = os.path.join(run.workdir, RESUMES_FILE)
+    record = {
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "step": step,
+        "changes": {k: [old, new] for k, (old, new) in changes.items()},
+    }
+    with cli_errors.writing(path), open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_config_json(run: Run) -> None:
+    """WORKDIR/config.json, atomically (other processes may be reading it in their checks)."""
+    if jax.process_count() > 1:  # every process has read the old one before it is replaced
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("xmedjax_config_checked")
+    if not run.primary:
+        return
+    path = os.path.join(run.workdir, CONFIG_FILE)
+    with cli_errors.writing(path + ".tmp"), open(path + ".tmp", "w") as f:
+        f.write(run.config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------- runs
-def build_run(config, workdir: str) -> Run:
+def build_run(config, workdir: str, *, training: bool = True) -> Run:
     """Data, mesh, model and a fresh (replicated) TrainState; nothing restored yet.
 
-    Creates the work directory, builds the phantom dataset on first use and writes
-    WORKDIR/config.json (process 0). A work directory whose checkpoints are of another model
-    (`MODEL_KEYS`, class count) raises ConfigError first, before anything is written.
+    Creates the work directory and builds the phantom dataset on first use. A work directory
+    whose checkpoints are of another model (`MODEL_KEYS`, class count) raises ConfigError
+    first, before anything is written. With `training` (train mode), a run to be resumed is
+    checked too (`check_resume`: the changed keys land in `Run.changes`) and
+    WORKDIR/config.json records this config (process 0); the other modes leave it as it is.
     """
     workdir = _workdir(workdir)
     check_same_model(config, workdir)  # before anything is built, written or restored
+    changes = check_resume(config, workdir) if training else {}
     os.makedirs(workdir, exist_ok=True)
     data_dir = prepare_data(config, workdir)
     info = input_pipeline.read_dataset_info(data_dir)
@@ -317,12 +454,10 @@ def build_run(config, workdir: str) -> Run:
     mdef, state = ts.create_train_state(model, make_optimizer(config))
     state = ts.place_state(state, mesh)
     primary = mesh_lib.is_primary()
-    if primary:  # atomically: other processes may be reading it in check_same_model
-        path = os.path.join(workdir, CONFIG_FILE)
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
-    return Run(config, workdir, data_dir, info, mesh, mdef, state, primary)
+    run = Run(config, workdir, data_dir, info, mesh, mdef, state, primary, changes)
+    if training:
+        _write_config_json(run)
+    return run
 
 
 def eval_data_kwargs(run: Run) -> dict[str, Any]:
@@ -401,10 +536,13 @@ def load_trained(workdir: str, config: Any = None) -> TrainedModel:
 __all__ = [
     "CONFIG_FILE",
     "MODEL_KEYS",
+    "RESUMABLE",
+    "RESUMES_FILE",
     "Run",
     "TrainedModel",
     "build_model",
     "build_run",
+    "check_resume",
     "check_same_model",
     "dataset_dir",
     "eval_data_kwargs",
@@ -414,8 +552,11 @@ __all__ = [
     "phantom_dir",
     "prepare_data",
     "read_saved_config",
+    "record_resume",
     "require_best_checkpoint",
     "restore_best",
+    "resumable",
+    "resume_differences",
     "saved_model_differences",
     "setup_runtime",
 ]

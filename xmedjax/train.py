@@ -3,13 +3,16 @@
     run = runs.build_run(config, workdir)
     loop = fit(run)           # LoopState: epochs, best step, history, why it stopped
 
-Each epoch: train steps (checkpoint every `checkpoint_every_steps` and on SIGTERM), then
-the val metrics, the best checkpoint (by `best_metric`), reduce-on-plateau and early
-stopping (`update_schedules`, Keras semantics), and a `latest` checkpoint. The host-side
-`LoopState` is saved with each `latest` checkpoint, so rerunning on a work directory resumes
-exactly (the Grain iterator position is restored with the train state); a run that reached
-its step limit and is given more epochs continues. The modes that call this are in
-`xmedjax.modes`.
+Each epoch: train steps (checkpoint every `checkpoint_every_steps`, and on SIGTERM or
+Ctrl-C, which then stop the loop with Preempted), then the val metrics, the best checkpoint
+(by `best_metric`), reduce-on-plateau and early stopping (`update_schedules`, Keras
+semantics), and a `latest` checkpoint. The host-side `LoopState` is saved with each
+`latest` checkpoint, so rerunning on a work directory resumes exactly (the Grain iterator
+position is restored with the train state). A resumed run applies the settings
+`runs.RESUMABLE` lets it change (`run.changes`; one line says which, and
+WORKDIR/resumes.jsonl records them): a run that reached its step limit and is given more
+epochs continues; a new learning rate replaces the current one. The modes that call this
+are in `xmedjax.modes`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import enum
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xmedjax import checkpointing, input_pipeline, logging_utils
+from xmedjax import checkpointing, input_pipeline, logging_utils, runs
 from xmedjax import evaluate as evaluate_lib
 from xmedjax import train_state as ts
 from xmedjax.config_checks import ConfigError
@@ -38,7 +42,12 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; the latest checkpoint was saved."""
+    """SIGTERM or SIGINT (Ctrl-C) arrived; the latest checkpoint was saved. `signum` is the
+    signal (a command exits with 128 + signum: 143, 130)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 class StopReason(enum.StrEnum):
@@ -52,7 +61,8 @@ class StopReason(enum.StrEnum):
 class LoopState:
     """The host-side loop state, saved as JSON (the checkpoint's `loop` item) at each `latest`."""
 
-    learning_rate: float
+    learning_rate: float  # the current rate (after plateau reductions)
+    base_learning_rate: float | None = None  # the config value it descends from (None: old)
     epoch: int = 0  # epochs completed
     stop: StopReason | None = None
     stop_step: int | None = None  # the step at which training stopped
@@ -143,27 +153,45 @@ def update_schedules(loop: LoopState, val_loss: float, t: Any) -> LoopState:
     )
 
 
-class _SigtermFlag:
-    """SIGTERM sets a flag the loop checks after each step (the old handler is restored after)."""
+class _StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) set a flag the loop checks after each step, so the step in
+    progress is saved before the loop stops; a second Ctrl-C stops at once, unsaved. The old
+    handlers are restored after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> _StopSignals:
+        for signum in self.SIGNALS:
+            try:
+                self._old[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                break
         return self
 
     def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.raised = True
+        del frame
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            print(
+                "Ctrl-C: saving a checkpoint after this step (Ctrl-C again stops now, unsaved)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 @dataclasses.dataclass
@@ -178,7 +206,7 @@ class _Session:
     writer: logging_utils.MetricWriter
     train_fn: Callable | None = None  # these three are set once the loop is known to run
     eval_fn: Callable | None = None
-    sigterm: _SigtermFlag | None = None
+    signals: _StopSignals | None = None
 
     @property
     def t(self) -> Any:
@@ -193,9 +221,9 @@ def fit(run: Run, *, train_iterator: Any = None) -> LoopState:
     """Trains (or resumes) to the end; returns the LoopState and leaves run.state final.
 
     Raises NonFiniteError on a non-finite loss or gradient (nothing after the last good
-    checkpoint is saved) and Preempted after SIGTERM (the step is saved first). Checkpoint
-    managers, the metric writer, progress bars and the SIGTERM handler are released on
-    every way out.
+    checkpoint is saved) and Preempted after SIGTERM or SIGINT (the step is saved first).
+    Checkpoint managers, the metric writer, progress bars and the signal handlers are
+    released on every way out.
     """
     steps_per_epoch, total = _schedule(run)
     if train_iterator is None:
@@ -213,7 +241,7 @@ def fit(run: Run, *, train_iterator: Any = None) -> LoopState:
         else:
             t_start = time.time()
             s.train_fn, s.eval_fn = _compile_steps(s, state)
-            s.sigterm = stack.enter_context(_SigtermFlag())
+            s.signals = stack.enter_context(_StopSignals())
             state, loop = _train(s, state, loop)
             if ckpt.best_step() is None:  # no epoch end reached (max_steps < steps per epoch)
                 step = int(state.step)
@@ -253,19 +281,55 @@ def _train_iterator(run: Run) -> Any:
 
 
 def _resume(s: _Session) -> tuple[ts.TrainState, LoopState]:
-    """The latest checkpoint (state, loop; the iterator is moved), or a fresh start."""
+    """The latest checkpoint (state, loop; the iterator is moved) with the run's changed
+    settings applied (one line, and a record in resumes.jsonl), or a fresh start."""
     run = s.run
-    state = run.state
-    loop = LoopState(learning_rate=run.config.optimizer.learning_rate)
+    rate = run.config.optimizer.learning_rate
+    state, loop = run.state, LoopState(learning_rate=rate, base_learning_rate=rate)
     if s.ckpt.latest_step() is not None:
         state, saved = s.ckpt.restore_latest(state, s.iterator)
-        loop = LoopState.from_json(saved)
-        s.log(f"resumed from {checkpointing.checkpoint_dir(run.workdir)} at step {int(state.step)}")
+        state, loop, changes, note = _apply_learning_rate(s, state, LoopState.from_json(saved))
+        step = int(state.step)
+        said = ", ".join(
+            f"{k} {old!r} -> {new!r}" + (note if k == "optimizer.learning_rate" else "")
+            for k, (old, new) in changes.items()
+        )
+        where = f"resumed from {checkpointing.checkpoint_dir(run.workdir)} at step {step}"
+        s.log(where + (f" with changed settings: {said}" if said else ""))
+        runs.record_resume(run, step, changes)
     step = int(state.step)
     if loop.stop is StopReason.MAX_STEPS and step < s.total:
         s.log(f"extending a finished run from step {step} to {s.total} steps")
         loop = dataclasses.replace(loop, stop=None, stop_step=None)
+    elif loop.stop is None and step >= s.total:  # resumed with a lower step limit
+        s.log(f"step {step} reaches the new limit of {s.total} steps: training ends here")
+        loop = dataclasses.replace(loop, stop=StopReason.MAX_STEPS, stop_step=step)
     return state, loop
+
+
+def _apply_learning_rate(
+    s: _Session, state: ts.TrainState, loop: LoopState
+) -> tuple[ts.TrainState, LoopState, dict[str, tuple[Any, Any]], str]:
+    """A changed config.optimizer.learning_rate becomes the current rate (plateau reductions
+    so far dropped). The checkpoint's `base_learning_rate` says whether it changed (also
+    after a resumed command was killed before its first save), else config.json.
+
+    Returns (state, loop, the run's changes with the rate's, a note on what was done).
+    """
+    changes = dict(s.run.changes)
+    new = s.run.config.optimizer.learning_rate
+    base = loop.base_learning_rate
+    if base is None:  # a checkpoint written before base_learning_rate existed
+        base = changes.get("optimizer.learning_rate", (new, new))[0]
+        loop = dataclasses.replace(loop, base_learning_rate=base)
+    if base == new:
+        changes.pop("optimizer.learning_rate", None)  # config.json was stale: nothing to do
+        return state, loop, changes, ""
+    note = f" (applied: the learning rate is now {new:g}, was {loop.learning_rate:g})"
+    state = ts.set_learning_rate(state, new)
+    loop = dataclasses.replace(loop, learning_rate=new, base_learning_rate=new)
+    changes["optimizer.learning_rate"] = (base, new)
+    return state, loop, dict(sorted(changes.items())), note
 
 
 def train_label_counts(data_dir: str, split: str, num_classes: int) -> np.ndarray:
@@ -378,14 +442,17 @@ def _raise_nonfinite(s: _Session, m: dict, step: int) -> None:
 def _save_latest(
     s: _Session, state: ts.TrainState, loop: LoopState, step: int, *, every_steps: bool
 ) -> None:
-    """Saves `latest` (always, or only every `checkpoint_every_steps`); SIGTERM saves and raises."""
+    """Saves `latest` (always, or only every `checkpoint_every_steps`); SIGTERM or SIGINT
+    saves and raises Preempted."""
     due = not every_steps or step % s.t.checkpoint_every_steps == 0
-    if due or s.sigterm.raised:
+    if due or s.signals.raised:
         s.ckpt.save_latest(step, state, s.iterator, loop.to_json())
-    if s.sigterm.raised:
+    if s.signals.raised:
+        name = signal.Signals(s.signals.signum).name
         raise Preempted(
-            f"SIGTERM: saved step {step} to {checkpointing.checkpoint_dir(s.run.workdir)}; "
-            "rerun the same command to resume"
+            f"{name}: saved step {step} to {checkpointing.checkpoint_dir(s.run.workdir)}; "
+            "rerun the same command to resume",
+            s.signals.signum,
         )
 
 
