@@ -267,10 +267,20 @@ def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_ra
     rnd = scores["random"]
     keys = ("pointing_game", "energy_in_mask", "sanity_randomization_spearman", "deletion_auc")
     summary = "\n".join(f"{k}: {[round(v[s], 3) for s in keys]}" for k, v in scores.items())
-    for name in CAM_METHODS:
+    # Localisation: the CAMs that weight the activation per position (HiResCAM, LayerCAM) and
+    # Score-CAM. Measured with benchmarks/phantom_localisation.py (seeds 0-2, 400 steps, at
+    # layer2): pointing game HiResCAM 0.31-0.53, LayerCAM 0.25-0.59, Score-CAM 0.53-0.78,
+    # random 0.00-0.03; seed 0 at this recipe's 200 steps: 0.53 / 0.59 / 0.53 against 0.03.
+    # The channel-weighted CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM: one global-average
+    # gradient weight per channel) do not localise reliably at layer2 on these phantoms:
+    # 0.00-0.34 over the same seeds (Grad-CAM 0.125 here on an AVX-512 CPU), so no bound
+    # on them would hold on every machine; their scores are reported, not asserted.
+    for name in ("hirescam", "layercam", "scorecam"):
         s = scores[name]
         assert s["pointing_game"] >= rnd["pointing_game"] + 0.15, summary
         assert s["energy_in_mask"] >= 1.5 * rnd["energy_in_mask"], summary
+    for name in CAM_METHODS:
+        s = scores[name]
         # randomising every layer destroys the map (in part: at layer2 a random network's
         # features still follow the image, as Adebayo et al. found); a model-free map keeps 1
         assert s["sanity_randomization_spearman"] < 0.9, summary

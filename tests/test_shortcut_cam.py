@@ -18,7 +18,14 @@ from xmedjax.explain.cams import METHODS, auto_cam_layer
 
 
 def _scores(graphdef, state, data) -> dict:
-    """Grad-CAM on the tumour images: pointing game and energy against the lesion and the marker."""
+    """HiResCAM on the tumour images: pointing game and energy against the lesion and the marker.
+
+    HiResCAM, not Grad-CAM: at layer2 Grad-CAM's per-channel weights do not localise the
+    phantom lesion reliably (clean model lesion pointing 0.06-0.23 over seeds 21/31/41, and
+    this test failed with it on an AVX-512 CPU); HiResCAM passed every check on all three
+    seeds (shortcut marker pointing 0.67-1.0, clean 0.00-0.04; marker energy 0.25-0.38 vs
+    0.014-0.027; lesion energy 0.012-0.024 vs 0.050-0.115).
+    """
     lesion = data["labels"] == 1
     images = unit_images(data["images"][lesion][:48])
     masks = data["masks"][lesion][:48]
@@ -27,7 +34,7 @@ def _scores(graphdef, state, data) -> dict:
     marker[:, : 1 + k + 2, : 1 + k + 2] = True
     layer = auto_cam_layer(graphdef, state, images.shape[1:])
     maps = np.asarray(
-        METHODS["gradcam"](
+        METHODS["hirescam"](
             graphdef, state, images, np.ones(len(images), np.int32), layer=layer
         ).maps
     )
@@ -57,11 +64,12 @@ def test_a_corner_marker_shortcut_is_visible_in_the_localisation_scores():
         *train_phantom_model(marked["images"], marked["labels"], steps=200), test_marked
     )
     summary = f"clean {clean_model}\nshortcut {shortcut_model}"
-    # The shortcut model looks at the corner (measured: 48% of maxima there, clean 0%) ...
+    # The shortcut model looks at the corner (measured above: 67-100% of maxima, clean 0-4%) ...
     assert shortcut_model["marker_pointing"] >= 0.3 and clean_model["marker_pointing"] <= 0.1, (
         summary
     )
     assert shortcut_model["marker_energy"] > 2 * clean_model["marker_energy"], summary
-    # ... and so localises the lesion worse (measured: energy 0.017 vs 0.060, pointing 0 vs 0.17).
+    # ... and so localises the lesion worse (measured: energy 0.01-0.02 vs 0.05-0.12,
+    # pointing 0 vs 0.17-0.42).
     assert shortcut_model["lesion_energy"] < 0.6 * clean_model["lesion_energy"], summary
     assert shortcut_model["lesion_pointing"] < clean_model["lesion_pointing"], summary
