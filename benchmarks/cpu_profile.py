@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
     p.add_argument("--peer_site", default=os.environ.get("XMEDJAX_PEER_SITE", ""))
     p.add_argument("--top", type=int, default=25, help="rows of the per-op table")
+    p.add_argument(
+        "--compile_only", action="store_true", help="ours: compile seconds and thunk counts only"
+    )
     return p.parse_args(argv)
 
 
@@ -87,10 +90,23 @@ def parse_hlo(text: str) -> tuple[dict[str, list[dict]], str]:
                     "frame": int(frame[1]) if frame else None,
                     "op_name": op_name[1] if op_name else "",
                     "window": int(window[1]) if window else 0,
-                    "ynn_xnn": "ynn_fusion" in m["rest"] or "xnn_fusion" in m["rest"],
+                    "backend": backend_of(m["op"], m["rest"]),
                 }
             )
     return comps, entry
+
+
+def backend_of(op: str, rest: str) -> str:
+    """How XLA:CPU runs an instruction: a library fusion (__ynn_fusion, __xnn_fusion,
+    __onednn_fusion), a custom call's target, or the fusion kind / opcode."""
+    lib = re.search(r'"kind":"(__\w+)"', rest)
+    if lib:
+        return lib[1]
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    if target:
+        return f"custom-call {target[1]}"
+    kind = re.search(r"kind=(k\w+)", rest)
+    return f"fusion {kind[1]}" if op == "fusion" and kind else op
 
 
 def parse_frames(text: str) -> dict[int, tuple[str, str, int]]:
@@ -171,7 +187,7 @@ def categorise(ins: dict, comps: dict, frames: dict) -> str:
     if found:
         return collections.Counter(found).most_common(1)[0][0]
     if kinds & {"reduce-window", "select-and-scatter"}:
-        return "pooling (reduce-window, select-and-scatter)"
+        return "reduce-window: max-pool fwd/bwd (argmax form), XLA-split reductions"
     if kinds - {"fusion"} <= MOVES:
         return "layout: transpose / copy / reverse"
     if kinds & PIECES and kinds - {"fusion"} <= MOVES | PIECES:
@@ -183,6 +199,28 @@ def categorise(ins: dict, comps: dict, frames: dict) -> str:
     if "reduce" in kinds:
         return "reductions in the model (BatchNorm statistics fwd+bwd, bias grads)"
     return "elementwise in the model (BatchNorm apply, ReLU, adds; fwd+bwd)"
+
+
+NOT_THUNKS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def structure(entry_ops: list[dict]) -> dict[str, int]:
+    """How many entry instructions (thunks) each backend runs, most first."""
+    counts = collections.Counter(i["backend"] for i in entry_ops if i["op"] not in NOT_THUNKS)
+    return dict(counts.most_common())
+
+
+def compile_summary(hlo_text: str) -> dict:
+    """--compile_only: the program's shape, no timing: thunks per category and backend."""
+    comps, entry = parse_hlo(hlo_text)
+    frames = parse_frames(hlo_text)
+    thunks = [i for i in comps[entry] if i["op"] not in NOT_THUNKS]
+    cats = collections.Counter(categorise(i, comps, frames) for i in thunks)
+    return {
+        "thunks": len(thunks),
+        "backends": structure(comps[entry]),
+        "categories": [{"category": c, "thunks": n} for c, n in cats.most_common()],
+    }
 
 
 # ============================================================================ the trace
@@ -217,7 +255,7 @@ def summarise(hlo_text: str, trace_dir: str, steps: int) -> dict:
         "thunk_ms_per_step": all_ms / steps,
         "thunks_traced": len(totals),
         "entry_instructions": len(entry_ops),
-        "ynn_xnn_fusions": sum(ins["ynn_xnn"] for ins in comps[entry]),
+        "backends": structure(comps[entry]),
         "categories": sorted(
             (
                 {"category": c, "ms_per_step": v[0], "thunks": v[1], "share": v[0] * steps / all_ms}
@@ -249,6 +287,8 @@ def profile_ours(args: argparse.Namespace) -> dict:
     hlo = compiled.as_text()
     with open(os.path.join(args.out_dir, f"{args.arch}_train_step.hlo.txt"), "w") as f:
         f.write(hlo)
+    if args.compile_only:
+        return dict(compile_summary(hlo), compile_s=compile_s)
     for _ in range(2):
         state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
@@ -333,6 +373,12 @@ def profile_peer(args: argparse.Namespace) -> dict:
 
 
 def print_summary(side: str, arch: str, out: dict, top: int) -> None:
+    if "step_wall_ms" not in out:  # --compile_only
+        print(f"\n{side} {arch}: compile {out['compile_s']:.1f} s, {out['thunks']} thunks")
+        print(f"  backends: {out['backends']}")
+        for r in out["categories"]:
+            print(f"  {r['thunks']:6d}  {r['category']}")
+        return
     print(f"\n{side} {arch}: step wall {out['step_wall_ms']:.0f} ms", flush=True)
     for r in out["categories"]:
         print(f"  {r['ms_per_step']:9.1f} ms  {100 * r['share']:5.1f}%  {r['category']}")
