@@ -578,6 +578,10 @@ def main(argv: list[str] | None = None) -> None:
     result_meta = dict(meta(args, cfg, peers, loads, t0), complete=True, details=details)
     write_json(args, {"meta": result_meta, "benchmarks": rows})
     print_table(rows)
+    if not result_meta["quiet_machine"]:
+        say(
+            f"NOT A MEASUREMENT: load average {loads['start']} at the start on {os.cpu_count()} cores"
+        )
     say(f"done in {result_meta['wall_s']:.0f} s" + (f", wrote {args.out}" if args.out else ""))
 
 
