@@ -109,3 +109,43 @@ def test_replicate_dry_run_merges_and_reports_dedup(bench_json, tmp_path):
     assert 0 < entry["n_test_dedup"] < entry["n_test"]  # the planted train->test copies are dropped
     assert "resnet50_train_bs256_bf16" in result["benchmarks"]
     assert result["replication_meta"]["dry_run"] is True
+
+
+CPU_NAMES = tuple(
+    name
+    for arch in ("resnet50", "densenet121")
+    for workload in ("train", "infer", "gradcam")
+    for name in (f"{arch}_{workload}_bs8", f"{arch}_{workload}_compile_s")
+)
+
+
+@pytest.mark.slow  # about 20 s with the test cache warm, a minute cold, on 2 shared cores
+def test_cpu_dry_run_writes_every_name(tmp_path):
+    """benchmarks/cpu.py's contract: every name of both architectures, numbers or null."""
+    out = str(tmp_path / "cpu.json")
+    _run(
+        [
+            "benchmarks/cpu.py",
+            "--dry_run",
+            "--archs=resnet50",
+            "--xla_flags=--xla_cpu_enable_fast_math=false",
+            f"--cache_dir={_cache()}",
+            f"--out={out}",
+        ]
+    )
+    with open(out) as f:
+        result = json.load(f)
+    assert set(result) == {"meta", "benchmarks"}
+    rows = result["benchmarks"]
+    for name in CPU_NAMES:
+        r = rows[name]
+        assert set(r) == {"ours", "peer", "ratio", "unit"}, name
+        assert r["unit"] == ("s" if name.endswith("_compile_s") else "img/s"), name
+        assert all(r[k] is None or r[k] > 0 for k in ("ours", "peer", "ratio")), name
+        assert (r["ratio"] is None) == (r["ours"] is None or r["peer"] is None), name
+        assert (r["ours"] is None) == name.startswith("densenet121"), name  # not asked for
+    meta = result["meta"]
+    assert meta["dry_run"] is True and meta["complete"] is True
+    assert "--xla_cpu_enable_fast_math=false" in meta["xla_flags"]
+    assert meta["cpu"]["cores"] >= 1 and len(meta["load_average"]["start"]) == 3
+    assert meta["versions"]["jax"]
