@@ -237,6 +237,27 @@ def _stored(image: np.ndarray, mask: np.ndarray, hw) -> tuple[np.ndarray, np.nda
     return im, m
 
 
+def split_phantoms(
+    kind: str,
+    counts: dict[str, int],
+    size: int,
+    seed: int,
+    shortcut: str | None = None,
+    shortcut_strength: float = 1.0,
+):
+    """Yields (split, n, generate(...)) per split, each split with its own seed (no shared
+    image between splits)."""
+    for si, (split, n) in enumerate(counts.items()):
+        seed_of_split = seed * 1000 + 17 * si + 1
+        yield (
+            split,
+            n,
+            generate(
+                kind, n, size, seed_of_split, shortcut=shortcut, shortcut_strength=shortcut_strength
+            ),
+        )
+
+
 def build_phantom_dataset(
     out_dir: str,
     kind: str = "brain",
@@ -256,15 +277,7 @@ def build_phantom_dataset(
 
     counts = dict(counts or {"train": 2048, "val": 256, "test": 512})
     items: dict[str, list] = {}
-    for si, (split, n) in enumerate(counts.items()):
-        d = generate(
-            kind,
-            n,
-            size,
-            seed * 1000 + 17 * si + 1,
-            shortcut=shortcut,
-            shortcut_strength=shortcut_strength,
-        )
+    for split, n, d in split_phantoms(kind, counts, size, seed, shortcut, shortcut_strength):
         items[split] = [
             (split, i, d["images"][i], d["masks"][i], int(d["labels"][i]), d["orig_size"][i])
             for i in range(n)
@@ -318,15 +331,7 @@ def write_phantom_folder(
     """Writes phantoms as a raw ``split/class/NNNNNN.png`` folder (masks not written)."""
     counts = dict(counts or {"train": 200, "test": 100})
     names = LABEL_NAMES[kind]
-    for si, (split, n) in enumerate(counts.items()):
-        d = generate(
-            kind,
-            n,
-            size,
-            seed * 1000 + 17 * si + 1,
-            shortcut=shortcut,
-            shortcut_strength=shortcut_strength,
-        )
+    for split, n, d in split_phantoms(kind, counts, size, seed, shortcut, shortcut_strength):
         for c in names:
             os.makedirs(os.path.join(out_dir, split, c), exist_ok=True)
         for i in range(n):
