@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.phantom_seed = 0
     c.data.image_size = 224
     c.data.channels = 3  # 3 for ImageNet weights; greyscale images are repeated
-    c.data.normalization = "imagenet"  # imagenet | unit
+    c.data.normalization = "imagenet"  # imagenet | unit | per_image (each image standardised)
     c.data.worker_count = 0  # Grain worker processes (0 = threads in this process)
     c.data.train_split = "train"
     c.data.val_split = "val"
@@ -43,6 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.height_shift_range = 0.1
     c.augment.zoom_range = 0.1
     c.augment.horizontal_flip = True
+    # Intensity augmentation (xmedjax/intensity.py; not in the paper, all off): the
+    # contrast, gamma, sharpness, resolution and noise a scanner or source changes.
+    c.augment.resolution_range = 0.0  # shrink to [1 - r, 1] of the side and back
+    c.augment.blur_sigma = 0.0  # Gaussian blur, sigma in [0, s] pixels
+    c.augment.gamma_range = 0.0  # gamma in [1 / (1 + g), 1 + g], log-uniform
+    c.augment.contrast_range = 0.0  # contrast x [1 - c, 1 + c]
+    c.augment.brightness_range = 0.0  # + [-b, b]
+    c.augment.noise_std = 0.0  # Gaussian noise, sigma in [0, n]
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # adam | adamw | sgd

@@ -54,12 +54,15 @@ def test_every_config_validates_and_documents_its_command():
         paper.training.batch_size,
         paper.data.image_size,
     ) == ("adam", 1e-4, 32, 224)
+    from xmedjax.intensity import INTENSITY_KEYS
+
     assert dict(paper.augment) == {
         "rotation_range": 20.0,
         "width_shift_range": 0.1,
         "height_shift_range": 0.1,
         "zoom_range": 0.1,
         "horizontal_flip": True,
+        **dict.fromkeys(INTENSITY_KEYS, 0.0),  # the paper has no intensity augmentation
     }
 
 

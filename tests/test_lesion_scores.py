@@ -292,6 +292,13 @@ def test_annotated_folder_scores_match_a_recomputation_from_the_npz(
     assert q["lesion_reliance"]["n_images"] == 2 and q["lesion_reliance"]["targets"].endswith("1")
     assert np.isfinite(npz["p_lesion_removed"][npz["lesion"]]).all()
     assert np.isnan(npz["p_lesion_removed"][~npz["lesion"]]).all()
+    # detection: the annotated lesion images decided as the positive class, from the npz rows
+    decided = npz["predictions"][npz["lesion"]] == 1
+    det = q["detection"]
+    assert (det["n_images"], det["n_predicted_positive"]) == (2, int(decided.sum()))
+    assert det["sensitivity"] == decided.mean()
+    lo, hi = det["sensitivity_ci95"]
+    assert 0 <= lo <= det["sensitivity"] <= hi <= 1 and hi - lo > 0.3  # n = 2: wide
 
 
 def test_mask_images_beside_the_folder_images_are_not_predicted(model, tmp_path):

@@ -189,6 +189,10 @@ def _check_augment(c) -> None:
     for key in ("width_shift_range", "height_shift_range"):
         _cmp(c, f"augment.{key}", lambda v: 0 <= v < 1, "in [0, 1)")
     _cmp(c, "augment.zoom_range", lambda v: v < 1, "< 1")
+    for key in ("blur_sigma", "gamma_range", "brightness_range", "noise_std"):
+        _cmp(c, f"augment.{key}", lambda v: v >= 0, ">= 0")
+    for key in ("resolution_range", "contrast_range"):
+        _cmp(c, f"augment.{key}", lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _check_optimizer(c) -> None:

@@ -136,6 +136,14 @@ def save_predictions(path: str, pred: dict[str, np.ndarray], threshold: float) -
     )
 
 
+def _legend(ax, loc: str) -> None:
+    """A legend of the curves; a split with one class has none (no ROC/PR curve exists)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc=loc, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "one class only: no curve", ha="center", transform=ax.transAxes)
+
+
 def plot_split(
     figdir: str, split: str, pred: dict[str, np.ndarray], result: dict
 ) -> dict[str, str]:
@@ -154,7 +162,7 @@ def plot_split(
         ax.plot(cur["fpr"], cur["tpr"], label=f"{names[c]} (AUC {cur['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=f"ROC, {split}")
-    ax.legend(loc="lower right", fontsize=8)
+    _legend(ax, "lower right")
     fig.tight_layout()
     paths["roc"] = os.path.join(figdir, f"roc_{split}.png")
     fig.savefig(paths["roc"], dpi=110)
@@ -164,7 +172,7 @@ def plot_split(
     for c, cur in curves.items():
         ax.plot(cur["recall"], cur["precision"], label=f"{names[c]} (AP {cur['ap']:.3f})")
     ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall, {split}", ylim=(0, 1.02))
-    ax.legend(loc="lower left", fontsize=8)
+    _legend(ax, "lower left")
     fig.tight_layout()
     paths["pr"] = os.path.join(figdir, f"pr_{split}.png")
     fig.savefig(paths["pr"], dpi=110)

@@ -41,6 +41,7 @@ from data_prep.dataset_format import (  # noqa: F401 (the format's names, re-exp
     split_class_counts,
 )
 from xmedjax import augment as augment_lib
+from xmedjax import intensity as intensity_lib
 from xmedjax.errors import ConfigError
 from xmedjax.names import NORMALIZATIONS
 
@@ -115,7 +116,7 @@ def _norm_consts(normalization: str, channels: int) -> tuple[np.ndarray, np.ndar
         if channels == 1:
             return IMAGENET_MEAN.mean(keepdims=True), IMAGENET_STD.mean(keepdims=True)
         return IMAGENET_MEAN, IMAGENET_STD
-    if normalization == "unit":
+    if normalization in ("unit", "per_image"):  # per_image: standardised after x / 255
         return np.zeros(channels, np.float32), np.ones(channels, np.float32)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
@@ -138,7 +139,9 @@ def to_float(pixels: np.ndarray, channels: int, normalization: str) -> np.ndarra
 
     Greyscale is replicated to 3 channels when channels=3; RGB is averaged when channels=1.
     ``imagenet``: x / 255, then ImageNet mean/std per channel (their averages for grey);
-    ``unit``: x / 255.
+    ``unit``: x / 255; ``per_image``: x / 255, then minus the image's own mean, divided by
+    its own standard deviation (over all pixels and channels): the image's overall
+    brightness and contrast, which differ between scanners and sources, are removed.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -148,12 +151,32 @@ def to_float(pixels: np.ndarray, channels: int, normalization: str) -> np.ndarra
     if pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
     if pixels.ndim == 2:
-        return np.take(lut, pixels, axis=0)  # (H, W, channels) in one gather
-    if channels == 3:
-        return np.stack([np.take(lut[:, c], pixels[..., c]) for c in range(3)], axis=-1)
-    mean, std = _norm_consts(normalization, 1)
-    x = pixels.astype(np.float32).mean(-1, keepdims=True) * (1.0 / 255.0)
-    return (x - mean) / std
+        x = np.take(lut, pixels, axis=0)  # (H, W, channels) in one gather
+    elif channels == 3:
+        x = np.stack([np.take(lut[:, c], pixels[..., c]) for c in range(3)], axis=-1)
+    else:
+        mean, std = _norm_consts(normalization, 1)
+        x = (pixels.astype(np.float32).mean(-1, keepdims=True) * (1.0 / 255.0) - mean) / std
+    return standardise(x) if normalization == "per_image" else x
+
+
+def standardise(x: np.ndarray) -> np.ndarray:
+    """(x - mean(x)) / std(x) over the whole image; a constant image becomes all zeros."""
+    x = x - x.mean(dtype=np.float64)
+    return (x / max(float(x.std(dtype=np.float64)), 1e-6)).astype(np.float32)
+
+
+def unit_to_float(x: np.ndarray, channels: int, normalization: str) -> np.ndarray:
+    """float pixels in [0, 1], (H, W) or (H, W, 3) -> float32 (H, W, channels), normalised as
+    `to_float` normalises x / 255 (the path of intensity-augmented training images)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.shape[2] != channels:
+        x = np.repeat(x, 3, axis=2) if channels == 3 else x.mean(-1, keepdims=True)
+    mean, std = _norm_consts(normalization, channels)
+    x = (x - mean) / std
+    return standardise(x) if normalization == "per_image" else x.astype(np.float32)
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -173,6 +196,7 @@ class _Decoder:
     preprocess: Preprocess
     has_masks: bool
     augment: augment_lib.AugmentParams | None = None
+    intensity: intensity_lib.IntensityParams | None = None
 
     def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         image = _decode_png(rec["image"])
@@ -184,10 +208,13 @@ class _Decoder:
         if self.augment is not None and rng is not None:
             transform = augment_lib.sample_transform(rng, self.augment, size)
         arrays = augment_lib.warp(arrays, transform, size)
-        out = {
-            "image": to_float(arrays[0], self.preprocess.channels, self.preprocess.normalization),
-            "label": np.int32(rec["label"]),
-        }
+        p = self.preprocess
+        if self.intensity is not None and rng is not None:
+            x = intensity_lib.augment(arrays[0] * np.float32(1 / 255), rng, self.intensity)
+            image = unit_to_float(x, p.channels, p.normalization)
+        else:
+            image = to_float(arrays[0], p.channels, p.normalization)
+        out = {"image": image, "label": np.int32(rec["label"])}
         if self.has_masks:
             out["mask"] = np.clip(arrays[1].astype(np.float32), 0.0, 1.0)
             out["mask_known"] = np.bool_(rec["mask_known"] if "mask_known" in rec else True)
@@ -278,8 +305,9 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """An endless iterator of per-process train batches (see the module docstring).
 
-    ``augment``: a mapping with keys rotation_range, width_shift_range, height_shift_range,
-    zoom_range, horizontal_flip (None or empty: no augmentation). The returned
+    ``augment``: a mapping with the geometric keys rotation_range, width_shift_range,
+    height_shift_range, zoom_range, horizontal_flip (`xmedjax.augment`) and the intensity
+    keys of `xmedjax.intensity` (None, empty or all zero: no augmentation). The returned
     ``grain.DatasetIterator`` supports ``get_state()`` / ``set_state()``.
     ``read_threads``: decode threads per process (default: min(8, CPUs) without workers,
     2 per worker); PIL releases the GIL while decoding and warping.
@@ -293,8 +321,19 @@ def make_train_iterator(
             f"split {split!r} of {data_dir} holds {len(source)} examples, fewer "
             f"than one global batch of {global_batch_size}"
         )
+    augment = dict(augment or {})
+    unknown = sorted(
+        set(augment) - set(augment_lib.AUGMENT_KEYS) - set(intensity_lib.INTENSITY_KEYS)
+    )
+    if unknown:
+        raise ValueError(f"unknown augment key(s) {unknown}")
     decoder = _Decoder(
-        preprocess, source.info.has_masks, augment_lib.AugmentParams.from_mapping(augment)
+        preprocess,
+        source.info.has_masks,
+        augment_lib.AugmentParams.from_mapping(
+            {k: v for k, v in augment.items() if k in augment_lib.AUGMENT_KEYS}
+        ),
+        intensity_lib.IntensityParams.from_mapping(augment),
     )
     element = _TrainElement(
         source, decoder, seed, global_batch_size, b, shard_index, steps * global_batch_size

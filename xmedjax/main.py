@@ -39,7 +39,8 @@ def main(argv: list[str]) -> None:
     from xmedjax import modes, train  # noqa: PLC0415
 
     try:
-        modes.MODES[config.mode](config, _WORKDIR.value)
+        with modes.timed_command(config.mode, _WORKDIR.value, argv=sys.argv):
+            modes.MODES[config.mode](config, _WORKDIR.value)
     except train.Preempted as err:  # SIGTERM or Ctrl-C: the step was saved
         print(str(err), flush=True)
         sys.exit(128 + err.signum)

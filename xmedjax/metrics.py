@@ -124,6 +124,17 @@ def bootstrap_ci(
     return out
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float | None]:
+    """Wilson score 95% interval of a proportion successes / n ([None, None] when n = 0);
+    unlike a bootstrap it stays informative at 0 / n and n / n."""
+    if n <= 0:
+        return [None, None]
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def bootstrap_mean_ci(
     values: np.ndarray, *, samples: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> list[float]:

@@ -13,6 +13,7 @@ Work directory:
     WORKDIR/checkpoints/{latest,best}/   Orbax (see checkpointing.py)
     WORKDIR/metrics.jsonl, tensorboard/  training logs
     WORKDIR/metrics.json, report.html, figures/, predictions/, heatmaps/
+    WORKDIR/commands.jsonl               one line per finished command: mode, wall seconds
 
 Every mode holds the work directory's lock for its whole life (`xmedjax.workdir_lock`): a
 second command on a busy work directory stops at once with one line. Run set-up and restore
@@ -107,6 +108,15 @@ def write_run_report(run: Run, results: dict, *, extra_info: dict | None = None)
     )
 
 
+def evaluated_splits(run: Run) -> tuple[str, ...]:
+    """val, test, then every further split of the dataset but train (e.g. `test_dedup`, the
+    leak-free test split of `data_prep.build --dedup_test`), all at val's threshold."""
+    c = run.config
+    named = (c.data.val_split, c.data.test_split)
+    others = [s for s in run.info.splits if s not in (*named, c.data.train_split)]
+    return named + tuple(sorted(others))
+
+
 def _thresholded(run: Run, results: dict, preds: dict[str, dict]) -> np.ndarray | None:
     """The explain split's predicted classes at the val-chosen threshold (None: not predicted)."""
     c = run.config
@@ -125,12 +135,13 @@ def evaluate_run(
     explain_too: bool = False,
     extra_info: dict | None = None,
 ) -> dict | None:
-    """val/test metrics (threshold from val) -> metrics.json, figures, optionally heatmaps, report.
+    """val/test metrics (threshold from val; also the dataset's further splits, see
+    `evaluated_splits`) -> metrics.json, figures, optionally heatmaps, report.
 
     Every process predicts; process 0 writes and returns the metrics (the others None).
     """
     c = run.config
-    preds = split_predictions(run, state, (c.data.val_split, c.data.test_split))
+    preds = split_predictions(run, state, evaluated_splits(run))
     if not run.primary:
         return None
     results = evaluate_lib.evaluate_splits(
@@ -189,6 +200,26 @@ def _restored_run(config: Any, workdir: str) -> Iterator[tuple[Run, ts.TrainStat
         run = runs.build_run(config, workdir, training=False)
         state, step = runs.restore_best(run)
         yield run, state, step
+
+
+@contextlib.contextmanager
+def timed_command(mode: str, workdir: str, *, argv: Sequence[str] = ()) -> Iterator[None]:
+    """Appends {mode, seconds, finished, argv} to WORKDIR/commands.jsonl when the block ends
+    without an exception (process 0 only): the wall time each result cost."""
+    started = time.time()
+    yield
+    import jax  # noqa: PLC0415
+
+    if jax.process_index() != 0 or not os.path.isdir(workdir):
+        return
+    line = {
+        "mode": mode,
+        "seconds": round(time.time() - started, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": list(argv),
+    }
+    with open(os.path.join(workdir, "commands.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 # ----------------------------------------------------------------------------- the modes

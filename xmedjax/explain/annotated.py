@@ -35,6 +35,7 @@ from flax import nnx
 
 from data_prep import annotations as annotations_lib
 from data_prep import image_io, layouts
+from xmedjax import metrics as metrics_lib
 from xmedjax.explain import quality as quality_lib
 from xmedjax.explain import reliance as reliance_lib
 
@@ -278,6 +279,19 @@ def npz_rows(scorer: FolderScorer) -> dict[str, dict[str, np.ndarray]]:
     return {name: {**common, **scorer.per_image(name)} for name in scorer.scores}
 
 
+def detection(reliance: dict[str, Any]) -> dict[str, Any]:
+    """How many annotated lesion images the model decides are the positive class (an
+    all-lesion external folder: its sensitivity), with a Wilson 95% interval."""
+    n, hits = int(reliance["n_images"]), int(reliance["n_predicted_target"])
+    return {
+        "n_images": n,
+        "n_predicted_positive": hits,
+        "sensitivity": hits / n if n else None,
+        "sensitivity_ci95": metrics_lib.wilson_interval(hits, n),
+        "decision": reliance["decision"],
+    }
+
+
 def folder_quality(
     scorer: FolderScorer,
     settings: FolderAnnotations,
@@ -312,6 +326,7 @@ def folder_quality(
             seed=seed,
         )
         out["lesion_reliance"]["targets"] = f"positive class {scorer.positive_class}"
+        out["detection"] = detection(out["lesion_reliance"])
     known = scorer._cat("known").astype(bool)
     out["_meta"] = {
         **meta,

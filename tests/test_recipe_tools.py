@@ -1,0 +1,220 @@
+"""The real-data recipe's tools: intensity augmentation, per-image standardisation, the
+laptop-scale configs, the leak-free split in metrics.json, command timings and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+from xmedjax import config_checks, input_pipeline, intensity, metrics, modes, summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL = dict(
+    resolution_range=0.5,
+    blur_sigma=1.0,
+    gamma_range=0.5,
+    contrast_range=0.3,
+    brightness_range=0.1,
+    noise_std=0.05,
+)
+
+
+def _image(seed=0, size=48):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    head = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2) * 150.0
+    return np.clip(head + rng.normal(0, 10, (size, size)), 0, 255).astype(np.uint8)
+
+
+def test_intensity_params_validate_and_all_zero_is_none():
+    assert intensity.IntensityParams.from_mapping({}) is None
+    assert intensity.IntensityParams.from_mapping({"rotation_range": 20.0}) is None  # not its key
+    assert intensity.IntensityParams.from_mapping({"gamma_range": 0.2}).gamma_range == 0.2
+    with pytest.raises(ValueError, match="augment.noise_std"):
+        intensity.IntensityParams(noise_std=-0.1)
+    with pytest.raises(ValueError, match="contrast_range"):
+        intensity.IntensityParams(contrast_range=1.0)
+
+
+@pytest.mark.parametrize("key", sorted(ALL))
+def test_each_intensity_transform_changes_pixels_stays_in_range_and_is_seeded(key):
+    x = _image().astype(np.float32) / 255
+    p = intensity.IntensityParams(**{key: ALL[key]})
+    outs = [intensity.augment(x, np.random.default_rng(s), p) for s in range(6)]
+    for out in outs:
+        assert out.shape == x.shape and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 1.0
+    assert max(np.abs(o - x).max() for o in outs) > 1e-3  # the transform does something
+    again = intensity.augment(x, np.random.default_rng(3), p)
+    np.testing.assert_array_equal(again, outs[3])  # a pure function of the generator
+
+
+def test_intensity_augment_keeps_colour_images_colour():
+    x = np.stack([_image(s) for s in range(3)], -1).astype(np.float32) / 255
+    out = intensity.augment(x, np.random.default_rng(0), intensity.IntensityParams(**ALL))
+    assert out.shape == x.shape
+
+
+def test_per_image_standardisation_removes_brightness_and_contrast():
+    img = _image()
+    brighter = np.clip(img.astype(np.int32) * 2 // 3 + 60, 0, 255).astype(np.uint8)  # affine
+    a = input_pipeline.to_float(img, 1, "per_image")
+    b = input_pipeline.to_float(brighter, 1, "per_image")
+    assert abs(a.mean()) < 1e-5 and abs(a.std() - 1) < 1e-4
+    np.testing.assert_allclose(a, b, atol=0.05)  # up to uint8 rounding of the affine map
+    assert not np.allclose(input_pipeline.to_float(img, 1, "unit"), b, atol=0.05)
+    flat = input_pipeline.to_float(np.full((8, 8), 7, np.uint8), 3, "per_image")
+    assert np.all(flat == 0)  # a constant image: no division by zero
+
+
+@pytest.mark.parametrize("normalization", ["imagenet", "unit", "per_image"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_augmented_path_normalises_as_the_plain_path(normalization, channels):
+    img = _image()
+    plain = input_pipeline.to_float(img, channels, normalization)
+    via_unit = input_pipeline.unit_to_float(img / np.float32(255), channels, normalization)
+    np.testing.assert_allclose(via_unit, plain, atol=1e-5)
+
+
+def test_train_iterator_applies_intensity_augmentation_to_images_not_masks(tmp_path):
+    from data_prep import phantoms
+
+    data = phantoms.build_phantom_dataset(
+        str(tmp_path / "ph"), kind="brain", size=48, counts={"train": 8}, seed=0
+    )
+    pre = input_pipeline.Preprocess(48, 1, "unit")
+
+    def batch(augment):
+        it = input_pipeline.make_train_iterator(
+            data, "train", global_batch_size=8, preprocess=pre, augment=augment, seed=0
+        )
+        return next(it)
+
+    plain, aug = batch({}), batch({"gamma_range": 0.8, "noise_std": 0.1})
+    np.testing.assert_array_equal(plain["label"], aug["label"])
+    np.testing.assert_array_equal(plain["mask"], aug["mask"])
+    assert np.abs(plain["image"] - aug["image"]).mean() > 0.01
+    with pytest.raises(ValueError, match="unknown augment key"):
+        batch({"shear_range": 0.2})
+
+
+@pytest.mark.parametrize("name", ["brain_cpu", "chest_cpu", "brain4_cpu"])
+@pytest.mark.parametrize("arch", ["resnet50", "densenet121"])
+def test_cpu_configs_take_the_architecture_as_their_argument(name, arch):
+    from ml_collections import config_flags  # noqa: F401 (the loader main uses)
+
+    from xmedjax import cli_flags
+
+    config = cli_flags.load_config_file(os.path.join(ROOT, "configs", f"{name}.py") + f":{arch}")
+    config_checks.validate(config)
+    assert config.model.arch == arch and config.data.data_dir == f"prepared/{name}"
+    doc = open(os.path.join(ROOT, "configs", f"{name}.py")).read()
+    assert f"--config=configs/{name}.py" in doc and "data_prep.build" in doc
+
+
+def test_cpu_config_rejects_an_unknown_architecture():
+    from xmedjax import cli_flags
+    from xmedjax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resnet50"):
+        cli_flags.load_config_file(os.path.join(ROOT, "configs", "brain_cpu.py") + ":vgg16")
+
+
+def test_wilson_interval():
+    assert metrics.wilson_interval(0, 0) == [None, None]
+    lo, hi = metrics.wilson_interval(0, 10)
+    assert lo == 0.0 and 0.27 < hi < 0.28  # the textbook value 0.2775
+    lo, hi = metrics.wilson_interval(5, 10)
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+
+
+def test_every_further_split_is_evaluated_after_val_and_test():
+    config = types.SimpleNamespace(
+        data=types.SimpleNamespace(train_split="train", val_split="val", test_split="test")
+    )
+    info = types.SimpleNamespace(splits={"train": 9, "val": 2, "test": 3, "test_dedup": 1})
+    run = types.SimpleNamespace(config=config, info=info)
+    assert modes.evaluated_splits(run) == ("val", "test", "test_dedup")
+
+
+def test_timed_command_appends_a_line_only_when_the_command_succeeds(tmp_path):
+    with modes.timed_command("train", str(tmp_path), argv=["x"]):
+        pass
+    with pytest.raises(RuntimeError), modes.timed_command("predict", str(tmp_path)):
+        raise RuntimeError("boom")
+    lines = [json.loads(s) for s in open(tmp_path / "commands.jsonl")]
+    assert [line["mode"] for line in lines] == ["train"] and lines[0]["seconds"] >= 0
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        if path.endswith(".jsonl"):
+            f.write("".join(json.dumps(o) + "\n" for o in obj))
+        else:
+            json.dump(obj, f)
+
+
+def _fake_run(wd, *, folder=True):
+    split = {
+        "n": 10,
+        "accuracy": 0.9,
+        "auc_roc": 0.95,
+        "f1": 0.8,
+        "average_precision": 0.85,
+        "ci95": {"accuracy": [0.8, 1.0], "auc_roc": [0.9, 1.0]},
+    }
+    _write(f"{wd}/config.json", {"model": {"arch": "resnet50"}, "data": {"test_split": "test"}})
+    _write(
+        f"{wd}/metrics.json",
+        {
+            "val": split,
+            "test": split,
+            "test_dedup": {**split, "accuracy": 0.7, "auc_roc": None},
+            "shortcut_baseline": {"accuracy": 0.99},
+        },
+    )
+    loc = {"pointing_game": 0.5, "energy_in_mask": 0.2, "ci95": {"pointing_game": [0.3, 0.7]}}
+    reliance = {"n_images": 4, "lesion_removed": {"mean_drop": 0.3}, "original": {}}
+    _write(
+        f"{wd}/explain_quality.json",
+        {"gradcam": loc, "random": loc, "lesion_reliance": reliance, "_meta": {}},
+    )
+    if folder:
+        _write(
+            f"{wd}/explain_quality_folder.json",
+            {
+                "hirescam": loc,
+                "detection": {"sensitivity": 0.25, "sensitivity_ci95": [0.1, 0.5]},
+                "_meta": {"folder": "ext"},
+            },
+        )
+    _write(
+        f"{wd}/commands.jsonl",
+        [{"mode": "train", "seconds": 600}, {"mode": "predict", "seconds": 60}],
+    )
+
+
+def test_summary_reads_every_figure_and_writes_nothing_into_the_runs(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _fake_run(a)
+    _fake_run(b, folder=False)
+    before = {p: os.path.getmtime(os.path.join(a, p)) for p in os.listdir(a)}
+    s = summary.summarise({"brain_resnet50": a}, {"brain_from_chest": b})
+    r = s["runs"]["brain_resnet50"]
+    assert (r["accuracy"], r["accuracy_dedup"], r["auc_roc_dedup"]) == (0.9, 0.7, None)
+    assert r["ci95"]["accuracy"] == [0.8, 1.0] and r["shortcut_baseline_accuracy"] == 0.99
+    assert set(r["localisation"]) == {"gradcam", "random"}
+    assert r["localisation"]["gradcam"]["ci95"]["pointing_game"] == [0.3, 0.7]
+    assert r["lesion_reliance"]["lesion_removed"]["mean_drop"] == 0.3
+    assert r["external_sensitivity"] == 0.25 and set(r["external"]["localisation"]) == {"hirescam"}
+    assert r["minutes"] == 11.0
+    assert s["pretraining"]["brain_from_chest"]["external"] is None
+    assert "| brain_resnet50 | 0.900 [0.800, 1.000]" in summary.markdown(s)
+    assert before == {p: os.path.getmtime(os.path.join(a, p)) for p in os.listdir(a)}
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        summary.run_figures(str(tmp_path))
