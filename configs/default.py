@@ -51,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.contrast_range = 0.0  # contrast x [1 - c, 1 + c]
     c.augment.brightness_range = 0.0  # + [-b, b]
     c.augment.noise_std = 0.0  # Gaussian noise, sigma in [0, n]
+    # Counterfactual lesions (xmedjax/lesion_mix.py; needs lesion masks in the train split):
+    # erase a lesion image's lesion (-> the lesion-free class), paste a lesion into a
+    # lesion-free image (-> the donor's class); makes an image's source useless as a cue.
+    c.augment.lesion_erase_prob = 0.0
+    c.augment.lesion_paste_prob = 0.0
+    c.augment.lesion_negative_class = ""  # the lesion-free class's name, e.g. notumor
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # adam | adamw | sgd

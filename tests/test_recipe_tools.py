@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from xmedjax import config_checks, input_pipeline, intensity, metrics, modes, summary
+from xmedjax import config_checks, input_pipeline, intensity, lesion_mix, metrics, modes, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = dict(
@@ -218,3 +218,88 @@ def test_summary_reads_every_figure_and_writes_nothing_into_the_runs(tmp_path):
     assert before == {p: os.path.getmtime(os.path.join(a, p)) for p in os.listdir(a)}
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         summary.run_figures(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- lesion mix
+def _blob_image(size=64, lesion=True):
+    yy, xx = np.mgrid[:size, :size]
+    g = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2.5) ** 2, 100.0, 0.0)
+    mask = np.zeros((size, size), np.float32)
+    if lesion:
+        g[20:30, 36:46] = 250.0
+        mask[20:30, 36:46] = 1.0
+    return g.astype(np.uint8), mask
+
+
+def test_erase_fills_the_lesion_from_its_surroundings_and_leaves_the_rest():
+    image, mask = _blob_image()
+    out = lesion_mix.erase(image, mask, np.random.default_rng(0))
+    assert abs(float(out[20:30, 36:46].mean()) - 100) < 15  # was 250: now like the tissue
+    far = np.zeros_like(mask, bool)
+    far[:, :16] = True
+    np.testing.assert_array_equal(out[far], image[far])
+
+
+def test_paste_puts_the_donor_lesion_inside_the_anatomy_with_its_mask():
+    target, _ = _blob_image(lesion=False)
+    donor, donor_mask = _blob_image()
+    for seed in range(5):
+        out, mask = lesion_mix.paste(target, donor, donor_mask, np.random.default_rng(seed))
+        assert mask.sum() > 50 and out.shape == target.shape
+        ys, xs = np.nonzero(mask)
+        assert (target[ys, xs] > 0).mean() > 0.5  # on the anatomy, not the background
+        assert out[ys, xs].mean() > target[ys, xs].mean() + 20  # the bright lesion came along
+    assert (
+        lesion_mix.paste(target, donor, np.zeros_like(donor_mask), np.random.default_rng(0)) is None
+    )
+
+
+def test_lesion_mix_params_name_the_key():
+    names = ["notumor", "tumor"]
+    assert lesion_mix.LesionMixParams.from_mapping({}, names) is None
+    p = lesion_mix.LesionMixParams.from_mapping(
+        {"lesion_erase_prob": 0.5, "lesion_negative_class": "notumor"}, names
+    )
+    assert (p.erase_prob, p.paste_prob, p.negative_class) == (0.5, 0.0, 0)
+    with pytest.raises(ValueError, match="lesion_negative_class.*'healthy'"):
+        lesion_mix.LesionMixParams.from_mapping(
+            {"lesion_paste_prob": 1.0, "lesion_negative_class": "healthy"}, names
+        )
+    from configs import demo
+
+    c = demo.get_config()
+    c.augment.lesion_erase_prob = 0.3
+    with pytest.raises(config_checks.ConfigError, match="augment.lesion_negative_class"):
+        config_checks.validate(c)
+
+
+def test_train_iterator_erases_and_pastes_lesions_deterministically(tmp_path):
+    from data_prep import phantoms
+
+    data = phantoms.build_phantom_dataset(
+        str(tmp_path / "ph"), kind="brain", size=48, counts={"train": 16}, seed=0
+    )
+    pre = input_pipeline.Preprocess(48, 1, "unit")
+
+    def batch(**mix):
+        it = input_pipeline.make_train_iterator(
+            data,
+            "train",
+            global_batch_size=16,
+            preprocess=pre,
+            augment={**mix, "lesion_negative_class": "notumor"},
+            seed=0,
+        )
+        return next(it)
+
+    plain = batch()
+    erased = batch(lesion_erase_prob=1.0)
+    pasted = batch(lesion_paste_prob=1.0)
+    assert (plain["label"] == 1).any() and (plain["label"] == 0).any()
+    assert (erased["label"] == 0).all()  # every tumour image lost its tumour
+    assert not erased["mask"].any()
+    assert (pasted["label"] == 1).all()  # every tumour-free image got one
+    assert all(pasted["mask"][i].sum() > 0 for i in range(16))
+    was_free = plain["label"] == 0
+    assert np.abs(pasted["image"][was_free] - plain["image"][was_free]).max() > 0.1
+    np.testing.assert_array_equal(batch(lesion_paste_prob=1.0)["image"], pasted["image"])

@@ -193,6 +193,14 @@ def _check_augment(c) -> None:
         _cmp(c, f"augment.{key}", lambda v: v >= 0, ">= 0")
     for key in ("resolution_range", "contrast_range"):
         _cmp(c, f"augment.{key}", lambda v: 0 <= v < 1, "in [0, 1)")
+    for key in ("lesion_erase_prob", "lesion_paste_prob"):
+        _cmp(c, f"augment.{key}", lambda v: 0 <= v <= 1, "in [0, 1]")
+    mixing = c.augment.lesion_erase_prob > 0 or c.augment.lesion_paste_prob > 0
+    _require(
+        not mixing or bool(c.augment.lesion_negative_class),
+        "config.augment.lesion_negative_class must name the lesion-free class (e.g. notumor) "
+        "when augment.lesion_erase_prob or lesion_paste_prob is > 0",
+    )
 
 
 def _check_optimizer(c) -> None:

@@ -42,6 +42,7 @@ from data_prep.dataset_format import (  # noqa: F401 (the format's names, re-exp
 )
 from xmedjax import augment as augment_lib
 from xmedjax import intensity as intensity_lib
+from xmedjax import lesion_mix
 from xmedjax.errors import ConfigError
 from xmedjax.names import NORMALIZATIONS
 
@@ -197,12 +198,21 @@ class _Decoder:
     has_masks: bool
     augment: augment_lib.AugmentParams | None = None
     intensity: intensity_lib.IntensityParams | None = None
+    mix: lesion_mix.LesionMixParams | None = None
 
-    def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+    def __call__(
+        self,
+        rec: Mapping[str, Any],
+        rng: np.random.Generator | None,
+        donor: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         image = _decode_png(rec["image"])
+        label = int(rec["label"])
         arrays = [image]
         if self.has_masks:
             arrays.append(_decode_png(rec["mask"]).astype(np.float32) * (1.0 / 255.0))
+        if self.mix is not None and rng is not None and self.has_masks:
+            arrays, label = self._mix(arrays, label, rec, rng, donor)
         size = self.preprocess.image_size
         transform = None
         if self.augment is not None and rng is not None:
@@ -214,11 +224,29 @@ class _Decoder:
             image = unit_to_float(x, p.channels, p.normalization)
         else:
             image = to_float(arrays[0], p.channels, p.normalization)
-        out = {"image": image, "label": np.int32(rec["label"])}
+        out = {"image": image, "label": np.int32(label)}
         if self.has_masks:
             out["mask"] = np.clip(arrays[1].astype(np.float32), 0.0, 1.0)
             out["mask_known"] = np.bool_(rec["mask_known"] if "mask_known" in rec else True)
         return out
+
+    def _mix(self, arrays, label, rec, rng, donor) -> tuple[list[np.ndarray], int]:
+        """`lesion_mix`: a donor (chosen by the train element) is pasted; a lesion image is
+        erased with probability erase_prob."""
+        image, mask = arrays
+        if donor is not None:
+            pasted = lesion_mix.paste(
+                image, _decode_png(donor["image"]), _decode_png(donor["mask"]) / 255.0, rng
+            )
+            if pasted is not None:
+                return list(pasted), int(donor["label"])
+            return arrays, label
+        known = bool(rec["mask_known"]) if "mask_known" in rec else True
+        if label != self.mix.negative_class and known and mask.max() > 0.5:
+            if rng.random() < self.mix.erase_prob:
+                erased = lesion_mix.erase(image, mask, rng)
+                return [erased, np.zeros_like(mask)], self.mix.negative_class
+        return arrays, label
 
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -263,6 +291,7 @@ class _TrainElement:
         )
         self.epoch_len = epoch_len  # examples used per epoch (full global batches)
         self._perms: dict[int, np.ndarray] = {}
+        self.donors = np.zeros(0, np.int64)  # lesion_mix: the records that lend lesions
 
     def _permutation(self, epoch: int) -> np.ndarray:
         # Read threads share this cache; a permutation is a pure function of (seed, epoch),
@@ -281,7 +310,11 @@ class _TrainElement:
         epoch, k = divmod(g, self.epoch_len)
         index = int(self._permutation(epoch)[k])
         rng = np.random.default_rng([self.seed, epoch, index])
-        return self.decoder(self.source[index], rng)
+        rec, donor, mix = self.source[index], None, self.decoder.mix
+        if mix is not None and len(self.donors) and int(rec["label"]) == mix.negative_class:
+            if rng.random() < mix.paste_prob:
+                donor = self.source[int(self.donors[rng.integers(len(self.donors))])]
+        return self.decoder(rec, rng, donor)
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -322,9 +355,8 @@ def make_train_iterator(
             f"than one global batch of {global_batch_size}"
         )
     augment = dict(augment or {})
-    unknown = sorted(
-        set(augment) - set(augment_lib.AUGMENT_KEYS) - set(intensity_lib.INTENSITY_KEYS)
-    )
+    known = (*augment_lib.AUGMENT_KEYS, *intensity_lib.INTENSITY_KEYS, *lesion_mix.MIX_KEYS)
+    unknown = sorted(set(augment) - set(known))
     if unknown:
         raise ValueError(f"unknown augment key(s) {unknown}")
     decoder = _Decoder(
@@ -334,10 +366,18 @@ def make_train_iterator(
             {k: v for k, v in augment.items() if k in augment_lib.AUGMENT_KEYS}
         ),
         intensity_lib.IntensityParams.from_mapping(augment),
+        lesion_mix.LesionMixParams.from_mapping(augment, source.info.label_names),
     )
+    if decoder.mix is not None and not source.info.has_masks:
+        raise ValueError(
+            f"augment.lesion_erase_prob/lesion_paste_prob need lesion masks; {data_dir} has "
+            "none (build it with --annotations or --annotations_from)"
+        )
     element = _TrainElement(
         source, decoder, seed, global_batch_size, b, shard_index, steps * global_batch_size
     )
+    if decoder.mix is not None and decoder.mix.paste_prob > 0:
+        element.donors = lesion_mix.donor_indices(source, decoder.mix.negative_class)
     ds = (
         grain.MapDataset.range(steps * b)
         .repeat(None)
