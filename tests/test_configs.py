@@ -63,6 +63,9 @@ def test_every_config_validates_and_documents_its_command():
         "zoom_range": 0.1,
         "horizontal_flip": True,
         **dict.fromkeys(INTENSITY_KEYS, 0.0),  # the paper has no intensity augmentation
+        "lesion_erase_prob": 0.0,  # nor counterfactual lesions
+        "lesion_paste_prob": 0.0,
+        "lesion_negative_class": "",
     }
 
 
