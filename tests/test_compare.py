@@ -159,3 +159,23 @@ def test_explain_package_does_not_import_training_modules():
             else:
                 continue
             assert not found & banned, (name, found & banned)
+
+
+@pytest.mark.slow
+def test_a_trained_run_initialises_a_new_model(trained_runs):
+    """config.init.checkpoint=WORKDIR (transfer from another task) loads the run's best
+    weights, BatchNorm statistics included, and leaves the run untouched."""
+    source = trained_runs[1]
+    before = _snapshot(source)
+    trained = runs.load_trained(source)
+    config = tiny_config("")
+    fresh = runs.build_model(config, num_classes=2)
+    runs.init_weights(fresh, source, head="strict")
+    want = nnx.to_pure_dict(trained.state)
+    got = nnx.to_pure_dict(nnx.state(fresh))
+    flat_want = jax.tree_util.tree_leaves_with_path(want)
+    assert flat_want
+    got_leaves = dict(jax.tree_util.tree_leaves_with_path(got))
+    for path, value in flat_want:
+        np.testing.assert_array_equal(np.asarray(got_leaves[path]), np.asarray(value))
+    assert _snapshot(source) == before

@@ -177,10 +177,23 @@ def build_model(config, num_classes: int) -> nnx.Module:
         compiled = init.lower().compile()
     model = nnx.merge(graphdef, compiled())
     if config.init.checkpoint:
-        from xmedjax.models.weights_io import load_weights  # noqa: PLC0415
-
-        load_weights(model, os.path.expanduser(config.init.checkpoint), head=config.init.head)
+        init_weights(model, os.path.expanduser(config.init.checkpoint), head=config.init.head)
     return model
+
+
+def init_weights(model: nnx.Module, path: str, *, head: str) -> None:
+    """`config.init.checkpoint`: converted weights (`python -m xmedjax.convert`), or a trained
+    run's work directory, whose best checkpoint initialises the model (transfer from another
+    task: same arch, width and channels; head="reinit" gives a fresh classifier when the
+    class count differs)."""
+    from xmedjax.models import weights_io  # noqa: PLC0415
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        trained = load_trained(path)
+        source = nnx.merge(trained.graphdef, trained.state)
+        weights_io.load_state(model, nnx.state(source), head=head)
+    else:
+        weights_io.load_weights(model, path, head=head)
 
 
 def make_optimizer(config) -> Any:

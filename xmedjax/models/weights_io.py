@@ -1,7 +1,8 @@
 """Converted weights on disk: an Orbax checkpoint of a model's state plus its recipe.
 
 `python -m xmedjax.convert` writes one; a training config names it as its
-initialisation (`config.init.checkpoint`). Paths may be local or `gs://`.
+initialisation (`config.init.checkpoint`; a trained run's work directory works too, see
+`xmedjax.runs`). Paths may be local or `gs://`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def load_weights(model: nnx.Module, directory: str, *, head: str = "strict") -> 
     flat = _flatten(restored)
     from xmedjax.models.convert import load_torchvision_weights  # noqa: PLC0415 (cycle)
 
+    return load_torchvision_weights(model, _as_torchvision(model, flat), head=head)
+
+
+def load_state(model: nnx.Module, source_state: nnx.State, *, head: str = "strict") -> nnx.Module:
+    """Restores another model's state (same architecture and width, e.g. a trained run's
+    best checkpoint) into `model` in place, with the converter's rules (`head`)."""
+    from xmedjax.models.convert import load_torchvision_weights  # noqa: PLC0415 (cycle)
+
+    flat = _flatten(nnx.to_pure_dict(source_state))
     return load_torchvision_weights(model, _as_torchvision(model, flat), head=head)
 
 
