@@ -17,7 +17,9 @@ different float32 rounding, which training amplifies; new seeds are a much large
 than that. To add a CPU-like change on top, run under another XLA instruction set, e.g.
 `XLA_FLAGS=--xla_cpu_max_isa=AVX` (convolutions then round differently).
 
-~35 s per seed on 2 cores (training ~25 s, the CAMs ~10 s).
+~55 s per seed on 2 cores at the recipe's 400 steps (training ~45 s, the CAMs ~10 s); each
+layer also prints the gradient diagnosis of `gradient_diagnosis` (benchmarks/NOTES.md,
+"Phantom localisation").
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_ra
     # bounds below: Score-CAM pointing - random +0.28 (bound +0.15), Score-CAM - Grad-CAM
     # +0.28 (+0.15), energy Score-CAM 1.87x (1.5x), HiResCAM 2.16x (1.5x), LayerCAM 1.76x (1.4x).
     # Grad-CAM and its channel-weighted kin are not asserted to localise: at layer2 the
-    # gradient changes sign across positions (|mean_hw G| / mean_hw |G| = 0.11-0.14), so the
+    # gradient changes sign across positions (|mean_hw G| / mean_hw |G| = 0.11-0.15), so the
     # one averaged weight per channel is set by the positions without the lesion. Score-CAM
     # weights the SAME channels by what they do to the score and localises: the channels
     # carry the lesion, the averaged gradient does not find them (`cams.cam_layer_caveat`).
@@ -297,9 +297,16 @@ def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_ra
         # randomising every layer destroys the map (in part: at layer2 a random network's
         # features still follow the image, as Adebayo et al. found); a model-free map keeps 1
         assert s["sanity_randomization_spearman"] < 0.9, summary
-        assert s["deletion_auc"] < rnd["deletion_auc"], summary
     assert rnd["sanity_randomization_spearman"] == pytest.approx(1.0)
     assert np.mean([scores[n]["sanity_randomization_spearman"] for n in CAM_METHODS]) < 0.6, summary
+    # Faithfulness: deleting by the maps' order drops the score faster than deleting at random.
+    # Over the 7 runs above, random's deletion AUC minus HiResCAM's: 0.16-0.25; minus the mean
+    # of the six CAMs': 0.075 (AVX seed 2, random's AUC 0.78 there) to 0.28. One method at a
+    # time is not bounded: Grad-CAM++ came out 0.01 above random there (0.79 vs 0.78).
+    # Sanity over the same runs: the largest Spearman 0.75 (LayerCAM), the largest mean 0.50.
+    assert scores["hirescam"]["deletion_auc"] < rnd["deletion_auc"] - 0.1, summary
+    deletion = np.mean([scores[n]["deletion_auc"] for n in CAM_METHODS])
+    assert deletion < rnd["deletion_auc"], summary
 
 
 @pytest.mark.slow
@@ -317,8 +324,12 @@ def test_input_attributions_on_phantoms(phantom_model):
         faithfulness=False,
         sanity=False,
     )
-    for name in names[:2]:
-        assert scores[name]["pointing_game"] >= scores["random"]["pointing_game"] + 0.3, scores
+    # Measured over seeds 0-4 (400 steps) and seeds 0/2/4 under XLA_FLAGS=--xla_cpu_max_isa=AVX:
+    # pointing game minus random's, integrated gradients 0.66-1.0, SmoothGrad (8 samples)
+    # 0.25 (AVX seed 4) to 0.78.
+    rnd = scores["random"]["pointing_game"]
+    assert scores["integrated_gradients"]["pointing_game"] >= rnd + 0.4, scores
+    assert scores["smoothgrad"]["pointing_game"] >= rnd + 0.15, scores
 
 
 @pytest.mark.slow

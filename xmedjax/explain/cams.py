@@ -208,9 +208,10 @@ def cam_layer_caveat(methods, layer: str | None) -> str | None:
     = HiResCAM = CAM there). At an earlier layer the gradient changes sign from position to
     position and is largest where the evidence is; its average keeps a few per cent of it
     and is set by the positions without the lesion. Measured on the phantom models at
-    layer2 (benchmarks/NOTES.md): |mean_hw G| / mean_hw |G| = 0.13-0.15, Grad-CAM pointing
-    game 0.06-0.12 where HiResCAM scores 0.31-0.53 and the gradient's deviation from its
-    average alone scores as HiResCAM does.
+    layer2 over 5 seeds (benchmarks/NOTES.md, "Phantom localisation"): |mean_hw G| /
+    mean_hw |G| = 0.11-0.15; pointing game Grad-CAM 0.06-0.25, Score-CAM on the same
+    channels 0.47-0.78, HiResCAM 0.09-0.53; HiResCAM minus Grad-CAM alone scores as
+    HiResCAM does.
     """
     weighted = [m for m in methods if m in names.CHANNEL_WEIGHTED_CAMS]
     if layer is None or not weighted:
