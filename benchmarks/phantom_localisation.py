@@ -17,7 +17,9 @@ different float32 rounding, which training amplifies; new seeds are a much large
 than that. To add a CPU-like change on top, run under another XLA instruction set, e.g.
 `XLA_FLAGS=--xla_cpu_max_isa=AVX` (convolutions then round differently).
 
-~35 s per seed on 2 cores (training ~25 s, the CAMs ~10 s).
+~55 s per seed on 2 cores at the recipe's 400 steps (training ~45 s, the CAMs ~10 s); each
+layer also prints the gradient diagnosis of `gradient_diagnosis` (benchmarks/NOTES.md,
+"Phantom localisation").
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from phantom_training import train_phantom_model, unit_images  # noqa: E402
 from data_prep import phantoms  # noqa: E402
 from xmedjax.explain import quality  # noqa: E402
 from xmedjax.explain.cams import CAM_METHODS, auto_cam_layer, compute_methods  # noqa: E402
+from xmedjax.explain.capture import capture_target_gradients  # noqa: E402
+from xmedjax.explain.maps import to_input_size  # noqa: E402
 
 BASELINES = ("random", "centre")
 
@@ -52,6 +56,36 @@ def centre_maps(n: int, size: int) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size]
     prior = 1.0 - np.hypot(yy - c, xx - c) / (np.sqrt(2) * size / 2)
     return np.repeat(prior[None], n, 0)
+
+
+def gradient_diagnosis(graphdef, state, images, masks, layer) -> dict:
+    """Why the channel-weighted CAMs fail at a layer: how much of the gradient its spatial
+    average keeps, and what the part Grad-CAM drops localises on its own.
+
+    `mean_over_abs`: median over images and channels of |mean_hw G| / mean_hw |G| (1 when G
+    is the same at every position, as at the model's own target; near 0 when its sign
+    changes across positions). `deviation_pointing_game`: pointing game of
+    relu(sum_c (G_c - mean_hw G_c) A_c), i.e. HiResCAM minus Grad-CAM before the ReLU.
+    `gradcam_negative_share`: how much of the Grad-CAM sum's mass is negative (cancelled by
+    the ReLU).
+    """
+    targets = jnp.ones(len(images), jnp.int32)
+    cap, _ = jax.jit(capture_target_gradients, static_argnums=(0, 4))(
+        graphdef, state, images, targets, layer
+    )
+    a, g = np.asarray(cap.activation, np.float64), np.asarray(cap.gradient, np.float64)
+    mean = g.mean((1, 2), keepdims=True)
+    ratio = np.abs(mean[:, 0, 0]) / (np.abs(g).mean((1, 2)) + 1e-30)
+    gradcam = (mean * a).sum(-1)
+    deviation = np.maximum(((g - mean) * a).sum(-1), 0.0)
+    maps = np.asarray(to_input_size(jnp.asarray(deviation, jnp.float32), images.shape[1:3]))
+    return {
+        "mean_over_abs": float(np.median(ratio)),
+        "deviation_pointing_game": float(quality.pointing_game(maps, masks).mean()),
+        "gradcam_negative_share": float(
+            np.minimum(gradcam, 0).sum() / -(np.abs(gradcam).sum() + 1e-30)
+        ),
+    }
 
 
 def one_seed(seed: int, args) -> dict:
@@ -75,6 +109,7 @@ def one_seed(seed: int, args) -> dict:
     masks = test["masks"][lesion][: args.test_images]
     targets = jnp.ones(len(images), jnp.int32)
     out = {"seed": seed, "accuracy": accuracy, "train_s": round(train_s, 1), "layers": {}}
+    out["gradient"] = {}
     for layer in args.layers:
         name = auto_cam_layer(graphdef, state, images.shape[1:]) if layer == "auto" else layer
         name = None if name in ("own", "None") else name
@@ -92,6 +127,9 @@ def one_seed(seed: int, args) -> dict:
         }
         scores["centre"] = quality.localisation_scores(centre_maps(len(masks), args.size), masks)
         out["layers"][f"{layer}={name}"] = scores
+        out["gradient"][f"{layer}={name}"] = gradient_diagnosis(
+            graphdef, state, images, masks, name
+        )
     return out
 
 
@@ -151,6 +189,13 @@ def main() -> None:
                 f"{m} {s['pointing_game']:.2f}/{s['energy_in_mask']:.3f}" for m, s in scores.items()
             )
             print(f"seed {seed} acc {r['accuracy']:.3f} {r['train_s']}s {layer}: {row}", flush=True)
+            d = r["gradient"][layer]
+            print(
+                f"  gradient at {layer}: |mean_hw G|/mean_hw|G| {d['mean_over_abs']:.3f}, "
+                f"pointing of the part Grad-CAM drops {d['deviation_pointing_game']:.2f}, "
+                f"negative share of the Grad-CAM sum {d['gradcam_negative_share']:.2f}",
+                flush=True,
+            )
     summary = summarise(runs)
     print("\npointing game / energy in mask: min mean max over seeds", seeds)
     for layer, methods in summary.items():
@@ -162,6 +207,10 @@ def main() -> None:
                 f"energy {en[0]:.3f} {en[1]:.3f} {en[2]:.3f}   "
                 f"worst pg - random {s['pointing_margin_over_random_min']:+.3f}"
             )
+    for layer in runs[0]["gradient"]:
+        for key in runs[0]["gradient"][layer]:
+            v = [r["gradient"][layer][key] for r in runs]
+            print(f"  {layer} {key}: min {min(v):.3f} mean {np.mean(v):.3f} max {max(v):.3f}")
     acc = [r["accuracy"] for r in runs]
     print(f"accuracy min {min(acc):.3f} mean {np.mean(acc):.3f} max {max(acc):.3f}")
     if args.json:

@@ -4,7 +4,13 @@
 
 Builds the phantom dataset into WORKDIR/data on first use, trains, evaluates the best
 checkpoint on val and test (WORKDIR/metrics.json, WORKDIR/report.html) and writes Grad-CAM
-maps of the test split (WORKDIR/heatmaps/test_gradcam.npz). Rerunning resumes.
+and HiResCAM maps of the test split (WORKDIR/heatmaps/test_{gradcam,hirescam}.npz).
+Rerunning resumes.
+
+At 64 px the CAM layer is layer2 (8x8; the model's own is 2x2), where Grad-CAM's one
+averaged gradient weight per channel does not localise the lesion and HiResCAM's
+per-position weights do (README, "Is my model looking at the lesion?"); both come from the
+same backward pass.
 """
 
 from configs import default
@@ -30,6 +36,7 @@ def get_config():
     c.evaluate.bootstrap_samples = 500
     # explain_quality.json scores every CAM method, the input attributions and the random
     # baseline (the empty tuple means all nine) on 32 tumour images of the test split.
+    c.explain.methods = ("gradcam", "hirescam")
     c.explain.quality_methods = ()
     c.explain.quality_images = 64  # 32 gives a noisy pointing game (a hit is 3 points)
     return c

@@ -80,8 +80,12 @@ def test_explain_split_writes_heatmaps_grid_and_quality(model, dataset, tmp_path
         ):
             assert key in quality[method], (method, key)
     assert quality["_meta"]["n_images"] == 8 and quality["_meta"]["cam_layer"] == "layer1"
+    # channel-weighted CAMs at an earlier layer than the model's own come with a warning
+    assert out["cam_layer_caveat"].startswith("gradcam at layer1")
+    assert quality["_meta"]["cam_layer_caveat"].startswith("gradcam, gradcampp, xgradcam")
     html = export.report_section_html(workdir)
     assert html.count("<img") == 2 and "<table" in html
+    assert "prefer hirescam" in html
 
 
 def test_explain_split_with_given_predictions(model, dataset, tmp_path):

@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from xmedjax.explain import grad_cam
+from xmedjax.explain.cams import GRADIENT_RULES, cam_layer_caveat
+from xmedjax.explain.capture import capture_target_gradients
 from xmedjax.explain.gradcam import gradcam_raw
 from xmedjax.explain.maps import normalize_per_image
-from xmedjax.models import create_model
+from xmedjax.models import create_model, model_spec
 
 
 @pytest.fixture(scope="module", params=["resnet50", "densenet121"])
@@ -92,3 +95,33 @@ def test_gradcam_definition_by_hand():
 def test_zero_map_stays_zero():
     out = normalize_per_image(jnp.zeros((2, 5, 5)))
     assert not np.isnan(np.asarray(out)).any() and float(out.max()) == 0.0
+
+
+def test_gradcam_is_hirescam_at_the_model_target_only():
+    """Why Grad-CAM needs the model's own target: after global average pooling and a linear
+    head the gradient is the same at every position, so averaging it loses nothing and
+    Grad-CAM equals HiResCAM; at an earlier layer the gradient varies (and changes sign)
+    across positions, Grad-CAM drops that, and `cam_layer_caveat` says so."""
+    model = create_model("resnet50", 3, width=0.125, seed=1)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 64, 64, 3)), jnp.float32)
+    targets = jnp.array([0, 2])
+    layer = model_spec(graphdef, state).cam_layers[0]  # layer3, 4x4 at 64 px (own: 2x2)
+    for where, same in ((None, True), (layer, False)):
+        cap, _ = capture_target_gradients(graphdef, state, x, targets, where)
+        g = np.asarray(cap.gradient)
+        spread = np.abs(g - g.mean((1, 2), keepdims=True)).max() / np.abs(g).max()
+        gradcam = GRADIENT_RULES["gradcam"](cap.activation, cap.gradient)
+        hirescam = GRADIENT_RULES["hirescam"](cap.activation, cap.gradient)
+        scale = float(jnp.abs(hirescam).max()) + 1e-12
+        if same:
+            assert spread < 1e-5, spread
+            np.testing.assert_allclose(gradcam / scale, hirescam / scale, atol=1e-5)
+        else:
+            assert spread > 0.1, spread
+            assert float(jnp.abs(gradcam - hirescam).max()) / scale > 0.01
+    assert cam_layer_caveat(("gradcam", "hirescam"), None) is None
+    assert cam_layer_caveat(("hirescam", "layercam", "scorecam"), "layer2") is None
+    caveat = cam_layer_caveat(("gradcam", "hirescam", "xgradcam"), "layer2")
+    assert caveat.startswith("gradcam, xgradcam at layer2") and "hirescam" in caveat

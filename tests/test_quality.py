@@ -223,7 +223,7 @@ def test_random_baseline_is_seeded_and_model_free():
 
 @pytest.fixture(scope="module")
 def phantom_model():
-    """A narrow ResNet50 trained on brain phantoms (64 px, unit-scaled), ~20-30 s on 2 cores."""
+    """A narrow ResNet50 trained on brain phantoms (64 px, unit-scaled), ~45-50 s on 2 cores."""
     train = phantoms.generate("brain", 512, 64, seed=11)
     test = phantoms.generate("brain", 96, 64, seed=12)
     graphdef, state = train_phantom_model(train["images"], train["labels"])
@@ -267,26 +267,46 @@ def test_cams_on_phantoms_localise_far_above_random_and_fail_when_weights_are_ra
     rnd = scores["random"]
     keys = ("pointing_game", "energy_in_mask", "sanity_randomization_spearman", "deletion_auc")
     summary = "\n".join(f"{k}: {[round(v[s], 3) for s in keys]}" for k, v in scores.items())
-    # Localisation: the CAMs that weight the activation per position (HiResCAM, LayerCAM) and
-    # Score-CAM. Measured with benchmarks/phantom_localisation.py (seeds 0-2, 400 steps, at
-    # layer2): pointing game HiResCAM 0.31-0.53, LayerCAM 0.25-0.59, Score-CAM 0.53-0.78,
-    # random 0.00-0.03; seed 0 at this recipe's 200 steps: 0.53 / 0.59 / 0.53 against 0.03.
-    # The channel-weighted CAMs (Grad-CAM, Grad-CAM++, XGrad-CAM: one global-average
-    # gradient weight per channel) do not localise reliably at layer2 on these phantoms:
-    # 0.00-0.34 over the same seeds (Grad-CAM 0.125 here on an AVX-512 CPU), so no bound
-    # on them would hold on every machine; their scores are reported, not asserted.
-    for name in ("hirescam", "layercam", "scorecam"):
-        s = scores[name]
-        assert s["pointing_game"] >= rnd["pointing_game"] + 0.15, summary
-        assert s["energy_in_mask"] >= 1.5 * rnd["energy_in_mask"], summary
+    # Localisation at layer2 (8x8), measured with benchmarks/phantom_localisation.py over
+    # seeds 0-4 at this recipe (400 steps; seed 0 is this test; benchmarks/NOTES.md,
+    # "Phantom localisation"), min / mean / max:
+    #   pointing game: Score-CAM 0.47 / 0.62 / 0.78, HiResCAM 0.09 / 0.28 / 0.53,
+    #   LayerCAM 0.16 / 0.30 / 0.59, Grad-CAM 0.06 / 0.14 / 0.25, Grad-CAM++ 0.00 / 0.13 /
+    #   0.22, XGrad-CAM 0.00 / 0.16 / 0.34, random 0.00 / 0.03 / 0.06;
+    #   energy in mask over random's (per seed): Score-CAM >= 1.93x, HiResCAM >= 2.16x,
+    #   LayerCAM >= 1.76x; Score-CAM minus Grad-CAM pointing >= +0.31.
+    # Under XLA_FLAGS=--xla_cpu_max_isa=AVX (another CPU's rounding), seeds 2 / 4: Score-CAM
+    # 0.38 / 0.34 (Grad-CAM 0.09 / 0.06, random 0.03 / 0.06), energy over random Score-CAM
+    # 1.87x / 2.36x, HiResCAM 2.2x / 3.4x (its pointing game 0.03 / 0.22: 0.31 / 0.16
+    # without the flag), LayerCAM 1.9x / 2.4x. Worst cases over the 7 runs, against the
+    # bounds below: Score-CAM pointing - random +0.28 (bound +0.15), Score-CAM - Grad-CAM
+    # +0.28 (+0.15), energy Score-CAM 1.87x (1.5x), HiResCAM 2.16x (1.5x), LayerCAM 1.76x (1.4x).
+    # Grad-CAM and its channel-weighted kin are not asserted to localise: at layer2 the
+    # gradient changes sign across positions (|mean_hw G| / mean_hw |G| = 0.11-0.15), so the
+    # one averaged weight per channel is set by the positions without the lesion. Score-CAM
+    # weights the SAME channels by what they do to the score and localises: the channels
+    # carry the lesion, the averaged gradient does not find them (`cams.cam_layer_caveat`).
+    rnd_pg, rnd_energy = rnd["pointing_game"], rnd["energy_in_mask"]
+    assert scores["scorecam"]["pointing_game"] >= rnd_pg + 0.15, summary
+    assert scores["scorecam"]["pointing_game"] >= scores["gradcam"]["pointing_game"] + 0.15, summary
+    # energy in mask; the per-position CAMs' pointing game swings (HiResCAM 0.03-0.53)
+    for name, factor in (("scorecam", 1.5), ("hirescam", 1.5), ("layercam", 1.4)):
+        assert scores[name]["energy_in_mask"] >= factor * rnd_energy, summary
     for name in CAM_METHODS:
         s = scores[name]
         # randomising every layer destroys the map (in part: at layer2 a random network's
         # features still follow the image, as Adebayo et al. found); a model-free map keeps 1
         assert s["sanity_randomization_spearman"] < 0.9, summary
-        assert s["deletion_auc"] < rnd["deletion_auc"], summary
     assert rnd["sanity_randomization_spearman"] == pytest.approx(1.0)
     assert np.mean([scores[n]["sanity_randomization_spearman"] for n in CAM_METHODS]) < 0.6, summary
+    # Faithfulness: deleting by the maps' order drops the score faster than deleting at random.
+    # Over the 7 runs above, random's deletion AUC minus HiResCAM's: 0.16-0.25; minus the mean
+    # of the six CAMs': 0.075 (AVX seed 2, random's AUC 0.78 there) to 0.28. One method at a
+    # time is not bounded: Grad-CAM++ came out 0.01 above random there (0.79 vs 0.78).
+    # Sanity over the same runs: the largest Spearman 0.75 (LayerCAM), the largest mean 0.50.
+    assert scores["hirescam"]["deletion_auc"] < rnd["deletion_auc"] - 0.1, summary
+    deletion = np.mean([scores[n]["deletion_auc"] for n in CAM_METHODS])
+    assert deletion < rnd["deletion_auc"], summary
 
 
 @pytest.mark.slow
@@ -304,8 +324,12 @@ def test_input_attributions_on_phantoms(phantom_model):
         faithfulness=False,
         sanity=False,
     )
-    for name in names[:2]:
-        assert scores[name]["pointing_game"] >= scores["random"]["pointing_game"] + 0.3, scores
+    # Measured over seeds 0-4 (400 steps) and seeds 0/2/4 under XLA_FLAGS=--xla_cpu_max_isa=AVX:
+    # pointing game minus random's, integrated gradients 0.66-1.0, SmoothGrad (8 samples)
+    # 0.25 (AVX seed 4) to 0.78.
+    rnd = scores["random"]["pointing_game"]
+    assert scores["integrated_gradients"]["pointing_game"] >= rnd + 0.4, scores
+    assert scores["smoothgrad"]["pointing_game"] >= rnd + 0.15, scores
 
 
 @pytest.mark.slow

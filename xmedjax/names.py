@@ -28,6 +28,11 @@ ANNOTATION_FORMATS = ("auto", "via", "coco", "yolo", "masks")
 # ----------------------------------------------------------------------------- saliency methods
 # The CAMs that need only the target activation and its gradient (one backward pass).
 GRADIENT_CAMS = ("gradcam", "gradcampp", "hirescam", "layercam", "xgradcam")
+# The CAMs that weight each channel by ONE number (a spatial average of its gradient):
+# exact at the model's own target (global pooling, then a linear head: the gradient is the
+# same at every position), unreliable at an earlier layer, whose gradient changes sign from
+# position to position (`cams.cam_layer_caveat`, benchmarks/NOTES.md).
+CHANNEL_WEIGHTED_CAMS = ("gradcam", "gradcampp", "xgradcam")
 # Every method that maps a CAM target layer (the ones a `layer=` option applies to).
 CAM_METHODS = (*GRADIENT_CAMS, "scorecam")
 # Input attributions (gradients with respect to the pixels).

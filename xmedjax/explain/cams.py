@@ -199,6 +199,31 @@ def auto_cam_layer(
     return candidates[-1] if candidates else None
 
 
+def cam_layer_caveat(methods, layer: str | None) -> str | None:
+    """A warning when channel-weighted CAMs (`names.CHANNEL_WEIGHTED_CAMS`) map an earlier
+    layer than the model's own target (`layer` not None), else None.
+
+    At the model's own target (global average pooling, then a linear head) the gradient is
+    the same at every position, so Grad-CAM's spatial average of it loses nothing (Grad-CAM
+    = HiResCAM = CAM there). At an earlier layer the gradient changes sign from position to
+    position and is largest where the evidence is; its average keeps a few per cent of it
+    and is set by the positions without the lesion. Measured on the phantom models at
+    layer2 over 5 seeds (benchmarks/NOTES.md, "Phantom localisation"): |mean_hw G| /
+    mean_hw |G| = 0.11-0.15; pointing game Grad-CAM 0.06-0.25, Score-CAM on the same
+    channels 0.47-0.78, HiResCAM 0.09-0.53; HiResCAM minus Grad-CAM alone scores as
+    HiResCAM does.
+    """
+    weighted = [m for m in methods if m in names.CHANNEL_WEIGHTED_CAMS]
+    if layer is None or not weighted:
+        return None
+    return (
+        f"{', '.join(weighted)} at {layer}, an earlier layer than the model's own target: "
+        "one spatially averaged gradient weight per channel discards where the evidence is "
+        "and localises unreliably there; prefer hirescam, layercam or scorecam "
+        "(per-position weights) at this layer"
+    )
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("names", "layer"))
 def gradient_cams_fn(
     graphdef, state, images, targets, *, names: tuple[str, ...], layer: str | None = None
@@ -258,6 +283,7 @@ CAM_METHODS = names.CAM_METHODS
 __all__ = [
     "CAM_METHODS",
     "auto_cam_layer",
+    "cam_layer_caveat",
     "GRADIENT_RULES",
     "METHODS",
     "compute_methods",

@@ -345,7 +345,9 @@ def _quality_html(path: str, title: str) -> str:
         else ""
     )
     note = html.escape(f"{meta.get('n_images', '?')} images of {where}{masks}")
-    parts = [f"<h3>{html.escape(title)}</h3><p>{note}</p>{quality_table_html(quality)}"]
+    caveat = meta.get("cam_layer_caveat")
+    warn = f"<p><b>Note</b>: {html.escape(caveat)}.</p>" if caveat else ""
+    parts = [f"<h3>{html.escape(title)}</h3><p>{note}</p>{warn}{quality_table_html(quality)}"]
     paired = paired_table_html(quality)
     if paired:
         parts.append(

@@ -731,9 +731,12 @@ def score_subset(
     (`reliance`) the `lesion_reliance` section (`xmedjax.explain.reliance`) of the subset's
     images, their labels as the true class. The scores come with `_meta`: split, n_images,
     targets, label_model, subset, mask_counts (every image of the split: with a lesion,
-    known empty, not annotated), method_opts, cam_layer, bootstrap_samples and seconds
-    (this call, the head refit included).
+    known empty, not annotated), method_opts, cam_layer, cam_layer_caveat (a warning when
+    channel-weighted CAMs map an earlier layer: `cams.cam_layer_caveat`), bootstrap_samples
+    and seconds (this call, the head refit included).
     """
+    from xmedjax.explain.cams import cam_layer_caveat
+
     started = time.time()
     arrays = subset.arrays()
     if arrays is None:
@@ -777,6 +780,7 @@ def score_subset(
         "mask_counts": subset.mask_counts if subset.has_masks else None,
         "method_opts": method_opts,
         "cam_layer": layer or "model target",
+        "cam_layer_caveat": cam_layer_caveat(methods, layer),
         "bootstrap_samples": bootstrap_samples,
         "seconds": round(time.time() - started, 2),
     }

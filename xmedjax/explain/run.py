@@ -49,7 +49,7 @@ from data_prep import image_io
 from xmedjax import input_pipeline, json_io, logging_utils, metrics, names
 from xmedjax.explain import annotated, export, predictions_io
 from xmedjax.explain import quality as quality_lib
-from xmedjax.explain.cams import auto_cam_layer, compute_methods
+from xmedjax.explain.cams import auto_cam_layer, cam_layer_caveat, compute_methods
 from xmedjax.explain.capture import forward_fn
 from xmedjax.input_pipeline import Preprocess
 
@@ -311,10 +311,14 @@ def explain_split(
     dotted path such as "layer3".
 
     Returns {"heatmaps": {method: npz path}, "grid": path, "quality": scores or None,
-    "quality_path": path or None, "seconds": {"maps": s, "quality": s}, "cam_layer": ...}.
+    "quality_path": path or None, "seconds": {"maps": s, "quality": s}, "cam_layer": ...,
+    "cam_layer_caveat": `cams.cam_layer_caveat` of `methods` (also printed) or None}.
     """
     methods, opts = tuple(methods), method_options(method_opts)
     cam_layer = _cam_layer(graphdef, state, preprocess, cam_layer)
+    caveat = cam_layer_caveat(methods, cam_layer)
+    if caveat:
+        print(f"note: {caveat}", flush=True)
     started = time.time()
     subset = None if quality is None else quality.new_subset()
     batches = _split_batches(data_dir, split, batch_size, preprocess)
@@ -332,6 +336,7 @@ def explain_split(
         "heatmaps": _write_heatmaps(workdir, split, rows, per_method, with_index=True)
     }
     out.update(grid=None, quality=None, quality_path=None, seconds={}, cam_layer=cam_layer)
+    out["cam_layer_caveat"] = caveat
     if methods:
         maps = {m: arrays["maps"] for m, arrays in per_method.items()}
         out["grid"] = _write_grid(workdir, split, data_dir, rows, maps, grid_per_group, preprocess)
@@ -661,6 +666,7 @@ def explain_folder(
     if scoring is not None and len(rows["ids"]):
         meta = {"folder": folder, "n_files": len(files), "n_images": int(len(rows["ids"]))}
         meta.update(cam_layer=layer or "model target", methods=list(explained))
+        meta["cam_layer_caveat"] = cam_layer_caveat(explained, layer)
         out["quality"], out["quality_path"] = scoring.write(
             workdir, threshold, meta, label_names=label_names, started=started
         )
