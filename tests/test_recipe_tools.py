@@ -141,13 +141,17 @@ def test_every_further_split_is_evaluated_after_val_and_test():
     assert modes.evaluated_splits(run) == ("val", "test", "test_dedup")
 
 
-def test_timed_command_appends_a_line_only_when_the_command_succeeds(tmp_path):
+def test_timed_command_appends_a_line_per_command_with_its_outcome(tmp_path):
     with modes.timed_command("train", str(tmp_path), argv=["x"]):
         pass
     with pytest.raises(RuntimeError), modes.timed_command("predict", str(tmp_path)):
         raise RuntimeError("boom")
     lines = [json.loads(s) for s in open(tmp_path / "commands.jsonl")]
-    assert [line["mode"] for line in lines] == ["train"] and lines[0]["seconds"] >= 0
+    assert [(line["mode"], line["status"]) for line in lines] == [
+        ("train", "ok"),
+        ("predict", "RuntimeError"),
+    ]
+    assert lines[0]["seconds"] >= 0 and lines[0]["argv"] == ["x"]
 
 
 def _write(path, obj):

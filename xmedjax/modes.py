@@ -13,7 +13,7 @@ Work directory:
     WORKDIR/checkpoints/{latest,best}/   Orbax (see checkpointing.py)
     WORKDIR/metrics.jsonl, tensorboard/  training logs
     WORKDIR/metrics.json, report.html, figures/, predictions/, heatmaps/
-    WORKDIR/commands.jsonl               one line per finished command: mode, wall seconds
+    WORKDIR/commands.jsonl               one line per command: mode, status, wall seconds
 
 Every mode holds the work directory's lock for its whole life (`xmedjax.workdir_lock`): a
 second command on a busy work directory stops at once with one line. Run set-up and restore
@@ -204,17 +204,28 @@ def _restored_run(config: Any, workdir: str) -> Iterator[tuple[Run, ts.TrainStat
 
 @contextlib.contextmanager
 def timed_command(mode: str, workdir: str, *, argv: Sequence[str] = ()) -> Iterator[None]:
-    """Appends {mode, seconds, finished, argv} to WORKDIR/commands.jsonl when the block ends
-    without an exception (process 0 only): the wall time each result cost."""
-    started = time.time()
-    yield
+    """Appends {mode, status, seconds, finished, argv} to WORKDIR/commands.jsonl when the
+    block ends (process 0 only), status "ok" or the exception's type (e.g. Preempted): the
+    wall time each result cost, interrupted commands included."""
+    started, status = time.time(), "ok"
+    try:
+        yield
+    except BaseException as err:
+        status = type(err).__name__
+        raise
+    finally:
+        _record_command(workdir, mode, status, time.time() - started, argv)
+
+
+def _record_command(workdir: str, mode: str, status: str, seconds: float, argv) -> None:
     import jax  # noqa: PLC0415
 
     if jax.process_index() != 0 or not os.path.isdir(workdir):
         return
     line = {
         "mode": mode,
-        "seconds": round(time.time() - started, 1),
+        "status": status,
+        "seconds": round(seconds, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": list(argv),
     }

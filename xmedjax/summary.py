@@ -125,7 +125,7 @@ def run_figures(workdir: str) -> dict[str, Any]:
     commands = _read(workdir, "commands.jsonl") or []
     seconds = sum(float(c.get("seconds", 0)) for c in commands)
     out["minutes"] = round(seconds / 60, 1) if commands else None
-    out["commands"] = [{k: c.get(k) for k in ("mode", "seconds")} for c in commands]
+    out["commands"] = [{k: c.get(k) for k in ("mode", "status", "seconds")} for c in commands]
     return out
 
 
