@@ -141,15 +141,19 @@ def test_every_further_split_is_evaluated_after_val_and_test():
     assert modes.evaluated_splits(run) == ("val", "test", "test_dedup")
 
 
-def test_timed_command_appends_a_line_per_command_with_its_outcome(tmp_path):
+def test_timed_command_records_finished_and_preempted_commands_only(tmp_path):
+    from xmedjax import train
+
     with modes.timed_command("train", str(tmp_path), argv=["x"]):
         pass
+    with pytest.raises(train.Preempted), modes.timed_command("train", str(tmp_path)):
+        raise train.Preempted("stopped", 15)
     with pytest.raises(RuntimeError), modes.timed_command("predict", str(tmp_path)):
-        raise RuntimeError("boom")
+        raise RuntimeError("the work directory is busy")  # writes nothing
     lines = [json.loads(s) for s in open(tmp_path / "commands.jsonl")]
     assert [(line["mode"], line["status"]) for line in lines] == [
         ("train", "ok"),
-        ("predict", "RuntimeError"),
+        ("train", "Preempted"),
     ]
     assert lines[0]["seconds"] >= 0 and lines[0]["argv"] == ["x"]
 

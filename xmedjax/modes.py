@@ -13,7 +13,7 @@ Work directory:
     WORKDIR/checkpoints/{latest,best}/   Orbax (see checkpointing.py)
     WORKDIR/metrics.jsonl, tensorboard/  training logs
     WORKDIR/metrics.json, report.html, figures/, predictions/, heatmaps/
-    WORKDIR/commands.jsonl               one line per command: mode, status, wall seconds
+    WORKDIR/commands.jsonl               one line per finished or preempted command: wall seconds
 
 Every mode holds the work directory's lock for its whole life (`xmedjax.workdir_lock`): a
 second command on a busy work directory stops at once with one line. Run set-up and restore
@@ -205,16 +205,16 @@ def _restored_run(config: Any, workdir: str) -> Iterator[tuple[Run, ts.TrainStat
 @contextlib.contextmanager
 def timed_command(mode: str, workdir: str, *, argv: Sequence[str] = ()) -> Iterator[None]:
     """Appends {mode, status, seconds, finished, argv} to WORKDIR/commands.jsonl when the
-    block ends (process 0 only), status "ok" or the exception's type (e.g. Preempted): the
-    wall time each result cost, interrupted commands included."""
-    started, status = time.time(), "ok"
+    command ends (process 0 only): status "ok", or "Preempted" when SIGTERM or Ctrl-C
+    stopped training (the step was saved): the wall time each result cost. A command that
+    fails writes nothing (a busy or missing work directory must stay untouched)."""
+    started = time.time()
     try:
         yield
-    except BaseException as err:
-        status = type(err).__name__
+    except train.Preempted:
+        _record_command(workdir, mode, "Preempted", time.time() - started, argv)
         raise
-    finally:
-        _record_command(workdir, mode, status, time.time() - started, argv)
+    _record_command(workdir, mode, "ok", time.time() - started, argv)
 
 
 def _record_command(workdir: str, mode: str, status: str, seconds: float, argv) -> None:
