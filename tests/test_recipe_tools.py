@@ -311,3 +311,22 @@ def test_train_iterator_erases_and_pastes_lesions_deterministically(tmp_path):
     was_free = plain["label"] == 0
     assert np.abs(pasted["image"][was_free] - plain["image"][was_free]).max() > 0.1
     np.testing.assert_array_equal(batch(lesion_paste_prob=1.0)["image"], pasted["image"])
+
+
+def test_a_run_saved_before_new_config_keys_stays_readable(tmp_path):
+    from xmedjax import runs
+
+    saved = config_checks.default_config().to_dict()
+    del saved["augment"]["noise_std"]
+    saved["data"]["data_dir"] = "somewhere"
+    _write(str(tmp_path / "config.json"), saved)
+    assert runs.read_saved_config(str(tmp_path)).augment.noise_std == 0.0  # was: "missing"
+    saved = config_checks.default_config().to_dict()
+    del saved["augment"]["blur_sigma"], saved["augment"]["lesion_negative_class"]
+    saved["data"]["data_dir"] = "somewhere"
+    saved["custom"] = {"kept": 1}
+    filled = runs._with_later_defaults(saved)
+    assert (
+        filled["augment"]["blur_sigma"] == 0.0 and filled["augment"]["lesion_negative_class"] == ""
+    )
+    assert filled["data"]["data_dir"] == "somewhere" and filled["custom"] == {"kept": 1}

@@ -504,8 +504,23 @@ def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
             "train first: python -m xmedjax.main --config=... --workdir=" + workdir
         )
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    config = ml_collections.ConfigDict(_with_later_defaults(saved))
     return _validated(config, path)
+
+
+def _with_later_defaults(saved: dict, schema: dict | None = None) -> dict:
+    """A saved config with the keys the schema gained since it was written (e.g. new
+    augmentation options, all off by default) set to their defaults, so a run trained by an
+    earlier xmedjax stays readable; saved values and unknown keys are kept as they are."""
+    schema = config_checks.default_config().to_dict() if schema is None else schema
+    out = dict(saved)
+    for key, value in schema.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_later_defaults(out[key], value)
+    return out
 
 
 def _validated(config, source: str) -> ml_collections.ConfigDict:
