@@ -1,13 +1,14 @@
 """Brain tumour MRI, the 4 classes (glioma, meningioma, no tumour, pituitary), at laptop
 scale: the paper's open question 3, from scratch on a 2-core CPU.
 
-ARCH is resnet50 (the default) or densenet121: `--config=configs/brain4_cpu.py:densenet121`.
+RAW is the folder holding the raw downloads as Kaggle/figshare unzip them; ARCH is
+resnet50 (the default) or densenet121: `--config=configs/brain4_cpu.py:densenet121`.
 Width and resolution: `configs.CPU_SCALE`; results: docs/RESULTS.md, "Real data on one CPU".
 From the raw Kaggle folders (boxes borrowed as in configs/brain_cpu.py):
 
-  python -m data_prep.build --dataset=brain_tumor_mri --src=../shared/data/brain_tumor_mri \
+  python -m data_prep.build --dataset=brain_tumor_mri --src=RAW/brain_tumor_mri \
       --out=prepared/brain4_cpu --label_map=multiclass --dedup_test \
-      --annotations_from=../shared/data/brain_tumor_boxes
+      --annotations_from=RAW/brain_tumor_boxes
   python -m xmedjax.main --config=configs/brain4_cpu.py:ARCH --workdir=runs/brain4_cpu_ARCH
 
 Heatmaps explain the predicted class; localisation is scored on the tumour images whose
