@@ -339,8 +339,9 @@ def make_train_iterator(
     """An endless iterator of per-process train batches (see the module docstring).
 
     ``augment``: a mapping with the geometric keys rotation_range, width_shift_range,
-    height_shift_range, zoom_range, horizontal_flip (`xmedjax.augment`) and the intensity
-    keys of `xmedjax.intensity` (None, empty or all zero: no augmentation). The returned
+    height_shift_range, zoom_range, horizontal_flip (`xmedjax.augment`), the intensity
+    keys of `xmedjax.intensity` and the counterfactual-lesion keys of `xmedjax.lesion_mix`
+    (None, empty or all zero: no augmentation). The returned
     ``grain.DatasetIterator`` supports ``get_state()`` / ``set_state()``.
     ``read_threads``: decode threads per process (default: min(8, CPUs) without workers,
     2 per worker); PIL releases the GIL while decoding and warping.
