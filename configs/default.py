@@ -104,6 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.predict.annotations = ""
     c.predict.annotation_format = "auto"  # auto | via | coco | yolo | masks
     c.predict.positive_class = -1  # the lesion class the maps explain; -1 = the last class
+    # The lesion-free class's name (e.g. notumor; '' = none): adds "any lesion" reliance and
+    # detection (the other classes together) and, with more than two classes, the maps
+    # explain each image's most probable lesion class.
+    c.predict.negative_class = ""
 
     c.runtime = ml_collections.ConfigDict()
     c.runtime.compilation_cache_dir = "~/.cache/xmedjax/jax"  # '' = off

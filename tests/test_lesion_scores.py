@@ -301,6 +301,69 @@ def test_annotated_folder_scores_match_a_recomputation_from_the_npz(
     assert 0 <= lo <= det["sensitivity"] <= hi <= 1 and hi - lo > 0.3  # n = 2: wide
 
 
+def test_any_lesion_scores_of_a_four_class_model(annotated_folder, tmp_path):
+    # A 4-class model on a folder of lesions of unknown type: "any lesion" collapses the
+    # classes to lesion-free ("none") vs the rest; the maps explain the most probable other
+    # class; detection counts p(not none) > p(none), recomputed from the predictions.
+    folder, _ = annotated_folder
+    four = nnx.split(create_model("resnet50", 4, in_channels=1, width=0.0625))
+    names = ("glioma", "none", "pituitary", "meningioma")
+    settings = annotated.FolderAnnotations(
+        os.path.join(folder, "outlines.json"), "via", negative_class="none", bootstrap_samples=50
+    )
+    run.predict_folder(
+        *four,
+        folder=folder,
+        workdir=str(tmp_path),
+        preprocess=PRE,
+        methods=("gradcam",),
+        batch_size=3,
+        label_names=names,
+        annotations=settings,
+        progress=False,
+    )
+    with open(os.path.join(str(tmp_path), "explain_quality_folder.json")) as f:
+        q = json.load(f)
+    with open(os.path.join(str(tmp_path), "predictions_folder.json")) as f:
+        rows = {r["id"]: np.array(r["probabilities"]) for r in json.load(f)["predictions"]}
+    npz = export.read_heatmaps(os.path.join(str(tmp_path), "heatmaps", "folder_gradcam.npz"))
+    probs = np.stack([rows[i] for i in npz["ids"].tolist()])
+    lesion = npz["lesion"]
+    expected_targets = np.argmax(np.where(np.arange(4) == 1, -np.inf, probs), axis=1)
+    np.testing.assert_array_equal(npz["targets"], expected_targets)
+    assert (npz["targets"] != 1).all()
+    anyl = q["any_lesion"]
+    p_lesion = 1 - probs[lesion, 1]
+    assert anyl["detection"]["n_images"] == 2
+    assert anyl["detection"]["n_predicted_positive"] == int((p_lesion > 0.5).sum())
+    np.testing.assert_allclose(
+        anyl["lesion_reliance"]["original"]["probability"], p_lesion.mean(), rtol=1e-4
+    )
+    assert anyl["lesion_reliance"]["negative_class"] == "none"
+    assert "none" in anyl["lesion_reliance"]["decision"]
+    assert q["detection"]["n_images"] == 2  # the positive class's own section stays
+
+
+def test_any_lesion_of_a_binary_model_keeps_its_threshold():
+    p1 = np.array([[0.9, 0.6, 0.3]] * 4)
+    probs = np.stack([1 - p1, p1], axis=-1)
+    out = annotated.any_lesion(
+        probs, np.ones(3, bool), negative_class=0, negative_name="notumor",
+        threshold=0.5, samples=20, seed=0,
+    )  # fmt: skip
+    assert out["detection"]["n_predicted_positive"] == 2 and "0.5" in out["detection"]["decision"]
+    np.testing.assert_allclose(annotated.any_lesion_probs(probs, 0), probs)
+
+
+def test_unknown_negative_class_is_a_one_line_error():
+    settings = annotated.FolderAnnotations("x.json", negative_class="healthy")
+    with pytest.raises(ValueError, match="config.predict.negative_class='healthy' is not a"):
+        settings.resolve_negative(("notumor", "tumor"), 2)
+    named = annotated.FolderAnnotations("x.json", negative_class="tumor")
+    assert named.resolve_negative(("notumor", "tumor"), 2) == 1
+    assert annotated.FolderAnnotations("x.json").resolve_negative(("a", "b"), 2) is None
+
+
 def test_mask_images_beside_the_folder_images_are_not_predicted(model, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

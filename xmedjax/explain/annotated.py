@@ -64,13 +64,15 @@ class FolderAnnotations:
     path: str
     format: str = "auto"  # auto | via | coco | yolo | masks
     positive_class: int = -1  # the lesion class explained and measured; -1: the last
+    negative_class: str = ""  # the lesion-free class's name: adds "any lesion" scores
     bootstrap_samples: int = 1000
     seed: int = 0
     reliance: bool = True
 
     @classmethod
     def from_config(cls, config) -> FolderAnnotations | None:
-        """From config.predict.{annotations, annotation_format, positive_class}; None without."""
+        """From config.predict.{annotations, annotation_format, positive_class,
+        negative_class}; None without."""
         p = config.predict
         if not p.annotations:
             return None
@@ -78,6 +80,7 @@ class FolderAnnotations:
             path=p.annotations,
             format=p.annotation_format,
             positive_class=int(p.positive_class),
+            negative_class=str(p.get("negative_class", "")),
             bootstrap_samples=int(config.evaluate.bootstrap_samples),
             seed=int(config.training.seed),
         )
@@ -90,6 +93,21 @@ class FolderAnnotations:
                 f"config.predict.positive_class={k} but the model has {num_classes} classes"
             )
         return k % num_classes
+
+    def resolve_negative(self, label_names: Sequence[str] | None, num_classes: int) -> int | None:
+        """The lesion-free class as an index (by name, or a class index); None when unset."""
+        name = self.negative_class
+        if not name:
+            return None
+        names = [str(n) for n in (label_names or [])]
+        if name in names:
+            return names.index(name)
+        if name.isdigit() and int(name) < num_classes:
+            return int(name)
+        raise ValueError(
+            f"config.predict.negative_class={name!r} is not a class of the model "
+            f"(classes: {', '.join(names) or num_classes})"
+        )
 
 
 def num_classes(graphdef: nnx.GraphDef, state: nnx.State) -> int:
@@ -292,15 +310,57 @@ def detection(reliance: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def any_lesion_probs(probs: np.ndarray, negative_class: int) -> np.ndarray:
+    """(..., K) class probabilities -> (..., 2): [p(lesion-free), p(any other class)]."""
+    p_negative = probs[..., negative_class]
+    return np.stack([p_negative, 1.0 - p_negative], axis=-1)
+
+
+def any_lesion(
+    probs: np.ndarray,
+    placed: np.ndarray,
+    *,
+    negative_class: int,
+    negative_name: str,
+    threshold: float | None,
+    samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Lesion reliance and detection of "any lesion class" (probabilities (4, N, K) of the
+    lesion rows): the model's classes collapsed to lesion-free vs the rest, for a folder of
+    lesions of any kind (a 4-class brain model on tumours of unknown type). A model with two
+    classes keeps its decision threshold; with more, "any lesion" is decided when the other
+    classes together are more probable than the lesion-free one."""
+    k = probs.shape[-1]
+    keep_threshold = threshold if k == 2 and negative_class == 0 else None
+    section = reliance_lib.summarise(
+        any_lesion_probs(probs, negative_class),
+        np.ones(probs.shape[1], np.int64),
+        placed,
+        threshold=keep_threshold,
+        samples=samples,
+        seed=seed,
+    )
+    if keep_threshold is None:
+        section["decision"] = f"any lesion when p(not {negative_name}) > p({negative_name})"
+    section["targets"] = f"any class but {negative_name} (class {negative_class})"
+    section["negative_class"] = negative_name
+    return {"lesion_reliance": section, "detection": detection(section)}
+
+
 def folder_quality(
     scorer: FolderScorer,
     settings: FolderAnnotations,
     *,
     threshold: float | None,
     meta: dict[str, Any],
+    negative_class: int | None = None,
+    negative_name: str = "",
 ) -> dict[str, Any]:
     """explain_quality_folder.json: per method localisation (means, ci95, paired), the
-    lesion_reliance section and _meta."""
+    lesion_reliance and detection sections, with `negative_class` (the lesion-free class's
+    index) also `any_lesion` ({lesion_reliance, detection} of any lesion class), and
+    _meta."""
     lesion = scorer._cat("lesion").astype(bool)
     samples, seed = settings.bootstrap_samples, settings.seed
     per_image = {
@@ -327,6 +387,16 @@ def folder_quality(
         )
         out["lesion_reliance"]["targets"] = f"positive class {scorer.positive_class}"
         out["detection"] = detection(out["lesion_reliance"])
+        if negative_class is not None:
+            out["any_lesion"] = any_lesion(
+                probs[:, lesion],
+                np.concatenate(scorer.placed)[lesion],
+                negative_class=negative_class,
+                negative_name=negative_name or str(negative_class),
+                threshold=threshold,
+                samples=samples,
+                seed=seed,
+            )
     known = scorer._cat("known").astype(bool)
     out["_meta"] = {
         **meta,
@@ -339,7 +409,10 @@ def folder_quality(
         "annotation_errors": scorer.masks.errors[:MAX_LISTED],
         "annotation_error_count": len(scorer.masks.errors),
         "n_localisation": int(lesion.sum()),
-        "targets": f"positive class {scorer.positive_class}",
+        "targets": f"positive class {scorer.positive_class}"
+        if negative_class is None
+        else f"maps: positive class {scorer.positive_class}, or with more than two classes "
+        f"each image's most probable class but {negative_name or negative_class}",
         "geometry": GEOMETRY,
         "pointing_game": POINTING,
         "energy_iou": AREA,

@@ -523,14 +523,19 @@ def _hooks(*hooks: Callable | None) -> Callable | None:
 
 @dataclasses.dataclass
 class _FolderScoring:
-    """An annotated folder's scoring: its masks, the on_batch scorer, the lesion class."""
+    """An annotated folder's scoring: its masks, the on_batch scorer, the lesion class and
+    the lesion-free class (None unless config.predict.negative_class names it)."""
 
     settings: annotated.FolderAnnotations
     masks: annotated.FolderMasks
     scorer: annotated.FolderScorer
+    negative: int | None = None
+    negative_name: str = ""
 
     @classmethod
-    def start(cls, graphdef, state, folder: str, files: Sequence[str], settings) -> _FolderScoring:
+    def start(
+        cls, graphdef, state, folder: str, files: Sequence[str], settings, label_names=None
+    ) -> _FolderScoring:
         masks = annotated.FolderMasks(folder, files, settings)
         if masks.missing:
             logging_utils.log(
@@ -542,7 +547,9 @@ class _FolderScoring:
                 f"{len(masks.errors)} bad annotation(s) skipped (their images are unknown, "
                 f"listed in explain_quality_folder.json): {masks.errors[0]}"
             )
-        positive = settings.resolve_class(annotated.num_classes(graphdef, state))
+        k = annotated.num_classes(graphdef, state)
+        positive = settings.resolve_class(k)
+        negative = settings.resolve_negative(label_names, k)
         scorer = annotated.FolderScorer(
             masks,
             graphdef,
@@ -551,10 +558,26 @@ class _FolderScoring:
             reliance=settings.reliance,
             seed=settings.seed,
         )
-        return cls(settings, masks, scorer)
+        name = ""
+        if negative is not None:
+            name = str(label_names[negative]) if label_names else str(negative)
+        return cls(settings, masks, scorer, negative, name)
 
     def explain_class(self) -> TargetChooser:
-        positive = self.scorer.positive_class
+        """The positive class; with a lesion-free class and more than two classes, each
+        image's most probable lesion class (the maps explain the tumour the model sees)."""
+        positive, negative = self.scorer.positive_class, self.negative
+
+        def most_probable_lesion(probs, batch):
+            probs = np.array(probs, np.float64)
+            probs[:, negative] = -np.inf
+            return np.argmax(probs, axis=-1).astype(np.int32)
+
+        if (
+            negative is not None
+            and annotated.num_classes(self.scorer.graphdef, self.scorer.state) > 2
+        ):
+            return most_probable_lesion
         return lambda probs, batch: np.full(len(probs), positive, np.int32)
 
     def write(
@@ -572,14 +595,19 @@ class _FolderScoring:
             meta["positive_class_name"] = str(label_names[self.scorer.positive_class])
         meta["seconds"] = round(time.time() - started, 2)
         scores = annotated.folder_quality(
-            self.scorer, self.settings, threshold=threshold, meta=meta
+            self.scorer,
+            self.settings,
+            threshold=threshold,
+            meta=meta,
+            negative_class=self.negative,
+            negative_name=self.negative_name,
         )
         path = os.path.join(workdir, "explain_quality_folder.json")
         return scores, json_io.write_json(path, scores)
 
 
 def _folder_files(
-    graphdef, state, folder: str, workdir: str, annotations
+    graphdef, state, folder: str, workdir: str, annotations, label_names=None
 ) -> tuple[list[str], _FolderScoring | None]:
     """The folder's image files (annotation files left out) and its scoring (None without
     annotations); clears the previous folder outputs once there are images."""
@@ -589,7 +617,7 @@ def _folder_files(
     _clear_folder_outputs(workdir)
     if annotations is None:
         return files, None
-    scoring = _FolderScoring.start(graphdef, state, folder, files, annotations)
+    scoring = _FolderScoring.start(graphdef, state, folder, files, annotations, label_names)
     if not scoring.masks.files:
         raise FileNotFoundError(f"no images under {folder}, only annotation files")
     return scoring.masks.files, scoring
@@ -632,7 +660,7 @@ def explain_folder(
     "quality": scores or None, "quality_path": path or None}.
     """
     started, methods = time.time(), tuple(methods)
-    files, scoring = _folder_files(graphdef, state, folder, workdir, annotations)
+    files, scoring = _folder_files(graphdef, state, folder, workdir, annotations, label_names)
     explained = methods + (("random",) if scoring and "random" not in methods else ())
     images = _FolderImages(folder, files, batch_size=batch_size, preprocess=preprocess)
     layer = _cam_layer(graphdef, state, preprocess, cam_layer) if explained else None
