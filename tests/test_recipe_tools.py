@@ -228,6 +228,22 @@ def test_summary_reads_every_figure_and_writes_nothing_into_the_runs(tmp_path):
         summary.run_figures(str(tmp_path))
 
 
+def test_summary_prefers_any_lesion_detection_when_scored(tmp_path):
+    wd = str(tmp_path / "four")
+    _fake_run(wd)
+    with open(f"{wd}/explain_quality_folder.json") as f:
+        folder = json.load(f)
+    folder["any_lesion"] = {
+        "detection": {"sensitivity": 0.75},
+        "lesion_reliance": {"n_images": 8, "lesion_removed": {"mean_drop": 0.4}},
+    }
+    _write(f"{wd}/explain_quality_folder.json", folder)
+    r = summary.run_figures(wd)
+    assert r["external_sensitivity"] == 0.75
+    assert r["external"]["lesion_reliance"]["lesion_removed"]["mean_drop"] == 0.4
+    assert set(r["external"]["localisation"]) == {"hirescam"}
+
+
 # ----------------------------------------------------------------------------- lesion mix
 def _blob_image(size=64, lesion=True):
     yy, xx = np.mgrid[:size, :size]

@@ -32,7 +32,7 @@ from xmedjax import json_io
 
 POINT_KEYS = ("accuracy", "auc_roc", "f1", "average_precision", "sensitivity", "specificity")
 LOCALISATION_KEYS = ("pointing_game", "energy_in_mask")
-NOT_METHODS = ("lesion_reliance", "detection", "_meta")
+NOT_METHODS = ("lesion_reliance", "detection", "any_lesion", "_meta")
 
 
 def _read(workdir: str, name: str) -> Any:
@@ -110,7 +110,10 @@ def run_figures(workdir: str) -> dict[str, Any]:
     out["localisation"] = localisation(quality)
     out["lesion_reliance"] = reliance(quality)
     folder = _read(workdir, "explain_quality_folder.json")
-    detection = (folder or {}).get("detection") or {}
+    # "any lesion" (predict.negative_class) when scored: a 4-class model on tumours of any
+    # kind; else the positive class's own detection and reliance
+    scored = (folder or {}).get("any_lesion") or folder or {}
+    detection = scored.get("detection") or {}
     out["external_sensitivity"] = detection.get("sensitivity")
     out["external"] = (
         None
@@ -119,7 +122,7 @@ def run_figures(workdir: str) -> dict[str, Any]:
             "folder": (folder.get("_meta") or {}).get("folder"),
             "detection": detection or None,
             "localisation": localisation(folder),
-            "lesion_reliance": reliance(folder),
+            "lesion_reliance": reliance(scored),
         }
     )
     commands = _read(workdir, "commands.jsonl") or []
