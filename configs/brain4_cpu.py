@@ -10,9 +10,16 @@ From the raw Kaggle folders (boxes borrowed as in configs/brain_cpu.py):
       --out=prepared/brain4_cpu --label_map=multiclass --dedup_test \
       --annotations_from=RAW/brain_tumor_boxes
   python -m xmedjax.main --config=configs/brain4_cpu.py:ARCH --workdir=runs/brain4_cpu_ARCH
+  # the external tumours (any type): "any tumour" sensitivity, localisation, reliance
+  python -m xmedjax.main --config=configs/brain4_cpu.py:ARCH --workdir=runs/brain4_cpu_ARCH \
+      --config.mode=predict --config.predict.folder=RAW/br35h_tumours/images \
+      --config.predict.annotations=RAW/br35h_tumours/annotations_via.json \
+      --config.predict.negative_class=notumor
 
 Heatmaps explain the predicted class; localisation is scored on the tumour images whose
-box was borrowed.
+box was borrowed. On the external folder, `negative_class` adds `any_lesion` to
+explain_quality_folder.json (a tumour of any type against notumor) and the maps explain
+each slice's most probable tumour class.
 """
 
 import configs

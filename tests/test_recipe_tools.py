@@ -228,6 +228,26 @@ def test_summary_reads_every_figure_and_writes_nothing_into_the_runs(tmp_path):
         summary.run_figures(str(tmp_path))
 
 
+def test_summary_of_several_seeds_means_figures_and_spans_intervals(tmp_path):
+    dirs = [str(tmp_path / f"s{i}") for i in range(3)]
+    for i, wd in enumerate(dirs):
+        _fake_run(wd)
+        with open(f"{wd}/metrics.json") as f:
+            m = json.load(f)
+        m["test"]["accuracy"] = 0.8 + 0.05 * i
+        m["test"]["ci95"]["accuracy"] = [0.75 + 0.05 * i, 0.85 + 0.05 * i]
+        _write(f"{wd}/metrics.json", m)
+    s = summary.summarise({"brain_resnet50": "+".join(dirs)})
+    r = s["runs"]["brain_resnet50"]
+    np.testing.assert_allclose(r["accuracy"], 0.85)
+    np.testing.assert_allclose(r["ci95"]["accuracy"], [0.75, 0.95])
+    assert r["seeds"]["n"] == 3
+    np.testing.assert_allclose(r["seeds"]["accuracy"], [0.8, 0.85, 0.9])
+    assert r["details_from"] == dirs[0] and r["workdir"] == dirs
+    assert r["external_sensitivity"] == 0.25 and r["auc_roc_dedup"] is None
+    assert "| brain_resnet50 (3 seeds) | 0.850 [0.750, 0.950]" in summary.markdown(s)
+
+
 def test_summary_prefers_any_lesion_detection_when_scored(tmp_path):
     wd = str(tmp_path / "four")
     _fake_run(wd)

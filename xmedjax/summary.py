@@ -18,7 +18,13 @@ Per run, from its work directory (nothing is recomputed, nothing is written ther
   `external_sensitivity`;
 - commands.jsonl: `minutes`, the wall time of every finished command (train, predict, ...).
 
-A figure a run does not have is null.
+A figure a run does not have is null. A run given as several work directories joined by
+`+` (the same config trained with other seeds: `NAME=runs/a+runs/b+runs/c`) reports the
+mean over them for every point figure (`accuracy`, ..., `_dedup`, `external_sensitivity`)
+and, as its `ci95`, the span of their bootstrap intervals (lowest lower bound, highest upper
+bound): where a rerun on another seed or another CPU lands, not only test resampling. Its
+`seeds` block lists each work directory's figures; localisation, lesion reliance and the
+`external` block are the first work directory's (`details_from`).
 """
 
 from __future__ import annotations
@@ -132,12 +138,60 @@ def run_figures(workdir: str) -> dict[str, Any]:
     return out
 
 
+SEED_KEYS = (
+    *POINT_KEYS,
+    *(f"{k}_dedup" for k in POINT_KEYS),
+    "external_sensitivity",
+    "shortcut_baseline_accuracy",
+    "minutes",
+)
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _span(intervals: list) -> list | None:
+    if any(not ci or None in ci for ci in intervals):
+        return None
+    return [min(ci[0] for ci in intervals), max(ci[1] for ci in intervals)]
+
+
+def combine_seeds(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures from several seeds (see the module docstring); one seed as is."""
+    if len(figures) == 1:
+        return figures[0]
+    out = dict(figures[0])
+    out["details_from"] = figures[0]["workdir"]
+    out["workdir"] = [f["workdir"] for f in figures]
+    seeds: dict[str, Any] = {"n": len(figures)}
+    for key in SEED_KEYS:
+        values = [f.get(key) for f in figures]
+        seeds[key] = values
+        out[key] = _mean(values)
+    seeds["lesion_removed_drop"] = [
+        ((f.get("lesion_reliance") or {}).get("lesion_removed") or {}).get("mean_drop")
+        for f in figures
+    ]
+    for suffix in ("", "_dedup"):
+        out[f"ci95{suffix}"] = {
+            k: _span([(f.get(f"ci95{suffix}") or {}).get(k) for f in figures]) for k in POINT_KEYS
+        }
+    out["seeds"] = seeds
+    return out
+
+
 def summarise(runs: Mapping[str, str], pretraining: Mapping[str, str] | None = None) -> dict:
-    """{"runs": {name: figures}, "pretraining": {name: figures}} of named work directories."""
+    """{"runs": {name: figures}, "pretraining": {name: figures}} of named work directories
+    (several joined by "+": seeds of one run, `combine_seeds`)."""
+
+    def figures(workdirs: str) -> dict[str, Any]:
+        return combine_seeds([run_figures(wd) for wd in workdirs.split("+") if wd])
+
     return json_io.to_jsonable(
         {
-            "runs": {name: run_figures(wd) for name, wd in runs.items()},
-            "pretraining": {name: run_figures(wd) for name, wd in (pretraining or {}).items()},
+            "runs": {name: figures(wd) for name, wd in runs.items()},
+            "pretraining": {name: figures(wd) for name, wd in (pretraining or {}).items()},
         }
     )
 
@@ -165,6 +219,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
         for name, r in summary.get(section, {}).items():
             ci = r.get("ci95") or {}
             ext = ((r.get("external") or {}).get("detection") or {}).get("sensitivity_ci95")
+            if r.get("seeds"):  # a mean over seeds: the first seed's interval does not apply
+                ext = None
+                name = f"{name} ({r['seeds']['n']} seeds)"
             lines.append(
                 f"| {name} | {_ci(r['accuracy'], ci.get('accuracy'))} "
                 f"| {_ci(r['auc_roc'], ci.get('auc_roc'))} | {_fmt(r['f1'])} "
@@ -196,7 +253,9 @@ def _pairs(text: str, flag: str) -> dict[str, str]:
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--{flag}: expected NAME=WORKDIR[,NAME=WORKDIR...], got {item!r}")
+            raise ValueError(
+                f"--{flag}: expected NAME=WORKDIR[+WORKDIR...][,NAME=...], got {item!r}"
+            )
         out[name] = path
     return out
 
@@ -219,7 +278,9 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("runs", None, "NAME=WORKDIR,... the runs to summarise", required=True)
+    flags.DEFINE_string(
+        "runs", None, "NAME=WORKDIR[+WORKDIR: other seeds],... the runs", required=True
+    )
     flags.DEFINE_string("pretraining", "", "NAME=WORKDIR,... the pretraining comparison runs")
     flags.DEFINE_string("out", None, "the summary JSON to write", required=True)
     flags.DEFINE_string("markdown", "", "also write the tables as markdown here")
