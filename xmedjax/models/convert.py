@@ -132,7 +132,8 @@ def torch_layout(model: nnx.Module) -> dict[str, tuple[nnx.Variable, tuple[int, 
     """Maps each torchvision key the model expects to (variable, torch-layout shape)."""
     layout = {}
     for path, module in nnx.iter_modules(model):
-        names = _PARAM_NAMES.get(type(module))
+        # by the first base class that is a known layer (batch_norm.BatchNorm is nnx's)
+        names = next((_PARAM_NAMES[t] for t in type(module).__mro__ if t in _PARAM_NAMES), None)
         if names is None:
             continue
         prefix = ".".join(str(p) for p in path)

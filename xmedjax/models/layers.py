@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xmedjax.models import batch_norm as batch_norm_lib
+from xmedjax.models import kernel_grad
+
 # torch BatchNorm2d: eps 1e-5, running = (1 - 0.1) * running + 0.1 * batch.
 # Flax: running = momentum * running + (1 - momentum) * batch, so momentum 0.9.
 BN_EPSILON = 1e-5
@@ -33,7 +36,8 @@ def conv(
     dtype: jnp.dtype,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """A bias-free 2-D convolution with symmetric padding, like torch.nn.Conv2d."""
+    """A bias-free 2-D convolution with symmetric padding, like torch.nn.Conv2d; its kernel
+    gradient is a matrix product where that is faster on a CPU (`kernel_grad`)."""
     return nnx.Conv(
         in_ch,
         out_ch,
@@ -42,6 +46,7 @@ def conv(
         padding=((padding, padding), (padding, padding)),
         use_bias=False,
         kernel_init=conv_init,
+        conv_general_dilated=kernel_grad.conv_general_dilated,
         dtype=dtype,
         param_dtype=jnp.float32,
         rngs=rngs,
@@ -49,12 +54,13 @@ def conv(
 
 
 def batch_norm(features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """torch.nn.BatchNorm2d(features) with float32 parameters and statistics."""
+    """torch.nn.BatchNorm2d(features) with float32 parameters and statistics (and a
+    hand-written training backward, `batch_norm.BatchNorm`)."""
     # Two-pass variance (mean((x - mean)^2)), as torch computes it. Flax's default "fast"
     # variance, mean(x^2) - mean(x)^2, cancels catastrophically in float32: data-parallel
     # train steps on 8 devices then got gradients up to 23% off the 1-device ones (ResNet50,
     # 32 px); with two passes both agree with float64 to ~1e-4 (tests/test_sharding.py).
-    return nnx.BatchNorm(
+    return batch_norm_lib.BatchNorm(
         features,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
@@ -84,13 +90,64 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear
     )
 
 
+POOL_PAD = ((0, 0), (1, 1), (1, 1), (0, 0))
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1) on NHWC input."""
-    # The init value must be a Python scalar: a jnp array is a tracer under jit, and
-    # reduce_window with a traced init has no reverse-mode rule (training fails).
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
+    """torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1) on NHWC input.
+
+    The gradient goes to the first maximum of each window in row-major order, as torch's;
+    it is computed tap by tap (`_max_pool_grad`) instead of JAX's argmax-form reduce-window,
+    which materialises four int32 index maps of the padded input (7% of a ResNet50 train
+    step on a CPU, benchmarks/NOTES.md)."""
+    return _max_pool(x)
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+    # The init value must be a Python scalar: a jnp array is a tracer under jit.
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), POOL_PAD)
+
+
+def _max_pool_fwd(x):
+    y = _max_pool(x)
+    return y, (x, y)
+
+
+def _max_pool_grad(residuals, g):
+    """Each output's gradient to the first input of its 3x3 window equal to the maximum."""
+    x, y = residuals
+    n, h, w, c = x.shape
+    padded = jnp.pad(x, POOL_PAD, constant_values=-jnp.inf)
+    _, ho, wo, _ = y.shape
+    taken = jnp.zeros(y.shape, bool)
+    dx = jnp.zeros(padded.shape, g.dtype)
+    for dy in range(3):
+        for dxx in range(3):
+            window = jax.lax.slice(
+                padded,
+                (0, dy, dxx, 0),
+                (n, dy + 2 * (ho - 1) + 1, dxx + 2 * (wo - 1) + 1, c),
+                (1, 2, 2, 1),
+            )
+            first = (window == y) & ~taken
+            taken = taken | first
+            part = jnp.where(first, g, jnp.zeros_like(g))
+            # back to the window's positions: every 2nd row/column from (dy, dxx)
+            dx = dx + jax.lax.pad(
+                part,
+                jnp.array(0, g.dtype),
+                (
+                    (0, 0, 0),
+                    (dy, padded.shape[1] - dy - 2 * (ho - 1) - 1, 1),
+                    (dxx, padded.shape[2] - dxx - 2 * (wo - 1) - 1, 1),
+                    (0, 0, 0),
+                ),
+            )
+    return (dx[:, 1 : h + 1, 1 : w + 1, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_grad)
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:

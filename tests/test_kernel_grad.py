@@ -1,0 +1,153 @@
+"""Convolutions as matrix products (xmedjax.models.kernel_grad, issue 14): outputs and
+gradients equal lax's up to float rounding (k x k forwards bit for bit), and the cases it
+does not take fall back to the plain convolution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from xmedjax.models import create_model
+from xmedjax.models import kernel_grad as kg
+
+CASES = [  # (H, kernel, stride, pad, in, out): the 1x1 convolutions the models take
+    (16, 1, 1, 0, 8, 16),
+    (16, 1, 2, 0, 8, 16),  # strided 1x1 (downsample)
+    (15, 1, 2, 0, 8, 16),  # odd size
+    (9, 1, 1, 0, 64, 32),
+]
+
+
+def _loss(conv, x, w, stride, pad):
+    y = conv(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=kg.NHWC)
+    return jnp.sum(jnp.sin(y))  # a non-trivial output gradient
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}k{}s{}p{}_{}to{}".format(*c))
+def test_gradients_match_lax_autodiff(case):
+    h, k, stride, pad, cin, cout = case
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, h, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+    assert kg.uses_matmul_kernel_grad(w.shape, ((pad, pad), (pad, pad)), kg.NHWC)
+    plain = jax.jit(
+        jax.value_and_grad(lambda x, w: _loss(lax.conv_general_dilated, x, w, stride, pad), (0, 1))
+    )
+    ours = jax.jit(
+        jax.value_and_grad(lambda x, w: _loss(kg.conv_general_dilated, x, w, stride, pad), (0, 1))
+    )
+    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = plain(x, w), ours(x, w)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx1), np.asarray(dx0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw1), np.asarray(dw0), rtol=1e-4, atol=1e-4)
+    assert dw1.dtype == w.dtype and dw1.shape == w.shape
+
+
+@pytest.mark.parametrize(
+    "case", [(17, 7, 2, 3, 3, 8), (15, 3, 2, 1, 2, 4), (12, 3, 1, 1, 5, 6), (9, 1, 2, 0, 4, 4)]
+)
+def test_kernel_gradient_of_any_kernel_matches_xla(case):
+    """`kernel_gradient` for k x k kernels too (the models leave those to XLA: slower here)."""
+    h, k, stride, pad, cin, cout = case
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, h, h, cin)), jnp.float32)
+    w = jnp.zeros((k, k, cin, cout), jnp.float32)
+    pads = ((pad, pad), (pad, pad))
+    y, vjp = jax.vjp(
+        lambda w: lax.conv_general_dilated(x, w, (stride,) * 2, pads, dimension_numbers=kg.NHWC),
+        w,
+    )
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    ours = kg.kernel_gradient(x, g, w.shape, (stride, stride), pads)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(vjp(g)[0]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (1, 2), (3, 1), (7, 2)])
+def test_forward_matches_lax(kernel, stride):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 13, 13, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 4, 6)), jnp.float32)
+    pads = ((kernel // 2, kernel // 2),) * 2
+    a = lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=kg.NHWC)
+    b = kg.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=kg.NHWC)
+    assert a.shape == b.shape
+    if kernel > 1:  # the same lax call
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, padding, extra",
+    [
+        ((3, 3, 64, 64), ((1, 1), (1, 1)), {}),  # XLA's own is faster
+        ((7, 7, 3, 64), ((3, 3), (3, 3)), {}),  # the stem too
+        ((1, 1, 8, 8), "SAME", {}),
+        ((1, 1, 8, 8), ((0, 0), (0, 0)), {"rhs_dilation": (2, 2)}),
+        ((1, 1, 4, 8), ((0, 0), (0, 0)), {"feature_group_count": 2}),
+        ((3, 3, 8, 8), ((1, 1), (1, 1)), {"lhs_dilation": (2, 2)}),
+    ],
+)
+def test_other_convolutions_stay_plain(shape, padding, extra):
+    assert not kg.uses_matmul_kernel_grad(shape, padding, kg.NHWC, **extra)
+
+
+def test_nchw_layout_stays_plain():
+    assert not kg.uses_matmul_kernel_grad((1, 1, 8, 8), ((0, 0), (0, 0)), ("NCHW", "OIHW", "NCHW"))
+
+
+def test_float64_gradients_are_float64_exact():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float64)
+        w = jnp.asarray(rng.standard_normal((1, 1, 4, 4)), jnp.float64)
+        dw = jax.grad(lambda w: _loss(kg.conv_general_dilated, x, w, 2, 0))(w)
+        ref = jax.grad(lambda w: _loss(lax.conv_general_dilated, x, w, 2, 0))(w)
+        assert dw.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(dw), np.asarray(ref), rtol=1e-12)
+
+
+def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
+    x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
+    w = jnp.full((1, 1, 4, 4), 0.5, jnp.bfloat16)
+    dw = jax.grad(lambda w: _loss(kg.conv_general_dilated, x, w, 1, 0).astype(jnp.float32))(w)
+    ref = jax.grad(lambda w: _loss(lax.conv_general_dilated, x, w, 1, 0).astype(jnp.float32))(w)
+    assert dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(ref, np.float32), rtol=2e-2)
+
+
+def _to_float64(tree):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet50", "densenet121"])
+def test_model_gradients_match_the_plain_convolution(arch, monkeypatch):
+    """The whole model's parameter gradients with and without the products, in float64 (in
+    float32 a freshly initialised narrow network with BatchNorm over a small batch amplifies
+    the products' different rounding to 1e-3; in float64 only the math is compared)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32, 32, 3)), jnp.float64)
+
+        def grads():
+            model = create_model(arch, 2, in_channels=3, width=0.0625, dtype=jnp.float64)
+            model.train()  # BatchNorm on the batch's statistics, as in a train step
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, _to_float64(state))
+            return nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)))))(model)
+
+        ours = grads()
+        monkeypatch.setattr(kg, "uses_matmul_kernel_grad", lambda *a, **k: False)
+        plain = grads()
+        leaves = jax.tree_util.tree_leaves_with_path(ours)
+        assert len(leaves) == len(jax.tree_util.tree_leaves(plain)) > 50
+        for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(plain)):
+            assert a.dtype == jnp.float64
+            scale = float(jnp.max(jnp.abs(b))) + 1e-30
+            err = float(jnp.max(jnp.abs(a - b))) / scale
+            assert err < 1e-9, (jax.tree_util.keystr(path), err)

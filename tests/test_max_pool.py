@@ -1,0 +1,57 @@
+"""The stem's max pool (layers.max_pool_3x3_s2): torch's forward and torch's gradient rule
+(each window's gradient to its first maximum in row-major order), ties included."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmedjax.models import layers
+
+
+def _torch_rule(x, g):
+    """MaxPool2d(3, 2, 1)'s forward and backward, the slow way, in numpy."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    y, dx = np.full((n, ho, wo, c), -np.inf), np.zeros_like(x)
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                for k in range(c):
+                    best = None
+                    for di in range(3):
+                        for dj in range(3):
+                            r, s = 2 * i - 1 + di, 2 * j - 1 + dj
+                            inside = 0 <= r < h and 0 <= s < w
+                            if inside and (best is None or x[b, r, s, k] > y[b, i, j, k]):
+                                y[b, i, j, k], best = x[b, r, s, k], (r, s)
+                    dx[b, best[0], best[1], k] += g[b, i, j, k]
+    return y, dx
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 8, 10, 2), (1, 5, 5, 1)])
+def test_forward_and_gradient_follow_torch_with_ties(shape):
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(shape), 0).round(1).astype(np.float32)  # many ties
+    y = layers.max_pool_3x3_s2(jnp.asarray(x))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    y_ref, dx_ref = _torch_rule(x, g)
+    _, vjp = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), y_ref)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_ref, atol=1e-6)
+    assert (x == 0).mean() > 0.3  # the ties were there
+
+
+def test_gradient_matches_jax_own_max_pool_under_jit():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 16, 4)), jnp.float32)
+
+    def own(x):
+        return jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), layers.POOL_PAD
+        )
+
+    a = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(own(x)))))(x)
+    b = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool_3x3_s2(x)))))(x)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)

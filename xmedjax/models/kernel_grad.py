@@ -1,0 +1,199 @@
+"""Convolutions as matrix products where XLA:CPU's own are slow (issue 14: CPU speed).
+
+XLA:CPU computes the kernel gradient of a convolution as another convolution with batch and
+features swapped, after physically transposing the activation and the output gradient to
+[C, H, W, N]: on ResNet50's train step those kernel gradients and their transposes were half
+of the time (benchmarks/NOTES.md, "CPU profile"). For a 1x1 convolution the kernel gradient
+is one matrix product, x^T g over the N*H*W rows of the NHWC activation (strided: of its
+subsampled rows). A 1x1 convolution without padding is also a matrix product forward ([N*H*W, Cin] x
+[Cin, Cout], `MATMUL_1X1_FORWARD`), and its input gradient then the product's transpose.
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (nnx.Conv's
+`conv_general_dilated` argument) that does this:
+
+- a 1x1 convolution's output differs from lax's by float rounding only (the sums run in
+  another order: the torchvision goldens hold at their 1e-4); every other forward is the
+  very same `lax.conv_general_dilated` call, bit for bit;
+- the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
+- the kernel gradient differs from XLA's by float rounding only.
+
+Every other convolution (3x3 and 7x7 kernels, dilation, groups, other layouts) is plain
+`lax.conv_general_dilated`: there XLA's own kernel gradient measured as fast or faster than
+one product per kernel tap (`kernel_gradient` computes it for any kernel;
+`benchmarks/cpu_kernels.py` times both).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _is_unit(values) -> bool:
+    return values is None or all(int(v) == 1 for v in values)
+
+
+def _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers):
+    if dimension_numbers is None or isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return dimension_numbers
+    return lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+
+
+def uses_matmul_kernel_grad(
+    rhs_shape: Sequence[int],
+    padding,
+    dimension_numbers,
+    *,
+    lhs_shape: Sequence[int] = (0, 0, 0, 0),
+    lhs_dilation=None,
+    rhs_dilation=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+) -> bool:
+    """Whether `conv_general_dilated` takes the matrix-product kernel gradient for this call:
+    a 2-D NHWC/HWIO convolution with a 1x1 kernel, explicit padding, no dilation, no
+    groups."""
+    if len(rhs_shape) != 4 or isinstance(padding, str):
+        return False
+    dn = _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    if dn != NHWC or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    if not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation)):
+        return False
+    return tuple(rhs_shape[:2]) == (1, 1)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    **sharding,
+) -> jax.Array:
+    """`lax.conv_general_dilated` with the matrix-product kernel gradient where
+    `uses_matmul_kernel_grad` says so (same arguments, same forward); an explicit
+    `out_sharding` takes the plain convolution."""
+    plain = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **{k: v for k, v in sharding.items() if v is not None},
+    )
+    if any(v is not None for v in sharding.values()) or not uses_matmul_kernel_grad(
+        rhs.shape,
+        padding,
+        dimension_numbers,
+        lhs_shape=lhs.shape,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+    ):
+        return plain(lhs, rhs)
+    strides = tuple(int(s) for s in window_strides)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+
+# A 1x1 convolution without padding as a matrix product forward too ([N*H*W, Cin] x
+# [Cin, Cout] over the strided rows); its input gradient is then the product's transpose.
+MATMUL_1X1_FORWARD = True
+
+
+def _forward(x, w, strides, pads, precision, preferred):
+    if MATMUL_1X1_FORWARD and w.shape[:2] == (1, 1) and not any(a or b for a, b in pads):
+        sy, sx = strides
+        if (sy, sx) != (1, 1):
+            x = x[:, ::sy, ::sx, :]
+        return lax.dot_general(
+            x,
+            w[0, 0],
+            (((3,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=preferred,
+        )
+    return lax.conv_general_dilated(
+        x,
+        w,
+        strides,
+        pads,
+        dimension_numbers=NHWC,
+        precision=precision,
+        preferred_element_type=preferred,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, preferred):
+    return _forward(x, w, strides, pads, precision, preferred)
+
+
+def _conv_fwd(x, w, strides, pads, precision, preferred):
+    return _forward(x, w, strides, pads, precision, preferred), (x, w)
+
+
+def _conv_bwd(strides, pads, precision, preferred, residuals, g):
+    x, w = residuals
+    (dx,) = jax.linear_transpose(
+        lambda x_: _forward(x_, w, strides, pads, precision, preferred), x
+    )(g)
+    return dx, kernel_gradient(x, g, w.shape, strides, pads).astype(w.dtype)
+
+
+def kernel_gradient(
+    x: jax.Array,
+    g: jax.Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+) -> jax.Array:
+    """d(sum(g * conv(x, w)))/dw for an NHWC/HWIO convolution: for each kernel tap (dy, dx),
+    the strided window of the padded `x` it meets, as [N*Ho*Wo, Cin], times g as
+    [N*Ho*Wo, Cout] (accumulated in float32, or float64 for float64 input)."""
+    kh, kw, cin, cout = kernel_shape
+    n, ho, wo, _ = g.shape
+    sy, sx = strides
+    if any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    rows = g.reshape(n * ho * wo, cout)
+    accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    taps = []
+    for dy in range(kh):
+        for dx in range(kw):
+            window = lax.slice(
+                x,
+                (0, dy, dx, 0),
+                (n, dy + (ho - 1) * sy + 1, dx + (wo - 1) * sx + 1, cin),
+                (1, sy, sx, 1),
+            )
+            taps.append(
+                lax.dot_general(
+                    window.reshape(n * ho * wo, cin),
+                    rows,
+                    (((0,), (0,)), ((), ())),
+                    preferred_element_type=accumulate,
+                )
+            )
+    return jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
