@@ -1,0 +1,96 @@
+"""Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
+
+    JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
+        --variants=,k,kp,kpb,kpbf [--rounds=5] [--image_size=224] [--width=1.0]
+
+A variant is a set of letters, each switching one change on (none: XLA's own gradients,
+as before issue 14):
+
+  k  matrix-product kernel gradients (`kernel_grad.uses_matmul_kernel_grad`)
+  p  the tap-by-tap max-pool backward (`layers.max_pool_3x3_s2`)
+  b  BatchNorm's written-out training backward (`batch_norm.BatchNorm`)
+  f  1x1 convolutions as products forward (`kernel_grad.MATMUL_1X1_FORWARD`; implies k)
+
+Every variant is compiled first (its first-call seconds printed), then the variants are
+timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
+hits them alike; the median per variant is printed. Batch 8, float32, random weights, as
+cpu.py. Run it on a quiet machine; XLA flags go in XLA_FLAGS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import cpu  # noqa: E402  (benchmarks/cpu.py: ours_makers, the public calls)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from xmedjax import mesh as mesh_lib  # noqa: E402
+from xmedjax.models import batch_norm, kernel_grad, layers  # noqa: E402
+
+ORIGINAL = (
+    kernel_grad.uses_matmul_kernel_grad,
+    layers.max_pool_3x3_s2,
+    batch_norm.BatchNorm.__call__,
+)
+
+
+def _plain_pool(x):
+    window, strides = (1, 3, 3, 1), (1, 2, 2, 1)
+    return jax.lax.reduce_window(x, -np.inf, jax.lax.max, window, strides, layers.POOL_PAD)
+
+
+def select(variant: str) -> None:
+    """Switch the changes named by `variant`'s letters on, every other one off."""
+    matmul = "k" in variant or "f" in variant
+    kernel_grad.uses_matmul_kernel_grad = ORIGINAL[0] if matmul else (lambda *a, **k: False)
+    kernel_grad.MATMUL_1X1_FORWARD = "f" in variant
+    layers.max_pool_3x3_s2 = ORIGINAL[1] if "p" in variant else _plain_pool
+    batch_norm.BatchNorm.__call__ = ORIGINAL[2] if "b" in variant else nnx.BatchNorm.__call__
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="resnet50", choices=cpu.ARCHS)
+    parser.add_argument("--workload", default="train", choices=cpu.WORKLOADS)
+    parser.add_argument("--variants", default=",kpbf", help="comma-separated; '' = before")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--width", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_compilation_cache", False)
+    cfg = {"image": args.image_size, "width": args.width}
+    mesh = mesh_lib.make_mesh()
+    calls = {}
+    for variant in args.variants.split(","):
+        select(variant)
+        t0 = time.perf_counter()
+        call, _ = cpu.ours_makers(cfg, mesh)[args.workload](args.arch, "float32")
+        call()
+        name = variant or "before"
+        print(f"{name}: first call {time.perf_counter() - t0:.1f} s", flush=True)
+        calls[name] = call
+    select("kpbf")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    print(f"{args.arch} {args.workload}, batch {cpu.BATCH}, {args.image_size} px:")
+    for name, values in times.items():
+        median = float(np.median(values))
+        print(f"  {name:<8} {median:.4f} s  {cpu.BATCH / median:7.2f} img/s")
+    print("load average:", os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
