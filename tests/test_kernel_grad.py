@@ -95,6 +95,13 @@ def test_other_convolutions_stay_plain(shape, padding, extra):
     assert not kg.uses_matmul_kernel_grad(shape, padding, kg.NHWC, **extra)
 
 
+def test_gpu_and_tpu_stay_plain(monkeypatch):
+    assert kg.uses_matmul_kernel_grad((1, 1, 8, 8), ((0, 0), (0, 0)), kg.NHWC)  # on this CPU
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert not kg.uses_matmul_kernel_grad((1, 1, 8, 8), ((0, 0), (0, 0)), kg.NHWC)
+
+
 def test_nchw_layout_stays_plain():
     assert not kg.uses_matmul_kernel_grad((1, 1, 8, 8), ((0, 0), (0, 0)), ("NCHW", "OIHW", "NCHW"))
 

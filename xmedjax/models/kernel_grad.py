@@ -16,10 +16,11 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
 - the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
 - the kernel gradient differs from XLA's by float rounding only.
 
-Every other convolution (3x3 and 7x7 kernels, dilation, groups, other layouts) is plain
-`lax.conv_general_dilated`: there XLA's own kernel gradient measured as fast or faster than
-one product per kernel tap (`kernel_gradient` computes it for any kernel;
-`benchmarks/cpu_kernels.py` times both).
+Every other convolution is plain `lax.conv_general_dilated`: 3x3 and 7x7 kernels (there
+XLA's own kernel gradient measured as fast as or faster than one product per kernel tap,
+which `kernel_gradient` also computes; `benchmarks/cpu_kernels.py` times both), dilation,
+groups, other layouts, and every convolution on a GPU or TPU (`MATMUL_BACKENDS` is the CPU
+only: the products were never measured against cuDNN or the TPU's convolutions).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+MATMUL_BACKENDS = ("cpu",)  # where the products were measured faster (benchmarks/NOTES.md)
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -57,7 +59,9 @@ def uses_matmul_kernel_grad(
 ) -> bool:
     """Whether `conv_general_dilated` takes the matrix-product kernel gradient for this call:
     a 2-D NHWC/HWIO convolution with a 1x1 kernel, explicit padding, no dilation, no
-    groups."""
+    groups, on a backend of `MATMUL_BACKENDS`."""
+    if jax.default_backend() not in MATMUL_BACKENDS:
+        return False
     if len(rhs_shape) != 4 or isinstance(padding, str):
         return False
     dn = _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
