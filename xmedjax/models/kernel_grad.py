@@ -33,6 +33,9 @@ import jax.numpy as jnp
 from jax import lax
 
 MATMUL_BACKENDS = ("cpu",)  # where the products were measured faster (benchmarks/NOTES.md)
+# A 1x1 convolution without padding as a matrix product forward too ([N*H*W, Cin] x
+# [Cin, Cout] over the strided rows); its input gradient is then the product's transpose.
+MATMUL_1X1_FORWARD = True
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -86,9 +89,9 @@ def conv_general_dilated(
     preferred_element_type=None,
     **sharding,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with the matrix-product kernel gradient where
-    `uses_matmul_kernel_grad` says so (same arguments, same forward); an explicit
-    `out_sharding` takes the plain convolution."""
+    """`lax.conv_general_dilated` (same arguments) with the matrix products where
+    `uses_matmul_kernel_grad` says so; an explicit `out_sharding` takes the plain
+    convolution."""
     plain = functools.partial(
         lax.conv_general_dilated,
         window_strides=window_strides,
@@ -116,11 +119,6 @@ def conv_general_dilated(
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
-
-
-# A 1x1 convolution without padding as a matrix product forward too ([N*H*W, Cin] x
-# [Cin, Cout] over the strided rows); its input gradient is then the product's transpose.
-MATMUL_1X1_FORWARD = True
 
 
 def _forward(x, w, strides, pads, precision, preferred):
