@@ -360,7 +360,9 @@ def test_unknown_negative_class_is_a_one_line_error():
     with pytest.raises(ValueError, match="config.predict.negative_class='healthy' is not a"):
         settings.resolve_negative(("notumor", "tumor"), 2)
     named = annotated.FolderAnnotations("x.json", negative_class="tumor")
-    assert named.resolve_negative(("notumor", "tumor"), 2) == 1
+    assert named.resolve_negative(("notumor", "tumor"), 2) == (1, "tumor")
+    by_index = annotated.FolderAnnotations("x.json", negative_class="0")
+    assert by_index.resolve_negative(("notumor", "tumor"), 2) == (0, "notumor")
     assert annotated.FolderAnnotations("x.json").resolve_negative(("a", "b"), 2) is None
 
 

@@ -94,16 +94,19 @@ class FolderAnnotations:
             )
         return k % num_classes
 
-    def resolve_negative(self, label_names: Sequence[str] | None, num_classes: int) -> int | None:
-        """The lesion-free class as an index (by name, or a class index); None when unset."""
+    def resolve_negative(
+        self, label_names: Sequence[str] | None, num_classes: int
+    ) -> tuple[int, str] | None:
+        """The lesion-free class as (index, name), named or given as an index; None unset."""
         name = self.negative_class
         if not name:
             return None
         names = [str(n) for n in (label_names or [])]
         if name in names:
-            return names.index(name)
+            return names.index(name), name
         if name.isdigit() and int(name) < num_classes:
-            return int(name)
+            k = int(name)
+            return k, names[k] if names else name
         raise ValueError(
             f"config.predict.negative_class={name!r} is not a class of the model "
             f"(classes: {', '.join(names) or num_classes})"
@@ -354,13 +357,12 @@ def folder_quality(
     *,
     threshold: float | None,
     meta: dict[str, Any],
-    negative_class: int | None = None,
-    negative_name: str = "",
+    negative: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     """explain_quality_folder.json: per method localisation (means, ci95, paired), the
-    lesion_reliance and detection sections, with `negative_class` (the lesion-free class's
-    index) also `any_lesion` ({lesion_reliance, detection} of any lesion class), and
-    _meta."""
+    lesion_reliance and detection sections, with `negative` (the lesion-free class's
+    (index, name)) also `any_lesion` ({lesion_reliance, detection} of any lesion class),
+    and _meta."""
     lesion = scorer._cat("lesion").astype(bool)
     samples, seed = settings.bootstrap_samples, settings.seed
     per_image = {
@@ -387,12 +389,12 @@ def folder_quality(
         )
         out["lesion_reliance"]["targets"] = f"positive class {scorer.positive_class}"
         out["detection"] = detection(out["lesion_reliance"])
-        if negative_class is not None:
+        if negative is not None:
             out["any_lesion"] = any_lesion(
                 probs[:, lesion],
                 np.concatenate(scorer.placed)[lesion],
-                negative_class=negative_class,
-                negative_name=negative_name or str(negative_class),
+                negative_class=negative[0],
+                negative_name=negative[1],
                 threshold=threshold,
                 samples=samples,
                 seed=seed,
@@ -410,9 +412,9 @@ def folder_quality(
         "annotation_error_count": len(scorer.masks.errors),
         "n_localisation": int(lesion.sum()),
         "targets": f"positive class {scorer.positive_class}"
-        if negative_class is None
+        if negative is None
         else f"maps: positive class {scorer.positive_class}, or with more than two classes "
-        f"each image's most probable class but {negative_name or negative_class}",
+        f"each image's most probable class but {negative[1]}",
         "geometry": GEOMETRY,
         "pointing_game": POINTING,
         "energy_iou": AREA,

@@ -529,8 +529,7 @@ class _FolderScoring:
     settings: annotated.FolderAnnotations
     masks: annotated.FolderMasks
     scorer: annotated.FolderScorer
-    negative: int | None = None
-    negative_name: str = ""
+    negative: tuple[int, str] | None = None  # (index, name)
 
     @classmethod
     def start(
@@ -558,10 +557,7 @@ class _FolderScoring:
             reliance=settings.reliance,
             seed=settings.seed,
         )
-        name = ""
-        if negative is not None:
-            name = str(label_names[negative]) if label_names else str(negative)
-        return cls(settings, masks, scorer, negative, name)
+        return cls(settings, masks, scorer, negative)
 
     def explain_class(self) -> TargetChooser:
         """The positive class; with a lesion-free class and more than two classes, each
@@ -570,7 +566,7 @@ class _FolderScoring:
 
         def most_probable_lesion(probs, batch):
             probs = np.array(probs, np.float64)
-            probs[:, negative] = -np.inf
+            probs[:, negative[0]] = -np.inf
             return np.argmax(probs, axis=-1).astype(np.int32)
 
         if (
@@ -599,8 +595,7 @@ class _FolderScoring:
             self.settings,
             threshold=threshold,
             meta=meta,
-            negative_class=self.negative,
-            negative_name=self.negative_name,
+            negative=self.negative,
         )
         path = os.path.join(workdir, "explain_quality_folder.json")
         return scores, json_io.write_json(path, scores)
