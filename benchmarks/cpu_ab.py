@@ -43,17 +43,12 @@ ORIGINAL = (
 )
 
 
-def _plain_pool(x):
-    window, strides = (1, 3, 3, 1), (1, 2, 2, 1)
-    return jax.lax.reduce_window(x, -np.inf, jax.lax.max, window, strides, layers.POOL_PAD)
-
-
 def select(variant: str) -> None:
     """Switch the changes named by `variant`'s letters on, every other one off."""
     matmul = "k" in variant or "f" in variant
     kernel_grad.uses_matmul_kernel_grad = ORIGINAL[0] if matmul else (lambda *a, **k: False)
     kernel_grad.MATMUL_1X1_FORWARD = "f" in variant
-    layers.max_pool_3x3_s2 = ORIGINAL[1] if "p" in variant else _plain_pool
+    layers.max_pool_3x3_s2 = ORIGINAL[1] if "p" in variant else layers.max_pool_3x3_s2_plain
     batch_norm.BatchNorm.__call__ = ORIGINAL[2] if "b" in variant else nnx.BatchNorm.__call__
 
 

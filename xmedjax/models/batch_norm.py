@@ -63,8 +63,7 @@ def _apply(x, mean, var, scale, bias, epsilon):
 def batch_norm_train(x, scale, bias, epsilon: float):
     """(normalised x, batch mean, batch variance) over every axis but the last; the
     statistics are for the running averages only (their gradient is not propagated)."""
-    mean, var = _stats(x)
-    return _apply(x, mean, var, scale, bias, epsilon), mean, var
+    return _fwd(x, scale, bias, epsilon)[0]
 
 
 def _fwd(x, scale, bias, epsilon):

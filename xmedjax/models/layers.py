@@ -101,16 +101,17 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     it is computed tap by tap (`_max_pool_grad`) instead of JAX's argmax-form reduce-window,
     which materialises four int32 index maps of the padded input (7% of a ResNet50 train
     step on a CPU, benchmarks/NOTES.md)."""
-    return _max_pool(x)
+    return max_pool_3x3_s2_plain(x)
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
+def max_pool_3x3_s2_plain(x: jax.Array) -> jax.Array:
+    """The same max pool as one reduce-window, differentiated by JAX's own rule."""
     # The init value must be a Python scalar: a jnp array is a tracer under jit.
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), POOL_PAD)
 
 
 def _max_pool_fwd(x):
-    y = _max_pool(x)
+    y = max_pool_3x3_s2_plain(x)
     return y, (x, y)
 
 
