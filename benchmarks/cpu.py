@@ -368,6 +368,8 @@ def setup_jax(args: argparse.Namespace):
     import gpu  # benchmarks/gpu.py: build_train, _jax_setup
     import jax
 
+    import xmedjax  # noqa: F401  (before any JAX computation: xmedjax/host_memory.py)
+
     if args.cache_dir:
         gpu._jax_setup(args.cache_dir)
     else:
@@ -506,6 +508,16 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def host_malloc() -> dict:
+    """Our side's allocator setting (xmedjax/host_memory.py); the peer's glibc environment."""
+    ours = sys.modules.get("xmedjax.host_memory")
+    names = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    return {
+        "ours": ours.STATUS if ours else "xmedjax not imported",
+        "environment": {k: os.environ[k] for k in names if k in os.environ},
+    }
+
+
 def meta(args: argparse.Namespace, cfg: dict, peers: dict, loads: dict, t0: float) -> dict:
     cores = os.cpu_count() or 1
     return {
@@ -517,6 +529,7 @@ def meta(args: argparse.Namespace, cfg: dict, peers: dict, loads: dict, t0: floa
         "argv": sys.argv[1:],
         "settings": dict(cfg, peer_threads=args.peer_threads, cache_dir=args.cache_dir),
         "versions": versions(("jax", "jaxlib", "flax", "optax", "numpy")),
+        "host_malloc": host_malloc(),
         "peer": peers.get("_notes", {}) if not args.skip_peers else {"skipped": True},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - t0,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
-import jax
+# Before xmedjax is imported: the suite's programs are tiny and compile-bound, and one malloc
+# arena (xmedjax/host_memory.py) made a compile-heavy subset 16% slower while its page-fault
+# saving only pays at full size. tests/test_host_memory.py runs the default in subprocesses.
+os.environ.setdefault("XMEDJAX_HOST_MALLOC", "system")
+
+import jax  # noqa: E402
 from absl import flags
 
 _CACHE = os.environ.get(
