@@ -121,5 +121,6 @@ def test_importing_data_prep_and_config_checks_loads_no_xmedjax_beyond_them():
         "xmedjax",
         "xmedjax.config_checks",
         "xmedjax.errors",
+        "xmedjax.host_memory",  # the package's __init__: glibc options, no JAX
         "xmedjax.names",
     ]

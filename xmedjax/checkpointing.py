@@ -38,6 +38,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from xmedjax import optimizer_layout
 from xmedjax.cli_errors import describe, verbose
 
 LATEST = "latest"
@@ -55,8 +56,9 @@ def checkpoint_dir(workdir: str, which: str = LATEST) -> str:
 
 
 def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) to restore into `state`'s structure and placement."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    """ShapeDtypeStructs (with shardings) to restore into `state`'s structure and placement,
+    in the layout checkpoints hold (one optimiser array per parameter: optimizer_layout)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, optimizer_layout.disk_like(state))
 
 
 def _manager(directory: str, max_to_keep: int, name: str = LATEST) -> ocp.CheckpointManager:
@@ -180,6 +182,7 @@ class RunCheckpoints:
         """Saves state, iterator position and loop state at `step` (no-op if already saved)."""
         if step in self.latest.all_steps():
             return
+        state = optimizer_layout.to_disk(state)
         args = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop)}
         if iterator is not None:
             args["data_iter"] = grain.checkpoint.CheckpointSave(iterator)
@@ -189,6 +192,7 @@ class RunCheckpoints:
         """Keeps `state` as the best so far (replaces the previous best)."""
         if step in self.best.all_steps():
             return
+        state = optimizer_layout.to_disk(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop))
         self._save(self.best, step, args)
 
@@ -256,7 +260,7 @@ class RunCheckpoints:
         steps = sorted(self.latest.all_steps(), reverse=True)
         candidates = [(step, [self.latest]) for step in steps]
         restored, _ = self._restore_first_intact(LATEST, candidates, composite)
-        return restored["state"], restored["loop"]
+        return optimizer_layout.from_disk(restored["state"], state_like), restored["loop"]
 
     def restore_state(self, state_like: Any, which: str = BEST) -> tuple[Any, dict, int]:
         """(state, loop, step) of the newest intact best (or latest) step, without the iterator.
@@ -282,7 +286,7 @@ class RunCheckpoints:
             state=ocp.args.StandardRestore(abstract_like(state_like)), loop=ocp.args.JsonRestore()
         )
         restored, step = self._restore_first_intact(which, candidates, args)
-        return restored["state"], restored["loop"], step
+        return optimizer_layout.from_disk(restored["state"], state_like), restored["loop"], step
 
     def _restore_first_intact(
         self,
@@ -400,7 +404,7 @@ def restore_saved(workdir: str, state_like: Any, which: str = BEST) -> tuple[Any
                 "rerun with config.mode=evaluate to fall back to an intact step"
             ) from err
     _report_held(held)
-    return restored["state"], restored["loop"], step
+    return optimizer_layout.from_disk(restored["state"], state_like), restored["loop"], step
 
 
 def saved_state_metadata(workdir: str, which: str = BEST) -> dict | None:
