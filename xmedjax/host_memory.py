@@ -21,10 +21,9 @@ running any JAX computation. `XMEDJAX_HOST_MALLOC=system` leaves glibc's default
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 import sys
+import warnings
 
 ENV = "XMEDJAX_HOST_MALLOC"
 
@@ -39,9 +38,15 @@ STATUS = "not applied"
 
 
 def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    """The running process's own symbols when its C library is glibc (no file is read and no
+    `ldconfig` is spawned: this runs at every `import xmedjax`)."""
+    try:
+        libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):  # not a POSIX system, or not glibc
         return None
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not sys.platform.startswith("linux") or not libc_version.startswith("glibc"):
+        return None
+    return ctypes.CDLL(None)
 
 
 def _backend_started() -> bool:
@@ -67,6 +72,7 @@ def keep_freed_memory() -> str:
     results = [libc.mallopt(option, value) for option, value in _OPTIONS]
     if not all(results):  # mallopt returns 1 on success, 0 on error
         STATUS = f"failed: mallopt returned {results}"
+        warnings.warn(f"xmedjax.host_memory: {STATUS}; glibc's defaults stay", stacklevel=2)
     elif late:
         STATUS = "late: the JAX backend had started; threads that allocated keep their arenas"
     else:
