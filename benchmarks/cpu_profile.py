@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--side", choices=("ours", "peer"), default="ours")
     p.add_argument("--arch", choices=("resnet50", "densenet121"), default="resnet50")
+    p.add_argument(
+        "--program",
+        choices=("train", "infer"),
+        default="train",
+        help="the train step, or the eval step's forward (peer: eval() under inference_mode)",
+    )
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--width", type=float, default=1.0, help="ours only: create_model's width")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
@@ -280,24 +286,33 @@ def profile_ours(args: argparse.Namespace) -> dict:
 
     jax.config.update("jax_enable_compilation_cache", False)
     sz = {"width": args.width, "image": args.image_size}
-    step, state, data = gpu.build_train(args.arch, "float32", 8, sz, mesh_lib.make_mesh())
+    mesh = mesh_lib.make_mesh()
+    step, state, data = gpu.build_train(args.arch, "float32", 8, sz, mesh)
+    if args.program == "infer":
+        step, data = eval_program(args.arch, state, data, mesh, sz)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
-    with open(os.path.join(args.out_dir, f"{args.arch}_train_step.hlo.txt"), "w") as f:
+    with open(os.path.join(args.out_dir, f"{args.arch}_{args.program}_step.hlo.txt"), "w") as f:
         f.write(hlo)
     if args.compile_only:
         return dict(compile_summary(hlo), compile_s=compile_s)
-    for _ in range(2):
+
+    def run():
+        nonlocal state
+        if args.program == "infer":
+            return compiled(state, data)["logits"]
         state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
+        return metrics
+
+    for _ in range(2):
+        jax.block_until_ready(run())
     t0 = time.perf_counter()
-    trace_dir = os.path.join(args.out_dir, f"{args.arch}_trace")
+    trace_dir = os.path.join(args.out_dir, f"{args.arch}_{args.program}_trace")
     with jax.profiler.trace(trace_dir):
         for _ in range(args.steps):
-            state, metrics = compiled(state, data)
-            jax.block_until_ready(metrics)
+            jax.block_until_ready(run())
     wall = (time.perf_counter() - t0) / args.steps
     cost = gpu._cost(compiled)
     out = summarise(hlo, trace_dir, args.steps)
@@ -305,6 +320,29 @@ def profile_ours(args: argparse.Namespace) -> dict:
         compile_s=compile_s, step_wall_ms=wall * 1000, gflop_per_step=cost.get("flops", 0) / 1e9
     )
     return out
+
+
+def eval_program(arch: str, state, data: dict, mesh, sz: dict):
+    """cpu.py's inference workload: `train_state.jit_eval_step` and its batch."""
+    import numpy as np
+    from flax import nnx
+
+    from xmedjax import train_state as ts
+    from xmedjax.input_pipeline import to_global_array
+    from xmedjax.models import create_model
+
+    mdef = ts.create_train_state(
+        nnx.jit(lambda: create_model(arch, 2, width=sz["width"]))(),
+        ts.make_optimizer("adam", 1e-4),
+    )[0]
+    n = data["image"].shape[0]
+    host = {
+        "image": np.asarray(data["image"]),
+        "label": np.zeros(n, np.int32),
+        "valid": np.ones(n, np.int32),
+        "index": np.arange(n),
+    }
+    return ts.jit_eval_step(mdef, state, mesh), to_global_array(host, mesh)
 
 
 PEER_GROUPS = (  # aten op name fragment -> category (first match)
@@ -344,7 +382,7 @@ def profile_peer(args: argparse.Namespace) -> dict:
     torch = mods["torch"]
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = {"image": args.image_size, "dry_run": False}
-    call, _ = cpu.peer_makers(mods, cfg)["train"](args.arch, "float32")
+    call, _ = cpu.peer_makers(mods, cfg)[args.program](args.arch, "float32")
     for _ in range(2):
         call()
     t0 = time.perf_counter()
@@ -393,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     out = profile_ours(args) if args.side == "ours" else profile_peer(args)
     out.update(side=args.side, arch=args.arch, load_average=list(os.getloadavg()))
     out.update(argv=sys.argv[1:], xla_flags=os.environ.get("XLA_FLAGS", ""))
-    path = os.path.join(args.out_dir, f"{args.side}_{args.arch}_profile.json")
+    out.update(program=args.program)
+    path = os.path.join(args.out_dir, f"{args.side}_{args.arch}_{args.program}_profile.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print_summary(args.side, args.arch, out, args.top)
