@@ -518,14 +518,6 @@ def host_malloc() -> dict:
     }
 
 
-def forward_xla_options() -> dict:
-    """What our forward programs (inference, Grad-CAM) compiled with (xmedjax/xla_options.py)."""
-    ours = sys.modules.get("xmedjax.xla_options")
-    if ours is None:
-        return {"status": "xmedjax not imported"}
-    return {"status": ours.STATUS, "options": ours.forward_options()}
-
-
 def meta(args: argparse.Namespace, cfg: dict, peers: dict, loads: dict, t0: float) -> dict:
     cores = os.cpu_count() or 1
     return {
@@ -538,7 +530,6 @@ def meta(args: argparse.Namespace, cfg: dict, peers: dict, loads: dict, t0: floa
         "settings": dict(cfg, peer_threads=args.peer_threads, cache_dir=args.cache_dir),
         "versions": versions(("jax", "jaxlib", "flax", "optax", "numpy")),
         "host_malloc": host_malloc(),
-        "forward_xla_options": forward_xla_options(),
         "peer": peers.get("_notes", {}) if not args.skip_peers else {"skipped": True},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - t0,

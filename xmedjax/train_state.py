@@ -29,7 +29,6 @@ import optax
 from flax import nnx
 
 from xmedjax import mesh as mesh_lib
-from xmedjax import xla_options
 
 
 @flax.struct.dataclass
@@ -201,14 +200,11 @@ def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) 
 
 
 def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:
-    """`(state, batch) -> outputs` jitted over the mesh; outputs replicated on every process.
-    Compiled with `xla_options.forward_options()` (forward convolutions outside YNNPACK on a
-    CPU)."""
+    """`(state, batch) -> outputs` jitted over the mesh; outputs replicated on every process."""
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
     return jax.jit(
         functools.partial(eval_step, mdef),
         in_shardings=(state_sharding(state, mesh), data),
         out_shardings=rep,
-        compiler_options=xla_options.forward_options(),
     )

@@ -47,7 +47,6 @@ from xmedjax.explain.gradcam import (
 )
 from xmedjax.explain.maps import to_input_size
 from xmedjax.models import model_spec
-from xmedjax.xla_options import forward_jit
 
 GRADCAMPP_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
@@ -120,7 +119,7 @@ def scorecam_masks(activation: jax.Array, size: tuple[int, int]) -> jax.Array:
     return (up - lo) / (hi - lo + SCORECAM_EPS)
 
 
-@forward_jit(static_argnums=0, static_argnames=("chunk", "layer"))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk", "layer"))
 def scorecam_fn(
     graphdef, state, images, targets, *, chunk: int = 16, layer: str | None = None
 ) -> CamResult:
@@ -225,7 +224,7 @@ def cam_layer_caveat(methods, layer: str | None) -> str | None:
     )
 
 
-@forward_jit(static_argnums=0, static_argnames=("names", "layer"))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("names", "layer"))
 def gradient_cams_fn(
     graphdef, state, images, targets, *, names: tuple[str, ...], layer: str | None = None
 ) -> dict[str, CamResult]:

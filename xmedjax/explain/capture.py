@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmedjax.models import CAM_TARGET
-from xmedjax.xla_options import forward_jit
 
 
 class TargetCapture(NamedTuple):
@@ -105,7 +104,7 @@ def forward_with_activation(
 
 
 # One compiled forward shared by predictions, the random baseline and the label check.
-forward_fn = forward_jit(forward_with_activation, static_argnums=(0, 3))
+forward_fn = jax.jit(forward_with_activation, static_argnums=(0, 3))
 
 
 def choose_targets(logits: jax.Array, targets: jax.Array | None) -> jax.Array:

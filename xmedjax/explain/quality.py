@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -34,7 +35,6 @@ from scipy import ndimage, stats
 
 from xmedjax.explain.capture import eval_model, forward_fn
 from xmedjax.models import model_spec
-from xmedjax.xla_options import forward_jit
 
 # ----------------------------------------------------------------------------- localisation
 
@@ -197,7 +197,7 @@ def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
     return jnp.einsum("Hh,bhwc,Ww->bHWc", gh, images, gw, precision=jax.lax.Precision.HIGHEST)
 
 
-@forward_jit(static_argnums=0, static_argnames=("steps",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("steps",))
 def deletion_insertion_fn(
     graphdef: nnx.GraphDef,
     state: nnx.State,

@@ -39,7 +39,6 @@ from scipy import ndimage, signal
 from xmedjax import metrics
 from xmedjax.explain.capture import eval_model
 from xmedjax.explain.quality import binarize_masks, gaussian_blur
-from xmedjax.xla_options import forward_jit
 
 CONDITIONS = ("original", "lesion_removed", "control_removed", "lesion_only")
 FILL = (
@@ -75,7 +74,7 @@ def fill_from_surroundings(
     return jax.lax.fori_loop(0, iterations, step, start)
 
 
-@forward_jit(static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def reliance_probabilities_fn(
     graphdef: nnx.GraphDef,
     state: nnx.State,
