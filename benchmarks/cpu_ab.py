@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -10,6 +10,7 @@ as before issue 14):
   p  the tap-by-tap max-pool backward (`layers.max_pool_3x3_s2`)
   b  BatchNorm's written-out training backward (`batch_norm.BatchNorm`)
   f  1x1 convolutions as products forward (`kernel_grad.MATMUL_1X1_FORWARD`; implies k)
+  m  the max-pool backward's incoming gradient computed once (`layers.MATERIALISE_POOL_GRAD`)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -41,6 +42,7 @@ ORIGINAL = (
     layers.max_pool_3x3_s2,
     batch_norm.BatchNorm.__call__,
 )
+ALL = "kpbfm"
 
 
 def select(variant: str) -> None:
@@ -50,13 +52,14 @@ def select(variant: str) -> None:
     kernel_grad.MATMUL_1X1_FORWARD = "f" in variant
     layers.max_pool_3x3_s2 = ORIGINAL[1] if "p" in variant else layers.max_pool_3x3_s2_plain
     batch_norm.BatchNorm.__call__ = ORIGINAL[2] if "b" in variant else nnx.BatchNorm.__call__
+    layers.MATERIALISE_POOL_GRAD = "m" in variant
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="resnet50", choices=cpu.ARCHS)
     parser.add_argument("--workload", default="train", choices=cpu.WORKLOADS)
-    parser.add_argument("--variants", default=",kpbf", help="comma-separated; '' = before")
+    parser.add_argument("--variants", default="," + ALL, help="comma-separated; '' = before")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--width", type=float, default=1.0)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         name = variant or "before"
         print(f"{name}: first call {time.perf_counter() - t0:.1f} s", flush=True)
         calls[name] = call
-    select("kpbf")
+    select(ALL)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, call in calls.items():
@@ -82,8 +85,12 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(time.perf_counter() - t0)
     print(f"{args.arch} {args.workload}, batch {cpu.BATCH}, {args.image_size} px:")
     for name, values in times.items():
-        median = float(np.median(values))
-        print(f"  {name:<8} {median:.4f} s  {cpu.BATCH / median:7.2f} img/s")
+        median, low = float(np.median(values)), float(np.min(values))
+        quartile = float(np.percentile(values, 25))
+        print(
+            f"  {name:<8} median {median:.4f} s  {cpu.BATCH / median:7.2f} img/s"
+            f"  (fastest {low:.4f} s, first quartile {quartile:.4f} s)"
+        )
     print("load average:", os.getloadavg())
 
 

@@ -51,3 +51,30 @@ def test_gradient_matches_jax_own_max_pool_under_jit():
     a = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(own(x)))))(x)
     b = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool_3x3_s2(x)))))(x)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+def _stacked_loss(pool, x, scales):
+    pooled = pool(x)
+    return sum(jnp.sum(jnp.tanh(pooled * s)) for s in scales)
+
+
+def test_pool_backward_computes_its_incoming_gradient_once():
+    """XLA keeps the loop that materialises the pool's incoming gradient: without it XLA fuses
+    the gradient's whole producer into each of the nine taps (in DenseNet121 the BatchNorm
+    backward of every dense layer reading the stem's channels: a 134 ms fusion per step)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 4)), jnp.float32)
+    scales = jnp.arange(1.0, 8.0)
+    grad = jax.jit(jax.grad(lambda x_: _stacked_loss(layers.max_pool_3x3_s2, x_, scales)))
+    hlo = grad.lower(x).compile().as_text()
+    assert " while(" in hlo[hlo.index("\nENTRY") :]
+    want = jax.grad(lambda x_: _stacked_loss(layers.max_pool_3x3_s2_plain, x_, scales))(x)
+    np.testing.assert_allclose(grad(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_materialise_is_the_identity_even_with_a_leading_nan():
+    for a in (
+        jnp.asarray([[np.nan, 1.0], [2.0, -0.0]], jnp.float32),  # no loop trip: a itself
+        jnp.arange(6.0).reshape(2, 3),
+    ):
+        out = jax.jit(layers._materialise)(a)
+        np.testing.assert_array_equal(out, a)
