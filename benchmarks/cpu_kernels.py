@@ -6,7 +6,8 @@ For every distinct convolution of ResNet50 at 224 px (batch 8, float32) it times
 gradient two ways, each its own jitted program on the same inputs: XLA's own
 (`jax.vjp` of `lax.conv_general_dilated` w.r.t. the kernel) and the matrix products of
 `xmedjax.models.kernel_grad.kernel_gradient`; then the stem's max-pool backward (JAX's
-reduce-window rule vs `layers.max_pool_3x3_s2`'s) and BatchNorm forward + backward (autodiff of
+reduce-window rule vs `layers.max_pool_3x3_s2`'s) and forward (one reduce-window vs the
+maximum of nine strided windows) and BatchNorm forward + backward (autodiff of
 `nnx.BatchNorm` vs `batch_norm.BatchNorm`). Each row also gives the largest difference
 between the two results relative to the largest value (rounding only). `taken` says whether
 `kernel_grad.uses_matmul_kernel_grad` routes that shape to the matrix products: the rule
@@ -135,6 +136,24 @@ def pool_row(batch: int, steps: int) -> dict:
     return row
 
 
+def pool_forward_row(batch: int, steps: int) -> dict:
+    """The stem max pool's forward: one reduce-window vs the maximum of nine windows."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((batch, 112, 112, 64)), jnp.float32)
+    t_xla, ref = median_ms(jax.jit(layers.max_pool_3x3_s2_plain), (x,), steps)
+    t_ours, got = median_ms(jax.jit(layers.max_pool_3x3_s2), (x,), steps)
+    row = {
+        "op": "max-pool 3x3/2 forward at 112x112x64",
+        "count": 1,
+        "xla_ms": round(t_xla, 2),
+        "ours_ms": round(t_ours, 2),
+        "rel_diff": rel_diff(got, ref),
+        "taken": True,
+    }
+    print(_line(row), flush=True)
+    return row
+
+
 def batch_norm_rows(batch: int, steps: int) -> list[dict]:
     rows = []
     for size, ch in ((56, 256), (14, 1024)):
@@ -177,6 +196,7 @@ def main(argv=None) -> None:
     print("load average before:", os.getloadavg(), "(* = taken by the model)")
     rows = conv_rows(args.batch, args.steps)
     rows.append(pool_row(args.batch, args.steps))
+    rows.append(pool_forward_row(args.batch, args.steps))
     rows += batch_norm_rows(args.batch, args.steps)
     convs = [r for r in rows if r["op"].startswith("conv")]
     total = {
