@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -11,6 +11,8 @@ as before issue 14):
   b  BatchNorm's written-out training backward (`batch_norm.BatchNorm`)
   f  1x1 convolutions as products forward (`kernel_grad.MATMUL_1X1_FORWARD`; implies k)
   m  the max-pool backward's incoming gradient computed once (`layers.MATERIALISE_POOL_GRAD`)
+  t  3x3 convolutions with few output channels as one product and nine shifted sums
+     (`kernel_grad.TAPS_3X3_FORWARD`: DenseNet121's 128 -> 32)
   w  the max-pool forward as the maximum of nine strided windows (`layers._max_of_windows`;
      without it one reduce-window)
 
@@ -45,7 +47,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmw"
+ALL = "kpbfmwt"
 
 
 def select(variant: str) -> None:
@@ -56,6 +58,7 @@ def select(variant: str) -> None:
     layers.max_pool_3x3_s2 = ORIGINAL[1] if "p" in variant else layers.max_pool_3x3_s2_plain
     batch_norm.BatchNorm.__call__ = ORIGINAL[2] if "b" in variant else nnx.BatchNorm.__call__
     layers.MATERIALISE_POOL_GRAD = "m" in variant
+    kernel_grad.TAPS_3X3_FORWARD = "t" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 

@@ -158,3 +158,45 @@ def test_model_gradients_match_the_plain_convolution(arch, monkeypatch):
             scale = float(jnp.max(jnp.abs(b))) + 1e-30
             err = float(jnp.max(jnp.abs(a - b))) / scale
             assert err < 1e-9, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize("size", [14, 17], ids=lambda s: f"H{s}")
+def test_taps_forward_equals_the_convolution_and_keeps_xlas_backward(size):
+    """A 3x3 convolution with few output channels runs forward as one product and nine
+    shifted sums (DenseNet121's 128 -> 32): the output equals lax's up to rounding, and both
+    gradients are XLA's own, bit for bit."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 48)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 48, 16)) / np.sqrt(9 * 48), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    assert kg.uses_taps_forward(x.shape, w.shape, (1, 1), pads, kg.NHWC)
+
+    def conv(conv_fn):
+        return lambda x_, w_: conv_fn(x_, w_, (1, 1), pads, dimension_numbers=kg.NHWC)
+
+    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
+    y, want = jax.jit(ours)(x, w), jax.jit(plain)(x, w)
+    assert "dot_general" in str(jax.make_jaxpr(ours)(x, w))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    got = jax.jit(lambda x_, w_, g_: jax.vjp(ours, x_, w_)[1](g_))(x, w, g)
+    ref = jax.jit(lambda x_, w_, g_: jax.vjp(plain, x_, w_)[1](g_))(x, w, g)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "shape, strides, pads, why",
+    [
+        ((2, 16, 16, 48), (1, 1), ((1, 1), (1, 1)), "taken"),
+        ((2, 16, 16, 32), (1, 1), ((1, 1), (1, 1)), "too many outputs (16 * 3 > 32)"),
+        ((2, 13, 13, 48), (1, 1), ((1, 1), (1, 1)), "smaller than 14x14"),
+        ((2, 16, 16, 48), (2, 2), ((1, 1), (1, 1)), "strided"),
+        ((2, 16, 16, 48), (1, 1), ((0, 0), (0, 0)), "unpadded"),
+    ],
+)
+def test_taps_forward_rule(shape, strides, pads, why):
+    w_shape = (3, 3, shape[-1], 16)
+    taken = kg.uses_taps_forward(shape, w_shape, strides, pads, kg.NHWC)
+    assert taken == (why == "taken"), why
+    assert not kg.uses_taps_forward(shape, (1, 1, shape[-1], 16), strides, pads, kg.NHWC)

@@ -11,8 +11,13 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
 `conv_general_dilated` argument) that does this:
 
 - a 1x1 convolution's output differs from lax's by float rounding only (the sums run in
-  another order: the torchvision goldens hold at their 1e-4); every other forward is the
-  very same `lax.conv_general_dilated` call, bit for bit;
+  another order: the torchvision goldens hold at their 1e-4);
+- a 3x3, stride-1 convolution with at most a third as many output as input channels
+  (DenseNet121's 128 -> 32, at 14x14 and more) runs forward as one product of the padded
+  input with all nine taps' kernels, then nine shifted sums (`taps_forward`; DenseNet121's
+  eval step 13-17% faster, benchmarks/NOTES.md "Phase 4"), its output equal to lax's up to
+  rounding and both its gradients XLA's own; every other forward is the very same
+  `lax.conv_general_dilated` call, bit for bit;
 - the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
 - the kernel gradient differs from XLA's by float rounding only.
 
@@ -36,6 +41,9 @@ MATMUL_BACKENDS = ("cpu",)  # where the products were measured faster (benchmark
 # A 1x1 convolution without padding as a matrix product forward too ([N*H*W, Cin] x
 # [Cin, Cout] over the strided rows); its input gradient is then the product's transpose.
 MATMUL_1X1_FORWARD = True
+# A 3x3 stride-1 convolution with few output channels (DenseNet121's 128 -> 32) as one product
+# with all nine taps' outputs, then nine shifted sums (`taps_forward`); see `uses_taps_forward`.
+TAPS_3X3_FORWARD = True
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -105,6 +113,20 @@ def conv_general_dilated(
         preferred_element_type=preferred_element_type,
         **{k: v for k, v in sharding.items() if v is not None},
     )
+    if not any(v is not None for v in sharding.values()) and uses_taps_forward(
+        lhs.shape,
+        rhs.shape,
+        window_strides,
+        padding,
+        dimension_numbers,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    ):
+        return _conv_taps(lhs, rhs)
     if any(v is not None for v in sharding.values()) or not uses_matmul_kernel_grad(
         rhs.shape,
         padding,
@@ -119,6 +141,85 @@ def conv_general_dilated(
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+
+def uses_taps_forward(
+    lhs_shape,
+    rhs_shape,
+    window_strides,
+    padding,
+    dimension_numbers,
+    *,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> bool:
+    """Whether `conv_general_dilated` computes this forward by `taps_forward`: an NHWC/HWIO
+    3x3 convolution, stride 1, padding 1, no dilation or groups, default precision, at
+    least 14x14, with at most a third as many output as input channels, on a backend of
+    `MATMUL_BACKENDS`."""
+    if not TAPS_3X3_FORWARD or jax.default_backend() not in MATMUL_BACKENDS:
+        return False
+    if len(rhs_shape) != 4 or len(lhs_shape) != 4 or isinstance(padding, str):
+        return False
+    if precision is not None or preferred_element_type is not None:
+        return False
+    dn = _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    if dn != NHWC or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    if not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation) and _is_unit(window_strides)):
+        return False
+    kh, kw, cin, cout = (int(d) for d in rhs_shape)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return (
+        (kh, kw) == (3, 3)
+        and pads == ((1, 1), (1, 1))
+        and 3 * cout <= cin
+        and min(lhs_shape[1], lhs_shape[2]) >= 14
+    )
+
+
+def taps_forward(x: jax.Array, w: jax.Array) -> jax.Array:
+    """A 3x3, stride-1, padding-1 NHWC/HWIO convolution as one matrix product of the padded
+    input with all nine taps' kernels side by side ([N*(H+2)*(W+2), Cin] x [Cin, 9*Cout]),
+    then the sum of the nine products, each shifted to its tap's offset."""
+    n, h, wd, cin = x.shape
+    cout = w.shape[-1]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernels = jnp.transpose(w, (2, 0, 1, 3)).reshape(cin, 9 * cout)
+    taps = lax.dot_general(padded, kernels, (((3,), (0,)), ((), ())))
+    taps = taps.reshape(n, h + 2, wd + 2, 9, cout)
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            part = taps[:, dy : dy + h, dx : dx + wd, 3 * dy + dx]
+            out = part if out is None else out + part
+    return out
+
+
+def _plain_3x3(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+
+@jax.custom_vjp
+def _conv_taps(x, w):
+    return taps_forward(x, w)
+
+
+def _conv_taps_fwd(x, w):
+    return taps_forward(x, w), (x, w)
+
+
+def _conv_taps_bwd(residuals, g):
+    """XLA's own backward of the convolution (input and kernel gradients)."""
+    x, w = residuals
+    return jax.vjp(_plain_3x3, x, w)[1](g)
+
+
+_conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
 def _forward(x, w, strides, pads, precision, preferred):
