@@ -124,8 +124,12 @@ def pool_row(batch: int, steps: int) -> dict:
     t_ours, got = median_ms(
         jax.jit(lambda x, g: jax.vjp(layers.max_pool_3x3_s2, x)[1](g)[0]), (x, g), steps
     )
+    return _pool_row("max-pool 3x3/2 backward at 112x112x64", t_xla, t_ours, got, ref)
+
+
+def _pool_row(op: str, t_xla: float, t_ours: float, got, ref) -> dict:
     row = {
-        "op": "max-pool 3x3/2 backward at 112x112x64",
+        "op": op,
         "count": 1,
         "xla_ms": round(t_xla, 2),
         "ours_ms": round(t_ours, 2),
@@ -142,16 +146,7 @@ def pool_forward_row(batch: int, steps: int) -> dict:
     x = jnp.asarray(rng.standard_normal((batch, 112, 112, 64)), jnp.float32)
     t_xla, ref = median_ms(jax.jit(layers.max_pool_3x3_s2_plain), (x,), steps)
     t_ours, got = median_ms(jax.jit(layers.max_pool_3x3_s2), (x,), steps)
-    row = {
-        "op": "max-pool 3x3/2 forward at 112x112x64",
-        "count": 1,
-        "xla_ms": round(t_xla, 2),
-        "ours_ms": round(t_ours, 2),
-        "rel_diff": rel_diff(got, ref),
-        "taken": True,
-    }
-    print(_line(row), flush=True)
-    return row
+    return _pool_row("max-pool 3x3/2 forward at 112x112x64", t_xla, t_ours, got, ref)
 
 
 def batch_norm_rows(batch: int, steps: int) -> list[dict]:

@@ -57,6 +57,28 @@ def _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers):
     return lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
 
 
+def _plain_nhwc_2d(
+    lhs_shape,
+    rhs_shape,
+    padding,
+    dimension_numbers,
+    lhs_dilation,
+    rhs_dilation,
+    feature_group_count: int,
+    batch_group_count: int,
+) -> bool:
+    """A 2-D NHWC/HWIO convolution with explicit padding, no dilation and no groups, on a
+    backend of `MATMUL_BACKENDS`: what both rewrites below require."""
+    if jax.default_backend() not in MATMUL_BACKENDS:
+        return False
+    if len(rhs_shape) != 4 or isinstance(padding, str):
+        return False
+    dn = _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    if dn != NHWC or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    return _is_unit(lhs_dilation) and _is_unit(rhs_dilation)
+
+
 def uses_matmul_kernel_grad(
     rhs_shape: Sequence[int],
     padding,
@@ -71,16 +93,16 @@ def uses_matmul_kernel_grad(
     """Whether `conv_general_dilated` takes the matrix-product kernel gradient for this call:
     a 2-D NHWC/HWIO convolution with a 1x1 kernel, explicit padding, no dilation, no
     groups, on a backend of `MATMUL_BACKENDS`."""
-    if jax.default_backend() not in MATMUL_BACKENDS:
-        return False
-    if len(rhs_shape) != 4 or isinstance(padding, str):
-        return False
-    dn = _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-    if dn != NHWC or feature_group_count != 1 or batch_group_count != 1:
-        return False
-    if not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation)):
-        return False
-    return tuple(rhs_shape[:2]) == (1, 1)
+    return _plain_nhwc_2d(
+        lhs_shape,
+        rhs_shape,
+        padding,
+        dimension_numbers,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        batch_group_count,
+    ) and tuple(rhs_shape[:2]) == (1, 1)
 
 
 def conv_general_dilated(
@@ -113,29 +135,27 @@ def conv_general_dilated(
         preferred_element_type=preferred_element_type,
         **{k: v for k, v in sharding.items() if v is not None},
     )
-    if not any(v is not None for v in sharding.values()) and uses_taps_forward(
+    if any(v is not None for v in sharding.values()):
+        return plain(lhs, rhs)
+    layout = dict(
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+    )
+    if uses_taps_forward(
         lhs.shape,
         rhs.shape,
         window_strides,
         padding,
         dimension_numbers,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
         precision=precision,
         preferred_element_type=preferred_element_type,
+        **layout,
     ):
         return _conv_taps(lhs, rhs)
-    if any(v is not None for v in sharding.values()) or not uses_matmul_kernel_grad(
-        rhs.shape,
-        padding,
-        dimension_numbers,
-        lhs_shape=lhs.shape,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
+    if not uses_matmul_kernel_grad(
+        rhs.shape, padding, dimension_numbers, lhs_shape=lhs.shape, **layout
     ):
         return plain(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
@@ -161,16 +181,20 @@ def uses_taps_forward(
     3x3 convolution, stride 1, padding 1, no dilation or groups, default precision, at
     least 14x14, with at most a third as many output as input channels, on a backend of
     `MATMUL_BACKENDS`."""
-    if not TAPS_3X3_FORWARD or jax.default_backend() not in MATMUL_BACKENDS:
-        return False
-    if len(rhs_shape) != 4 or len(lhs_shape) != 4 or isinstance(padding, str):
+    if not TAPS_3X3_FORWARD or len(lhs_shape) != 4 or not _is_unit(window_strides):
         return False
     if precision is not None or preferred_element_type is not None:
         return False
-    dn = _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-    if dn != NHWC or feature_group_count != 1 or batch_group_count != 1:
-        return False
-    if not (_is_unit(lhs_dilation) and _is_unit(rhs_dilation) and _is_unit(window_strides)):
+    if not _plain_nhwc_2d(
+        lhs_shape,
+        rhs_shape,
+        padding,
+        dimension_numbers,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        batch_group_count,
+    ):
         return False
     kh, kw, cin, cout = (int(d) for d in rhs_shape)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
