@@ -58,14 +58,15 @@ def _dimension_numbers(lhs_shape, rhs_shape, dimension_numbers):
 
 
 def _plain_nhwc_2d(
-    lhs_shape,
-    rhs_shape,
+    rhs_shape: Sequence[int],
     padding,
     dimension_numbers,
-    lhs_dilation,
-    rhs_dilation,
-    feature_group_count: int,
-    batch_group_count: int,
+    *,
+    lhs_shape: Sequence[int] = (0, 0, 0, 0),
+    lhs_dilation=None,
+    rhs_dilation=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
 ) -> bool:
     """A 2-D NHWC/HWIO convolution with explicit padding, no dilation and no groups, on a
     backend of `MATMUL_BACKENDS`: what both rewrites below require."""
@@ -79,30 +80,12 @@ def _plain_nhwc_2d(
     return _is_unit(lhs_dilation) and _is_unit(rhs_dilation)
 
 
-def uses_matmul_kernel_grad(
-    rhs_shape: Sequence[int],
-    padding,
-    dimension_numbers,
-    *,
-    lhs_shape: Sequence[int] = (0, 0, 0, 0),
-    lhs_dilation=None,
-    rhs_dilation=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-) -> bool:
+def uses_matmul_kernel_grad(rhs_shape: Sequence[int], padding, dimension_numbers, **layout) -> bool:
     """Whether `conv_general_dilated` takes the matrix-product kernel gradient for this call:
     a 2-D NHWC/HWIO convolution with a 1x1 kernel, explicit padding, no dilation, no
-    groups, on a backend of `MATMUL_BACKENDS`."""
-    return _plain_nhwc_2d(
-        lhs_shape,
-        rhs_shape,
-        padding,
-        dimension_numbers,
-        lhs_dilation,
-        rhs_dilation,
-        feature_group_count,
-        batch_group_count,
-    ) and tuple(rhs_shape[:2]) == (1, 1)
+    groups, on a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s keywords)."""
+    plain_2d = _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, **layout)
+    return plain_2d and tuple(rhs_shape[:2]) == (1, 1)
 
 
 def conv_general_dilated(
@@ -164,37 +147,25 @@ def conv_general_dilated(
 
 
 def uses_taps_forward(
-    lhs_shape,
-    rhs_shape,
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
     window_strides,
     padding,
     dimension_numbers,
     *,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    **layout,
 ) -> bool:
     """Whether `conv_general_dilated` computes this forward by `taps_forward`: an NHWC/HWIO
     3x3 convolution, stride 1, padding 1, no dilation or groups, default precision, at
     least 14x14, with at most a third as many output as input channels, on a backend of
-    `MATMUL_BACKENDS`."""
+    `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s keywords but `lhs_shape`)."""
     if not TAPS_3X3_FORWARD or len(lhs_shape) != 4 or not _is_unit(window_strides):
         return False
     if precision is not None or preferred_element_type is not None:
         return False
-    if not _plain_nhwc_2d(
-        lhs_shape,
-        rhs_shape,
-        padding,
-        dimension_numbers,
-        lhs_dilation,
-        rhs_dilation,
-        feature_group_count,
-        batch_group_count,
-    ):
+    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
         return False
     kh, kw, cin, cout = (int(d) for d in rhs_shape)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
