@@ -24,9 +24,13 @@ torchvision or pytorch-grad-cam missing, a failure) is null, never a made-up num
 JSON (`--out`): {"meta": {cpu, flags, versions, load averages, settings, details per row},
 "benchmarks": {NAME: {"ours", "peer", "ratio", "unit"}}}, rewritten after each architecture.
 
-The peers run in a child process (`--peer_python`, default this Python), one per
-architecture and before ours, so the two frameworks never compete for the cores; the child
-sets torch to --peer_threads threads (default: every core, as XLA uses).
+The peers run in a child process (`--peer_python`, default this Python; torch set to
+--peer_threads threads, default every core, as XLA uses), which makes one call at a time
+when asked. For each workload both sides first compile and warm up; then the timed calls
+alternate, peer and ours in turn (the first of each pair alternating too), so that a
+change in the machine's speed during the run (a shared host's neighbours: 20-40% from one
+minute to the next here) hits both columns alike instead of one of them. The two frameworks
+never run at the same time.
 
 Torchvision beside the CPU torch. PyPI's x86_64 torchvision wheels are CUDA builds whose C
 ops (nms, roi_align, image decoding) do not register beside the CPU torch wheel these
@@ -57,7 +61,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -99,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--peer_threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--skip_peers", action="store_true", help="ours only (peer columns null)")
-    p.add_argument("--_peer_child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--_peer_server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = sorted(set(args.archs) - set(ARCHS))
@@ -137,55 +140,89 @@ def compile_key(arch: str, workload: str, precision: str) -> str:
     return f"{arch}_{workload}" + ("_bf16" if precision == "bfloat16" else "") + "_compile_s"
 
 
-def measure(call: Callable[[], Any], warmup: int, steps: int) -> dict:
-    """The first call (timed apart: the compile), warmup - 1 more, then `steps` timed calls.
-
-    Both sides go through this function; `call` must return only when its result is ready.
-    """
+def warm_up(call: Callable[[], Any], warmup: int) -> float:
+    """The first call's seconds (the compile), then warmup - 1 more untimed calls."""
     t0 = time.perf_counter()
     call()
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         call()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return {"first_s": first, "step_s": times, "img_s": BATCH / statistics.median(times)}
+    return first
 
 
-def run_workloads(
+def timed(call: Callable[[], Any]) -> float:
+    """One call's seconds; `call` must return only when its result is ready."""
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def summary(first: float, times: list[float], what: str) -> dict:
+    return {
+        "first_s": first,
+        "step_s": times,
+        "img_s": BATCH / statistics.median(times),
+        "what": what,
+    }
+
+
+def run_pairs(
     makers: dict,
+    peer: PeerProcess | None,
     arch: str,
     cfg: dict,
-    side: str,
     before: Callable[[], Any] | None = None,
     after: Callable[[], dict] | None = None,
-) -> dict:
-    """Builds and measures each (workload, precision); a failure is a note, never a number.
-
-    `before` runs once the workload is built, just before its first call; `after`'s dict is
-    merged into the workload's entry (ours: the compile split).
-    """
-    out: dict[str, dict] = {}
+) -> tuple[dict, dict]:
+    """(ours, peers) for every (workload, precision) of `arch`: each side compiled and warmed
+    up, then their timed calls alternating (`PeerProcess`); a failure is a note, never a
+    number. `before` runs once our workload is built, just before its first call; `after`'s
+    dict is merged into our entry (the compile split)."""
+    ours: dict[str, dict] = {}
+    peers: dict[str, dict] = {}
     for precision in cfg["precisions"]:
         for workload in WORKLOADS:
             name = key(arch, workload, precision)
+            if peer is not None:
+                peers[name] = peer.ask("build", arch=arch, workload=workload, precision=precision)
+            call = what = None
             try:
                 call, what = makers[workload](arch, precision)
                 if before is not None:
                     before()
-                out[name] = dict(measure(call, cfg["warmup"], cfg["steps"]), what=what)
-                out[name].update(after() if after is not None else {})
-                say(
-                    f"{side} {name}: {out[name]['img_s']:.2f} img/s, first call {out[name]['first_s']:.1f} s"
-                )
+                ours[name] = {"first_s": warm_up(call, cfg["warmup"])}
             except Exception as exc:  # noqa: BLE001
-                out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                say(f"{side} {name}: failed: {out[name]['error']}")
+                ours[name], call = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
+            peer_on = peer is not None and "error" not in peers[name]
+            ours_times, peer_times = [], []
+            for step in range(cfg["steps"]):
+                for side in ("peer", "ours") if step % 2 == 0 else ("ours", "peer"):
+                    if side == "peer" and peer_on:
+                        reply = peer.ask("call")
+                        if "error" in reply:  # the child failed or died: no peer number
+                            peers[name], peer_on = reply, False
+                        else:
+                            peer_times.append(reply["s"])
+                    elif side == "ours" and call is not None:
+                        ours_times.append(timed(call))
+            if call is not None:
+                ours[name] = summary(ours[name]["first_s"], ours_times, what)
+                ours[name].update(after() if after is not None else {})
+            if peer_on:
+                peers[name] = summary(peers[name]["first_s"], peer_times, peers[name]["what"])
+                peer.ask("drop")
+            for side, got in (("peer", peers.get(name)), ("ours", ours[name])):
+                if got is not None:
+                    say(
+                        f"{side} {name}: "
+                        + (
+                            f"failed: {got['error']}"
+                            if "error" in got
+                            else f"{got['img_s']:.2f} img/s, first call {got['first_s']:.1f} s"
+                        )
+                    )
             call = None  # the model dies before the next one is built
-    return out
+    return ours, peers
 
 
 # ============================================================================ peers (child)
@@ -314,27 +351,53 @@ def cam_target(torch, net, arch: str):
     return wrapped, wrapped.relu
 
 
-def peer_child(args: argparse.Namespace) -> None:
-    """The child process: every peer workload of --archs; JSON to --_peer_child."""
+def peer_server(args: argparse.Namespace) -> None:
+    """The child process: answers one JSON line per request line on stdin (`PeerProcess`).
+
+    {"op": "notes"} -> the peers' versions; {"op": "build", arch, workload, precision} ->
+    builds that workload, makes its first call and warm-up calls: {"first_s", "what"} or
+    {"error"}; {"op": "call"} -> {"s": seconds of one call}; {"op": "drop"} -> {}. Anything
+    else the child prints goes to stderr, so that stdout carries only the answers.
+    """
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     cfg = settings(args)
     mods, notes = import_peers()
-    results: dict[str, Any] = {"_notes": notes}
     if mods["torchvision"] is not None:
         mods["torch"].set_num_threads(args.peer_threads)
         mods["torch"].manual_seed(0)
         notes["threads"] = mods["torch"].get_num_threads()
-        for arch in args.archs:
-            results.update(run_workloads(peer_makers(mods, cfg), arch, cfg, "peer"))
-    with open(args._peer_child, "w") as f:
-        json.dump(results, f)
+    makers = peer_makers(mods, cfg) if mods["torchvision"] is not None else None
+    call = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply: dict[str, Any] = {}
+        try:
+            if request["op"] == "notes":
+                reply = notes
+            elif request["op"] == "build":
+                call = None
+                if makers is None:
+                    raise RuntimeError(f"peers not importable: {notes.get('missing')}")
+                call, what = makers[request["workload"]](request["arch"], request["precision"])
+                reply = {"first_s": warm_up(call, cfg["warmup"]), "what": what}
+            elif request["op"] == "call":
+                reply = {"s": timed(call)}
+            elif request["op"] == "drop":
+                call = None
+        except Exception as exc:  # noqa: BLE001
+            call, reply = None, {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        answers.write(json.dumps(reply) + "\n")
+        answers.flush()
 
 
-def peers_in_child(args: argparse.Namespace, arch: str) -> dict:
-    """Runs peer_child for one architecture in --peer_python; {} notes if it cannot."""
-    with tempfile.TemporaryDirectory(prefix="xmedjax_cpu_peers_") as tmp:
-        path = os.path.join(tmp, "peers.json")
-        cmd = [args.peer_python, os.path.abspath(__file__), f"--_peer_child={path}"]
-        cmd += [f"--archs={arch}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
+class PeerProcess:
+    """The peers' child process (`peer_server`): one request, one answer, one call at a time."""
+
+    def __init__(self, args: argparse.Namespace):
+        cmd = [args.peer_python, os.path.abspath(__file__), "--_peer_server"]
+        cmd += [f"--steps={args.steps}", f"--warmup={args.warmup}"]
         cmd += [f"--image_size={settings(args)['image']}", f"--peer_threads={args.peer_threads}"]
         cmd += ["--dry_run"] * args.dry_run + ["--bf16"] * args.bf16
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -342,11 +405,29 @@ def peers_in_child(args: argparse.Namespace, arch: str) -> dict:
             env["PYTHONPATH"] = os.pathsep.join(
                 [args.peer_site] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
             )
-        proc = subprocess.run(cmd, env=env, check=False)
-        if proc.returncode != 0 or not os.path.isfile(path):
-            return {"_notes": {"missing": f"peer process exited with {proc.returncode}"}}
-        with open(path) as f:
-            return json.load(f)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.notes = self.ask("notes")
+
+    def ask(self, op: str, **fields: Any) -> dict:
+        """The child's answer to one request; {"error"} once the child has gone."""
+        if self.proc.poll() is not None:
+            return {"error": f"peer process exited with {self.proc.returncode}"}
+        try:
+            self.proc.stdin.write(json.dumps(dict(fields, op=op)) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError as exc:
+            return {"error": f"peer process unreachable: {exc}"}
+        if not line:
+            return {"error": f"peer process exited with {self.proc.wait()}"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 # ============================================================================ ours (JAX)
@@ -430,15 +511,15 @@ def ours_makers(cfg: dict, mesh) -> dict:
     return {"train": train, "infer": infer, "gradcam": gradcam}
 
 
-def run_ours(arch: str, cfg: dict) -> dict:
-    """Our workloads for one architecture; each entry also gets its compile split."""
+def run_arch(arch: str, cfg: dict, peer: PeerProcess | None) -> tuple[dict, dict]:
+    """(ours, peers) for one architecture; each of our entries also gets its compile split."""
     from xmedjax import mesh as mesh_lib
 
-    return run_workloads(
+    return run_pairs(
         ours_makers(cfg, mesh_lib.make_mesh()),
+        peer,
         arch,
         cfg,
-        "ours",
         before=_COMPILE.clear,
         after=lambda: {"compile": dict(_COMPILE)},
     )
@@ -560,8 +641,8 @@ def print_table(rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args._peer_child:
-        peer_child(args)
+    if args._peer_server:
+        peer_server(args)
         return
     cfg, loads, t0 = settings(args), {"start": load()}, time.perf_counter()
     if loads["start"][0] >= 0.75 * (os.cpu_count() or 1):
@@ -569,23 +650,29 @@ def main(argv: list[str] | None = None) -> None:
     jax = setup_jax(args)
     ours: dict = {}
     peers: dict = {"_notes": {}}
-    for arch in args.archs:
-        if not args.skip_peers:
-            loads[f"{arch}_peers"] = load()
-            got = peers_in_child(args, arch)
-            peers["_notes"].update(got.pop("_notes", {}))
-            peers.update(got)
-        loads[f"{arch}_ours"] = load()
-        ours.update(run_ours(arch, cfg))
-        jax.clear_caches()
-        rows, details = assemble(ours, peers, cfg)
-        write_json(
-            args,
-            {
-                "meta": dict(meta(args, cfg, peers, loads, t0), complete=False, details=details),
-                "benchmarks": rows,
-            },
-        )
+    peer = None if args.skip_peers else PeerProcess(args)
+    if peer is not None:
+        peers["_notes"].update(peer.notes)
+    try:
+        for arch in args.archs:
+            loads[arch] = load()
+            got_ours, got_peers = run_arch(arch, cfg, peer)
+            ours.update(got_ours)
+            peers.update(got_peers)
+            jax.clear_caches()
+            rows, details = assemble(ours, peers, cfg)
+            write_json(
+                args,
+                {
+                    "meta": dict(
+                        meta(args, cfg, peers, loads, t0), complete=False, details=details
+                    ),
+                    "benchmarks": rows,
+                },
+            )
+    finally:
+        if peer is not None:
+            peer.close()
     loads["end"] = load()
     rows, details = assemble(ours, peers, cfg)
     result_meta = dict(meta(args, cfg, peers, loads, t0), complete=True, details=details)
