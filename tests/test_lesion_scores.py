@@ -402,6 +402,10 @@ def test_mask_images_beside_the_folder_images_are_not_predicted(model, tmp_path)
         ({"annotations": "x.json", "folder": ""}, "needs config.predict.folder"),
         ({"annotations": "/no/such.json"}, "config.predict.annotations must be an existing"),
         ({"annotation_format": "yolo"}, "must be a folder for annotation_format=yolo"),
+        (
+            {"annotations": "", "negative_class": "notumor"},
+            "negative_class needs config.predict.annotations",
+        ),
     ],
 )
 def test_annotation_keys_are_validated(changes, message, tmp_path):

@@ -271,6 +271,13 @@ def _check_predict(c) -> None:
     _choice(c, "predict.annotation_format", ANNOTATION_FORMATS)
     _cmp(c, "predict.positive_class", lambda v: v >= -1, ">= -1 (-1 = the last class)")
     if not c.predict.annotations:
+        _require(  # it would be ignored without a word: it only adds annotated scores
+            not (
+                c.mode in ("predict", "explain") and c.predict.folder and c.predict.negative_class
+            ),
+            "config.predict.negative_class needs config.predict.annotations (it adds the "
+            "'any lesion' scores of an annotated folder)",
+        )
         return
     _require(
         bool(c.predict.folder),
