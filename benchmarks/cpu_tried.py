@@ -4,7 +4,8 @@
 
 None of these is in the code: each row times a candidate against the current program on
 the same inputs, batch 8, float32, each its own jitted program (median of --steps calls
-after two warm-ups), with the largest difference relative to the largest value. Where torch
+after one warm-up, `cpu_kernels.median_ms`), with the largest difference relative to the
+largest value. Where torch
 is importable, torch's own kernel for the same job (eager, NCHW, all cores) is a column too,
 to show what the target is. Rows:
 
@@ -33,11 +34,13 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from cpu_kernels import median_ms, rel_diff  # noqa: E402  (benchmarks/cpu_kernels.py)
 from jax import lax  # noqa: E402
 
 from xmedjax.models import batch_norm  # noqa: E402
@@ -51,21 +54,9 @@ def randn(*shape) -> jax.Array:
     return jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
 
 
-def median_ms(fn, args, steps: int):
-    out = jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times)), out
-
-
 def rel(a, b) -> float:
-    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    scale = max(float(jnp.max(jnp.abs(x))) for x in a) or 1.0
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b)) / scale
+    """The largest leaf-wise `cpu_kernels.rel_diff` of two results (arrays or tuples)."""
+    return max(rel_diff(x, y) for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(a)))
 
 
 def compare(op: str, shape: str, candidates: dict, args, steps: int, torch_ms=None) -> dict:
