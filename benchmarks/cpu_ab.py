@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -15,10 +15,13 @@ as before issue 14):
      (`kernel_grad.TAPS_3X3_FORWARD`: DenseNet121's 128 -> 32)
   w  the max-pool forward as the maximum of nine strided windows (`layers._max_of_windows`;
      without it one reduce-window)
+  g  3x3 stride-1 kernel gradients as one product with the output gradient shifted nine
+     times (`kernel_grad.SHIFTED_3X3_KERNEL_GRAD`; without it XLA's own)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
-hits them alike; the median per variant is printed. Batch 8, float32, random weights, as
+hits them alike (the order reverses every round);
+the median per variant is printed. Batch 8, float32, random weights, as
 cpu.py. Run it on a quiet machine; XLA flags go in XLA_FLAGS.
 """
 
@@ -47,7 +50,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwt"
+ALL = "kpbfmwtg"
 
 
 def select(variant: str) -> None:
@@ -59,6 +62,7 @@ def select(variant: str) -> None:
     batch_norm.BatchNorm.__call__ = ORIGINAL[2] if "b" in variant else nnx.BatchNorm.__call__
     layers.MATERIALISE_POOL_GRAD = "m" in variant
     kernel_grad.TAPS_3X3_FORWARD = "t" in variant
+    kernel_grad.SHIFTED_3X3_KERNEL_GRAD = "g" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 
@@ -85,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         calls[name] = call
     select(ALL)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, call in calls.items():
+    for round_ in range(args.rounds):
+        for name in list(calls)[:: -1 if round_ % 2 else 1]:
             t0 = time.perf_counter()
-            call()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
     print(f"{args.arch} {args.workload}, batch {cpu.BATCH}, {args.image_size} px:")
     for name, values in times.items():

@@ -8,10 +8,13 @@ gradient two ways, each its own jitted program on the same inputs: XLA's own
 `xmedjax.models.kernel_grad.kernel_gradient`; then the stem's max-pool backward (JAX's
 reduce-window rule vs `layers.max_pool_3x3_s2`'s) and forward (one reduce-window vs the
 maximum of nine strided windows) and BatchNorm forward + backward (autodiff of
-`nnx.BatchNorm` vs `batch_norm.BatchNorm`). Each row also gives the largest difference
+`nnx.BatchNorm` vs `batch_norm.BatchNorm`); last, every 3x3 stride-1 convolution of both
+models, XLA's kernel gradient against `kernel_grad.shifted_kernel_gradient` (the two calls
+alternating, as XLA's own swings 2-4x with the host's cache pressure at 56 px). Each row also gives the largest difference
 between the two results relative to the largest value (rounding only). `taken` says whether
-`kernel_grad.uses_matmul_kernel_grad` routes that shape to the matrix products: the rule
-this table justifies. Median of --steps calls after one warm-up; run it on a quiet machine
+`kernel_grad.uses_matmul_kernel_grad` (`uses_shifted_kernel_grad` for the last rows)
+routes that shape to the matrix products: the rule this table justifies; `--batch=32` shows
+the rule's dependence on the batch. Median of --steps calls after one warm-up; run it on a quiet machine
 (it prints the load average; the full step is `benchmarks/cpu.py`).
 """
 
@@ -59,6 +62,18 @@ RESNET50_CONVS = (
     (7, 1, 1, 512, 2048, 3),
     (7, 1, 1, 2048, 512, 2),
     (7, 3, 1, 512, 512, 2),
+)
+
+# Both models' 3x3 stride-1 convolutions: (input size, in, out, how many), DenseNet121 first
+SHIFTED_CONVS = (
+    ("densenet121", 56, 128, 32, 6),
+    ("densenet121", 28, 128, 32, 12),
+    ("densenet121", 14, 128, 32, 24),
+    ("densenet121", 7, 128, 32, 16),
+    ("resnet50", 56, 64, 64, 3),
+    ("resnet50", 28, 128, 128, 3),
+    ("resnet50", 14, 256, 256, 5),
+    ("resnet50", 7, 512, 512, 2),
 )
 
 
@@ -173,10 +188,58 @@ def batch_norm_rows(batch: int, steps: int) -> list[dict]:
     return rows
 
 
+def interleaved_ms(fns: dict, args, steps: int) -> dict:
+    """name -> (median ms, output); the calls alternate, the first of each round too."""
+    outs = {name: jax.block_until_ready(fn(*args)) for name, fn in fns.items()}
+    times: dict = {name: [] for name in fns}
+    for step in range(steps):
+        for name in list(fns)[:: 1 if step % 2 else -1]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name](*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (float(np.median(times[name])) * 1e3, outs[name]) for name in fns}
+
+
+def shifted_rows(batch: int, steps: int) -> list[dict]:
+    """3x3 stride-1 kernel gradients: XLA's own vs `shifted_kernel_gradient`."""
+    rng = np.random.default_rng(3)
+    pads = ((1, 1), (1, 1))
+    rows = []
+    for arch, size, cin, cout, count in SHIFTED_CONVS:
+        x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
+        g = jnp.asarray(rng.standard_normal((batch, size, size, cout)), jnp.float32)
+        w = jnp.zeros((3, 3, cin, cout), jnp.float32)
+
+        def xla(x, g, w=w):
+            conv = lambda w: lax.conv_general_dilated(  # noqa: E731
+                x, w, (1, 1), pads, dimension_numbers=kernel_grad.NHWC
+            )
+            return jax.vjp(conv, w)[1](g)[0]
+
+        timed = interleaved_ms(
+            {"xla": jax.jit(xla), "ours": jax.jit(kernel_grad.shifted_kernel_gradient)},
+            (x, g),
+            max(steps, 10),
+        )
+        row = {
+            "op": f"{arch} 3x3/1 {cin}->{cout} at {size} (shifted)",
+            "count": count,
+            "xla_ms": round(timed["xla"][0], 2),
+            "ours_ms": round(timed["ours"][0], 2),
+            "rel_diff": rel_diff(timed["ours"][1], timed["xla"][1]),
+            "taken": kernel_grad.uses_shifted_kernel_grad(
+                x.shape, w.shape, (1, 1), pads, kernel_grad.NHWC
+            ),
+        }
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows
+
+
 def _line(r: dict) -> str:
     mark = "*" if r["taken"] else " "
     return (
-        f"{mark} {r['op']:<42} x{r['count']:<2} xla {r['xla_ms']:8.2f} ms  "
+        f"{mark} {r['op']:<46} x{r['count']:<2} xla {r['xla_ms']:8.2f} ms  "
         f"ours {r['ours_ms']:8.2f} ms  diff {r['rel_diff']:.1e}"
     )
 
@@ -193,6 +256,8 @@ def main(argv=None) -> None:
     rows.append(pool_row(args.batch, args.steps))
     rows.append(pool_forward_row(args.batch, args.steps))
     rows += batch_norm_rows(args.batch, args.steps)
+    shifted = shifted_rows(args.batch, args.steps)
+    rows += shifted
     convs = [r for r in rows if r["op"].startswith("conv")]
     total = {
         "xla_ms": sum(r["xla_ms"] * r["count"] for r in convs),
@@ -202,10 +267,22 @@ def main(argv=None) -> None:
         f"ResNet50 kernel gradients per step: XLA {total['xla_ms']:.0f} ms, "
         f"as the model takes them {total['taken_ms']:.0f} ms"
     )
+    three = {}
+    for arch in ("resnet50", "densenet121"):
+        mine = [r for r in shifted if r["op"].startswith(arch)]
+        three[arch] = {
+            "xla_ms": sum(r["xla_ms"] * r["count"] for r in mine),
+            "taken_ms": sum(r[("ours_ms" if r["taken"] else "xla_ms")] * r["count"] for r in mine),
+        }
+        print(
+            f"{arch} 3x3 stride-1 kernel gradients per step: XLA {three[arch]['xla_ms']:.0f} ms,"
+            f" as the model takes them {three[arch]['taken_ms']:.0f} ms"
+        )
     print("load average after:", os.getloadavg())
     if args.out:
+        out = {"rows": rows, "resnet50_kernel_gradients": total, "kernel_gradients_3x3": three}
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "resnet50_kernel_gradients": total}, f, indent=1)
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

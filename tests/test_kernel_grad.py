@@ -83,7 +83,7 @@ def test_forward_matches_lax(kernel, stride):
 @pytest.mark.parametrize(
     "shape, padding, extra",
     [
-        ((3, 3, 64, 64), ((1, 1), (1, 1)), {}),  # XLA's own is faster
+        ((3, 3, 64, 64), ((1, 1), (1, 1)), {}),  # k x k: shifted_kernel_gradient's rule
         ((7, 7, 3, 64), ((3, 3), (3, 3)), {}),  # the stem too
         ((1, 1, 8, 8), "SAME", {}),
         ((1, 1, 8, 8), ((0, 0), (0, 0)), {"rhs_dilation": (2, 2)}),
@@ -150,6 +150,8 @@ def test_model_gradients_match_the_plain_convolution(arch, monkeypatch):
 
         ours = grads()
         monkeypatch.setattr(kg, "uses_matmul_kernel_grad", lambda *a, **k: False)
+        monkeypatch.setattr(kg, "SHIFTED_3X3_KERNEL_GRAD", False)
+        monkeypatch.setattr(kg, "TAPS_3X3_FORWARD", False)
         plain = grads()
         leaves = jax.tree_util.tree_leaves_with_path(ours)
         assert len(leaves) == len(jax.tree_util.tree_leaves(plain)) > 50
@@ -161,15 +163,20 @@ def test_model_gradients_match_the_plain_convolution(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("size", [14, 17], ids=lambda s: f"H{s}")
-def test_taps_forward_equals_the_convolution_and_keeps_xlas_backward(size):
+@pytest.mark.parametrize("shifted", [False, True], ids=["xla_kernel_grad", "shifted"])
+def test_taps_forward_equals_the_convolution_and_keeps_xlas_backward(size, shifted, monkeypatch):
     """A 3x3 convolution with few output channels runs forward as one product and nine
-    shifted sums (DenseNet121's 128 -> 32): the output equals lax's up to rounding, and both
-    gradients are XLA's own, bit for bit."""
+    shifted sums (DenseNet121's 128 -> 32): the output equals lax's up to rounding, the input
+    gradient is XLA's own, bit for bit, and so is the kernel gradient below
+    `SHIFTED_MIN_ROWS` (above it `shifted_kernel_gradient`, equal up to rounding)."""
+    if shifted:
+        monkeypatch.setattr(kg, "SHIFTED_MIN_ROWS", 1)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, size, size, 48)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 48, 16)) / np.sqrt(9 * 48), jnp.float32)
     pads = ((1, 1), (1, 1))
     assert kg.uses_taps_forward(x.shape, w.shape, (1, 1), pads, kg.NHWC)
+    assert kg.uses_shifted_kernel_grad(x.shape, w.shape, (1, 1), pads, kg.NHWC) == shifted
 
     def conv(conv_fn):
         return lambda x_, w_: conv_fn(x_, w_, (1, 1), pads, dimension_numbers=kg.NHWC)
@@ -179,10 +186,14 @@ def test_taps_forward_equals_the_convolution_and_keeps_xlas_backward(size):
     assert "dot_general" in str(jax.make_jaxpr(ours)(x, w))
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
-    got = jax.jit(lambda x_, w_, g_: jax.vjp(ours, x_, w_)[1](g_))(x, w, g)
-    ref = jax.jit(lambda x_, w_, g_: jax.vjp(plain, x_, w_)[1](g_))(x, w, g)
-    for a, b in zip(got, ref):
-        np.testing.assert_array_equal(a, b)
+    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
+    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
+    np.testing.assert_array_equal(dx, dx0)
+    if shifted:
+        np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
+    else:
+        np.testing.assert_array_equal(dw, dw0)
+    assert ("dynamic_update_slice" in str(jax.make_jaxpr(backward(ours))(x, w, g))) == shifted
 
 
 @pytest.mark.parametrize(
@@ -200,3 +211,92 @@ def test_taps_forward_rule(shape, strides, pads, why):
     taken = kg.uses_taps_forward(shape, w_shape, strides, pads, kg.NHWC)
     assert taken == (why == "taken"), why
     assert not kg.uses_taps_forward(shape, (1, 1, shape[-1], 16), strides, pads, kg.NHWC)
+
+
+SHIFTED_CASES = [  # (N, H, W, in, out): any size, either channel count the larger
+    (2, 8, 8, 16, 4),
+    (1, 7, 5, 3, 8),
+    (3, 14, 9, 8, 8),
+    (2, 1, 1, 4, 4),  # one pixel: every tap but the centre meets padding
+]
+
+
+@pytest.mark.parametrize("case", SHIFTED_CASES, ids=lambda c: "N{}H{}W{}_{}to{}".format(*c))
+def test_shifted_kernel_gradient_matches_xla(case):
+    """`shifted_kernel_gradient` equals XLA's kernel gradient of a 3x3, stride-1, padding-1
+    convolution: float64 to 1e-12 (the same sums in another order), float32 to rounding."""
+    n, h, wd, cin, cout = case
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 1e-4)):
+            x = jnp.asarray(rng.standard_normal((n, h, wd, cin)), dtype)
+            w = jnp.zeros((3, 3, cin, cout), dtype)
+            y, vjp = jax.vjp(lambda w_, x=x: kg._plain_3x3(x, w_), w)
+            g = jnp.asarray(rng.standard_normal(y.shape), dtype)
+            ours = jax.jit(kg.shifted_kernel_gradient)(x, g)
+            assert ours.dtype == dtype and ours.shape == w.shape
+            np.testing.assert_allclose(ours, vjp(g)[0], rtol=tol, atol=tol)
+
+
+def test_shifted_kernel_gradient_in_the_convolution_keeps_lax_forward(monkeypatch):
+    """A 3x3 stride-1 convolution that is not `taps_forward`'s runs lax's own forward, bit
+    for bit, and its gradients are XLA's input gradient (bit for bit) and the shifted
+    product, which the traced backward holds."""
+    monkeypatch.setattr(kg, "SHIFTED_MIN_ROWS", 200)  # 2 x 10 x 10 rows below
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 10, 10, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 8)) / np.sqrt(72), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    assert kg.uses_shifted_kernel_grad(x.shape, w.shape, (1, 1), pads, kg.NHWC)
+    assert not kg.uses_taps_forward(x.shape, w.shape, (1, 1), pads, kg.NHWC)
+
+    def conv(conv_fn):
+        return lambda x_, w_: conv_fn(x_, w_, (1, 1), pads, dimension_numbers=kg.NHWC)
+
+    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(plain)(x, w))
+    g = jnp.asarray(rng.standard_normal((2, 10, 10, 8)), jnp.float32)
+    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
+    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
+    assert "dynamic_update_slice" in str(jax.make_jaxpr(backward(ours))(x, w, g))
+    assert "dynamic_update_slice" not in str(jax.make_jaxpr(backward(plain))(x, w, g))
+
+
+@pytest.mark.parametrize(
+    "kernel, strides, pads, extra, taken",
+    [
+        (3, (1, 1), ((1, 1), (1, 1)), {}, True),
+        (3, (1, 1), ((1, 1), (1, 1)), {"lhs_shape": (2, 8, 7, 8)}, False),  # 112 rows < 128
+        (3, (2, 2), ((1, 1), (1, 1)), {}, False),  # strided (ResNet50's first of a stage)
+        (3, (1, 1), ((0, 0), (0, 0)), {}, False),  # unpadded
+        (5, (1, 1), ((1, 1), (1, 1)), {}, False),
+        (3, (1, 1), ((1, 1), (1, 1)), {"rhs_dilation": (2, 2)}, False),
+        (3, (1, 1), ((1, 1), (1, 1)), {"feature_group_count": 2}, False),
+        (3, (1, 1), ((1, 1), (1, 1)), {"precision": lax.Precision.HIGHEST}, False),
+    ],
+)
+def test_shifted_kernel_gradient_rule(kernel, strides, pads, extra, taken, monkeypatch):
+    monkeypatch.setattr(kg, "SHIFTED_MIN_ROWS", 128)  # 2 x 8 x 8 rows below
+    shape, w_shape = extra.pop("lhs_shape", (2, 8, 8, 8)), (kernel, kernel, 8, 8)
+    assert kg.uses_shifted_kernel_grad(shape, w_shape, strides, pads, kg.NHWC, **extra) == taken
+
+
+def test_shifted_kernel_gradient_takes_the_models_56_pixel_layers_at_batch_8():
+    """The default threshold: DenseNet121's and ResNet50's 3x3 layers at 56x56 and batch 8
+    take the shifted product, their 28x28 layers XLA's own."""
+    pads = ((1, 1), (1, 1))
+    for cin, cout in ((128, 32), (64, 64)):
+        w_shape = (3, 3, cin, cout)
+        assert kg.uses_shifted_kernel_grad((8, 56, 56, cin), w_shape, (1, 1), pads, kg.NHWC)
+        assert not kg.uses_shifted_kernel_grad((8, 28, 28, cin), w_shape, (1, 1), pads, kg.NHWC)
+
+
+def test_shifted_kernel_gradient_stays_off_gpu_and_tpu(monkeypatch):
+    monkeypatch.setattr(kg, "SHIFTED_MIN_ROWS", 1)
+    args = ((2, 8, 8, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1)), kg.NHWC)
+    assert kg.uses_shifted_kernel_grad(*args)  # on this CPU
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert not kg.uses_shifted_kernel_grad(*args)

@@ -16,16 +16,21 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
   (DenseNet121's 128 -> 32, at 14x14 and more) runs forward as one product of the padded
   input with all nine taps' kernels, then nine shifted sums (`taps_forward`; DenseNet121's
   eval step 13-17% faster, benchmarks/NOTES.md "Phase 4"), its output equal to lax's up to
-  rounding and both its gradients XLA's own; every other forward is the very same
-  `lax.conv_general_dilated` call, bit for bit;
+  rounding, its input gradient XLA's own and its kernel gradient XLA's own or, where the
+  next rule takes it, the shifted product; every other forward is the very same `lax.conv_general_dilated` call, bit for bit;
+- a 3x3, stride-1, padding-1 convolution with at least `SHIFTED_MIN_ROWS` output rows
+  (ResNet50's and DenseNet121's at 56x56, batch 8) has as kernel gradient one product of
+  the padded input's rows with nine copies of the output gradient, each shifted by its
+  tap's row offset (`shifted_kernel_gradient`, benchmarks/NOTES.md "Phase 6"); its forward
+  stays lax's own, bit for bit;
 - the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
 - the kernel gradient differs from XLA's by float rounding only.
 
-Every other convolution is plain `lax.conv_general_dilated`: 3x3 and 7x7 kernels (there
-XLA's own kernel gradient measured as fast as or faster than one product per kernel tap,
-which `kernel_gradient` also computes; `benchmarks/cpu_kernels.py` times both), dilation,
-groups, other layouts, and every convolution on a GPU or TPU (`MATMUL_BACKENDS` is the CPU
-only: the products were never measured against cuDNN or the TPU's convolutions).
+Every other convolution is plain `lax.conv_general_dilated`: strided 3x3 and 7x7 kernels
+(there XLA's own kernel gradient measured as fast as or faster than one product per kernel
+tap, which `kernel_gradient` also computes; `benchmarks/cpu_kernels.py` times both),
+dilation, groups, other layouts, and every convolution on a GPU or TPU (`MATMUL_BACKENDS` is
+the CPU only: the products were never measured against cuDNN or the TPU's convolutions).
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ MATMUL_1X1_FORWARD = True
 # A 3x3 stride-1 convolution with few output channels (DenseNet121's 128 -> 32) as one product
 # with all nine taps' outputs, then nine shifted sums (`taps_forward`); see `uses_taps_forward`.
 TAPS_3X3_FORWARD = True
+# The kernel gradient of a 3x3 stride-1 padding-1 convolution as one product with the output
+# gradient shifted nine times (`shifted_kernel_gradient`); see `uses_shifted_kernel_grad`.
+SHIFTED_3X3_KERNEL_GRAD = True
+# ... from this many output rows (N*H*W) on: below it XLA's own was as fast or faster, above
+# it XLA's fell off a cliff (2-4x slower) on every shape timed (benchmarks/NOTES.md, "Phase 6").
+SHIFTED_MIN_ROWS = 16384
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -137,6 +148,17 @@ def conv_general_dilated(
         **layout,
     ):
         return _conv_taps(lhs, rhs)
+    if uses_shifted_kernel_grad(
+        lhs.shape,
+        rhs.shape,
+        window_strides,
+        padding,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **layout,
+    ):
+        return _conv_3x3(lhs, rhs)
     if not uses_matmul_kernel_grad(
         rhs.shape, padding, dimension_numbers, lhs_shape=lhs.shape, **layout
     ):
@@ -177,6 +199,70 @@ def uses_taps_forward(
     )
 
 
+def uses_shifted_kernel_grad(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    window_strides,
+    padding,
+    dimension_numbers,
+    *,
+    precision=None,
+    preferred_element_type=None,
+    **layout,
+) -> bool:
+    """Whether this convolution's kernel gradient is `shifted_kernel_gradient` (whether
+    `taps_forward` or lax's runs it forward): an NHWC/HWIO 3x3 convolution, stride 1,
+    padding 1, no dilation or groups, default precision, with at least `SHIFTED_MIN_ROWS`
+    output rows (N*H*W), on a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s
+    keywords but `lhs_shape`)."""
+    if not SHIFTED_3X3_KERNEL_GRAD or len(lhs_shape) != 4 or not _is_unit(window_strides):
+        return False
+    if precision is not None or preferred_element_type is not None:
+        return False
+    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
+        return False
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    rows = int(lhs_shape[0]) * int(lhs_shape[1]) * int(lhs_shape[2])
+    return (
+        tuple(int(d) for d in rhs_shape[:2]) == (3, 3)
+        and pads == ((1, 1), (1, 1))
+        and rows >= SHIFTED_MIN_ROWS
+    )
+
+
+def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """d(sum(g * conv(x, w)))/dw for a 3x3, stride-1, padding-1 NHWC/HWIO convolution, as one
+    product over the rows of the padded input ([N*(H+2)*(W+2), Cin]).
+
+    With g laid on the same padded grid (zeros on its last two rows and columns) and both
+    flattened to rows, tap (dy, dx) pairs row r of the input with row r - dy*(W+2) - dx of
+    g, and every pair that would cross a row or an image edge meets one of g's zeros. So
+    the nine taps' kernel gradients are x^T [g shifted by each tap's offset, side by side]:
+    XLA:CPU's own kernel gradient of these convolutions ran 2.2-2.8x slower than oneDNN's
+    (benchmarks/NOTES.md, "Phase 5"). The shifted copies are written into one buffer slice
+    by slice (a concatenation of such narrow pieces ran at ~1 GB/s)."""
+    n, h, wd, cin = x.shape
+    cout = g.shape[-1]
+    rows = n * (h + 2) * (wd + 2)
+    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
+    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, cout)
+    reach = 2 * (wd + 2) + 2  # the largest tap offset
+    g_rows = jnp.pad(g_rows, ((reach, 0), (0, 0)))
+    shifted = jnp.zeros((rows, 9, cout), g.dtype)
+    for tap in range(9):
+        offset = (tap // 3) * (wd + 2) + tap % 3
+        part = lax.slice_in_dim(g_rows, reach - offset, reach - offset + rows)
+        shifted = lax.dynamic_update_slice(shifted, part[:, None, :], (0, tap, 0))
+    accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    dw = lax.dot_general(
+        x_rows,
+        shifted.reshape(rows, 9 * cout),
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=accumulate,
+    )
+    return dw.reshape(cin, 3, 3, cout).transpose(1, 2, 0, 3).astype(x.dtype)
+
+
 def taps_forward(x: jax.Array, w: jax.Array) -> jax.Array:
     """A 3x3, stride-1, padding-1 NHWC/HWIO convolution as one matrix product of the padded
     input with all nine taps' kernels side by side ([N*(H+2)*(W+2), Cin] x [Cin, 9*Cout]),
@@ -208,13 +294,30 @@ def _conv_taps_fwd(x, w):
     return taps_forward(x, w), (x, w)
 
 
-def _conv_taps_bwd(residuals, g):
-    """XLA's own backward of the convolution (input and kernel gradients)."""
+def _conv_3x3_bwd(residuals, g):
+    """XLA's own input gradient; the kernel gradient by `shifted_kernel_gradient` where
+    `uses_shifted_kernel_grad` says so, else XLA's own too."""
     x, w = residuals
-    return jax.vjp(_plain_3x3, x, w)[1](g)
+    pads = ((1, 1), (1, 1))
+    if not uses_shifted_kernel_grad(x.shape, w.shape, (1, 1), pads, NHWC):
+        return jax.vjp(_plain_3x3, x, w)[1](g)
+    (dx,) = jax.vjp(lambda x_: _plain_3x3(x_, w), x)[1](g)
+    return dx, shifted_kernel_gradient(x, g).astype(w.dtype)
 
 
-_conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+_conv_taps.defvjp(_conv_taps_fwd, _conv_3x3_bwd)
+
+
+@jax.custom_vjp
+def _conv_3x3(x, w):
+    return _plain_3x3(x, w)
+
+
+def _conv_3x3_fwd(x, w):
+    return _plain_3x3(x, w), (x, w)
+
+
+_conv_3x3.defvjp(_conv_3x3_fwd, _conv_3x3_bwd)
 
 
 def _forward(x, w, strides, pads, precision, preferred):
