@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -17,6 +17,8 @@ as before issue 14):
      without it one reduce-window)
   g  3x3 stride-1 kernel gradients as one product with the output gradient shifted nine
      times (`kernel_grad.SHIFTED_3X3_KERNEL_GRAD`; without it XLA's own)
+  r  3x3 kernel gradients with 64 or more outputs as one product per tap
+     (`kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS`; without it XLA's own)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -50,7 +52,8 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtg"
+ALL = "kpbfmwtgr"
+TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 
 
 def select(variant: str) -> None:
@@ -63,6 +66,7 @@ def select(variant: str) -> None:
     layers.MATERIALISE_POOL_GRAD = "m" in variant
     kernel_grad.TAPS_3X3_FORWARD = "t" in variant
     kernel_grad.SHIFTED_3X3_KERNEL_GRAD = "g" in variant
+    kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS = TAP_MIN_ROWS if "r" in variant else None
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 

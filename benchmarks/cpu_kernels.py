@@ -12,7 +12,8 @@ maximum of nine strided windows) and BatchNorm forward + backward (autodiff of
 models, XLA's kernel gradient against `kernel_grad.shifted_kernel_gradient` (the two calls
 alternating, as XLA's own swings 2-4x with the host's cache pressure at 56 px). Each row also gives the largest difference
 between the two results relative to the largest value (rounding only). `taken` says whether
-`kernel_grad.uses_matmul_kernel_grad` (`uses_shifted_kernel_grad` for the last rows)
+`kernel_grad.uses_matmul_kernel_grad` or `uses_tap_kernel_grad` (`uses_shifted_kernel_grad`
+for the last rows)
 routes that shape to the matrix products: the rule this table justifies; `--batch=32` shows
 the rule's dependence on the batch. Median of --steps calls after one warm-up; run it on a quiet machine
 (it prints the load average; the full step is `benchmarks/cpu.py`).
@@ -122,7 +123,10 @@ def conv_rows(batch: int, steps: int) -> list[dict]:
                 "xla_ms": round(t_xla, 2),
                 "ours_ms": round(t_ours, 2),
                 "rel_diff": rel_diff(got, ref),
-                "taken": kernel_grad.uses_matmul_kernel_grad(w.shape, pads, kernel_grad.NHWC),
+                "taken": kernel_grad.uses_matmul_kernel_grad(w.shape, pads, kernel_grad.NHWC)
+                or kernel_grad.uses_tap_kernel_grad(
+                    x.shape, w.shape, (stride, stride), pads, kernel_grad.NHWC
+                ),
             }
         )
         print(_line(rows[-1]), flush=True)

@@ -152,6 +152,7 @@ def test_model_gradients_match_the_plain_convolution(arch, monkeypatch):
         monkeypatch.setattr(kg, "uses_matmul_kernel_grad", lambda *a, **k: False)
         monkeypatch.setattr(kg, "SHIFTED_3X3_KERNEL_GRAD", False)
         monkeypatch.setattr(kg, "TAPS_3X3_FORWARD", False)
+        monkeypatch.setattr(kg, "TAP_KERNEL_GRAD_MIN_ROWS", None)
         plain = grads()
         leaves = jax.tree_util.tree_leaves_with_path(ours)
         assert len(leaves) == len(jax.tree_util.tree_leaves(plain)) > 50
@@ -300,3 +301,48 @@ def test_shifted_kernel_gradient_stays_off_gpu_and_tpu(monkeypatch):
     for backend in ("gpu", "tpu"):
         monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
         assert not kg.uses_shifted_kernel_grad(*args)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_tap_kernel_gradient_in_the_convolution_keeps_lax_forward(stride, monkeypatch):
+    """A 3x3 convolution with at least 64 output channels and enough rows runs lax's own
+    forward, bit for bit; its input gradient is XLA's, bit for bit, and its kernel gradient
+    `kernel_gradient`'s products, equal to XLA's up to rounding."""
+    monkeypatch.setattr(kg, "TAP_KERNEL_GRAD_MIN_ROWS", 8)
+    monkeypatch.setattr(kg, "SHIFTED_MIN_ROWS", 10**9)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 64)) / 12.0, jnp.float32)
+    pads = ((1, 1), (1, 1))
+    assert kg.uses_tap_kernel_grad(x.shape, w.shape, (stride, stride), pads, kg.NHWC)
+
+    def conv(conv_fn):
+        return lambda x_, w_: conv_fn(x_, w_, (stride, stride), pads, dimension_numbers=kg.NHWC)
+
+    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
+    y = jax.jit(plain)(x, w)
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), y)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
+    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
+    assert "dot_general" in str(jax.make_jaxpr(backward(ours))(x, w, g))
+
+
+@pytest.mark.parametrize(
+    "lhs, w, stride, taken",
+    [
+        ((8, 56, 56, 128), (3, 3, 128, 128), 2, True),  # ResNet50's stride-2 3x3 at 56
+        ((8, 28, 28, 128), (3, 3, 128, 128), 1, True),
+        ((8, 28, 28, 256), (3, 3, 256, 256), 2, False),  # 1568 output rows
+        ((8, 56, 56, 64), (3, 3, 64, 64), 1, False),  # the shifted product's
+        ((8, 28, 28, 128), (3, 3, 128, 32), 1, False),  # 32 output channels
+        ((8, 28, 28, 128), (5, 5, 128, 128), 1, False),
+        ((8, 28, 28, 128), (1, 1, 128, 128), 1, False),
+    ],
+)
+def test_tap_kernel_gradient_rule(lhs, w, stride, taken):
+    pads = ((w[0] // 2,) * 2,) * 2
+    got = kg.uses_tap_kernel_grad(lhs, w, (stride, stride), pads, kg.NHWC)
+    assert got == taken

@@ -26,7 +26,11 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
 - the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
 - the kernel gradient differs from XLA's by float rounding only.
 
-Every other convolution is plain `lax.conv_general_dilated`: strided 3x3 and 7x7 kernels
+- a 3x3 convolution with at least 64 output channels and `TAP_KERNEL_GRAD_MIN_ROWS` output
+  rows that the rule above does not take (ResNet50's 128 -> 128 layers at batch 8) has as
+  kernel gradient one product per kernel tap (`kernel_gradient`), its forward lax's own;
+
+Every other convolution is plain `lax.conv_general_dilated`: smaller 3x3 and 7x7 kernels
 (there XLA's own kernel gradient measured as fast as or faster than one product per kernel
 tap, which `kernel_gradient` also computes; `benchmarks/cpu_kernels.py` times both),
 dilation, groups, other layouts, and every convolution on a GPU or TPU (`MATMUL_BACKENDS` is
@@ -55,6 +59,11 @@ SHIFTED_3X3_KERNEL_GRAD = True
 # ... from this many output rows (N*H*W) on: below it XLA's own was as fast or faster, above
 # it XLA's fell off a cliff (2-4x slower) on every shape timed (benchmarks/NOTES.md, "Phase 6").
 SHIFTED_MIN_ROWS = 16384
+# The kernel gradient of a 3x3 convolution with at least 64 output channels and this many
+# output rows (N*Ho*Wo) as one product per kernel tap (`kernel_gradient`), where the shifted
+# product does not take it: ResNet50's 128 -> 128 layers at batch 8, 15-16 ms against XLA's
+# 24-30 ms (benchmarks/NOTES.md, "Phase 6"); see `uses_tap_kernel_grad`.
+TAP_KERNEL_GRAD_MIN_ROWS = 6272
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -161,6 +170,15 @@ def conv_general_dilated(
         return _conv_3x3(lhs, rhs)
     if not uses_matmul_kernel_grad(
         rhs.shape, padding, dimension_numbers, lhs_shape=lhs.shape, **layout
+    ) and not uses_tap_kernel_grad(
+        lhs.shape,
+        rhs.shape,
+        window_strides,
+        padding,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **layout,
     ):
         return plain(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
@@ -228,6 +246,40 @@ def uses_shifted_kernel_grad(
         and pads == ((1, 1), (1, 1))
         and rows >= SHIFTED_MIN_ROWS
     )
+
+
+def uses_tap_kernel_grad(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    window_strides,
+    padding,
+    dimension_numbers,
+    *,
+    precision=None,
+    preferred_element_type=None,
+    **layout,
+) -> bool:
+    """Whether this convolution's kernel gradient is `kernel_gradient`'s one product per tap
+    (its forward lax's own): an NHWC/HWIO 3x3 convolution with at least 64 output channels
+    and `TAP_KERNEL_GRAD_MIN_ROWS` output rows (N*Ho*Wo), any stride, default precision, on
+    a backend of `MATMUL_BACKENDS`, that `uses_shifted_kernel_grad` does not take."""
+    if TAP_KERNEL_GRAD_MIN_ROWS is None or len(lhs_shape) != 4:
+        return False
+    if precision is not None or preferred_element_type is not None:
+        return False
+    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
+        return False
+    if tuple(int(d) for d in rhs_shape[:2]) != (3, 3) or int(rhs_shape[3]) < 64:
+        return False
+    if uses_shifted_kernel_grad(
+        lhs_shape, rhs_shape, window_strides, padding, dimension_numbers, **layout
+    ):
+        return False
+    out = [
+        (int(lhs_shape[1 + i]) + int(lo) + int(hi) - 3) // int(stride) + 1
+        for i, ((lo, hi), stride) in enumerate(zip(padding, window_strides))
+    ]
+    return int(lhs_shape[0]) * out[0] * out[1] >= TAP_KERNEL_GRAD_MIN_ROWS
 
 
 def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
