@@ -24,7 +24,10 @@ from flax import nnx
 class BatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` with `batch_norm_train`'s backward for float32 training."""
 
-    def __call__(self, x, use_running_average=None, *, mask=None):
+    def __call__(self, x, use_running_average=None, *, mask=None, stats=None):
+        """`stats`: this batch's per-channel (mean, variance) of `x`, if the caller already
+        has them (DenseNet121's blocks, `densenet.DenseBlock`); used by the float32 training
+        path only, which otherwise computes them (every other path ignores them)."""
         running = self.use_running_average if use_running_average is None else use_running_average
         plain = (
             running
@@ -39,7 +42,11 @@ class BatchNorm(nnx.BatchNorm):
         )
         if plain:
             return super().__call__(x, use_running_average, mask=mask)
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        if stats is None:
+            y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        else:
+            mean, var = (jax.lax.stop_gradient(v) for v in stats)
+            y = batch_norm_given(x, mean, var, self.scale[...], self.bias[...], self.epsilon)
         stop = jax.lax.stop_gradient
         # set_value, not `[...] =`: the indexed form asks the new value for its sharding,
         # which on a tracer builds an error message by walking the whole jaxpr traced so far
@@ -47,6 +54,12 @@ class BatchNorm(nnx.BatchNorm):
         self.mean.set_value(stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean))
         self.var.set_value(stop(self.momentum * self.var[...] + (1 - self.momentum) * var))
         return y
+
+
+def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (mean, two-pass variance) of `x` over every axis but the last, as the
+    training forward computes them; no gradient flows through them (`BatchNorm`'s `stats`)."""
+    return _stats(jax.lax.stop_gradient(x))
 
 
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,3 +101,24 @@ def _bwd(epsilon, residuals, cotangents):
 
 
 batch_norm_train.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def batch_norm_given(x, mean, var, scale, bias, epsilon: float):
+    """`batch_norm_train`'s normalised x with the batch's `mean` and `var` given (they must
+    be x's own): the same backward, which already differentiates through the statistics,
+    so `mean` and `var` get no gradient."""
+    return _apply(x, mean, var, scale, bias, epsilon)
+
+
+def _given_fwd(x, mean, var, scale, bias, epsilon):
+    return _apply(x, mean, var, scale, bias, epsilon), (x, mean, var, scale)
+
+
+def _given_bwd(epsilon, residuals, g):
+    d_x, d_scale, d_bias = _bwd(epsilon, residuals, (g, None, None))
+    _, mean, var, _ = residuals
+    return d_x, jnp.zeros_like(mean), jnp.zeros_like(var), d_scale, d_bias
+
+
+batch_norm_given.defvjp(_given_fwd, _given_bwd)

@@ -12,8 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xmedjax.models import layers
+from xmedjax.models import batch_norm, layers
 from xmedjax.models.spec import ModelSpec
+
+# Each dense layer's BatchNorm takes the statistics of its concatenated input from the
+# chunks it is made of, each chunk's computed once (in training; benchmarks/NOTES.md,
+# "Phase 6"), instead of two more passes over the whole concatenation per layer.
+CHUNK_STATS = True
 
 
 class DenseLayer(nnx.Module):
@@ -26,8 +31,9 @@ class DenseLayer(nnx.Module):
         self.norm2 = layers.batch_norm(inner, dtype=dtype, rngs=rngs)
         self.conv2 = layers.conv(inner, growth_rate, 3, padding=1, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        out = self.conv1(nnx.relu(self.norm1(x)))
+    def __call__(self, x: jax.Array, stats=None) -> jax.Array:
+        """`stats`: x's per-channel batch (mean, variance), if known (`DenseBlock`)."""
+        out = self.conv1(nnx.relu(self.norm1(x, stats=stats)))
         return self.conv2(nnx.relu(self.norm2(out)))
 
 
@@ -44,10 +50,23 @@ class DenseBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         features = [x]
+        chunk_stats = [batch_norm.batch_stats(x)] if CHUNK_STATS else None
         for i in range(self.num_layers):
             layer = getattr(self, f"denselayer{i + 1}")
-            features.append(layer(jnp.concatenate(features, axis=-1)))
+            stats = _joined(chunk_stats)
+            features.append(layer(jnp.concatenate(features, axis=-1), stats))
+            if CHUNK_STATS:
+                chunk_stats.append(batch_norm.batch_stats(features[-1]))
         return jnp.concatenate(features, axis=-1)
+
+
+def _joined(chunk_stats):
+    """Per-chunk (mean, variance) pairs -> the concatenation's (a BatchNorm's statistics are
+    per channel, so each chunk's are computed once, when it is made, not once per layer)."""
+    if chunk_stats is None:
+        return None
+    means, variances = zip(*chunk_stats)
+    return jnp.concatenate(means), jnp.concatenate(variances)
 
 
 class Transition(nnx.Module):
