@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -19,6 +19,8 @@ as before issue 14):
      times (`kernel_grad.SHIFTED_3X3_KERNEL_GRAD`; without it XLA's own)
   r  3x3 kernel gradients with 64 or more outputs as one product per tap
      (`kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS`; without it XLA's own)
+  c  DenseNet121's dense layers take their BatchNorm statistics chunk by chunk, each
+     chunk's computed once (`densenet.CHUNK_STATS`)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -44,7 +46,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from xmedjax import mesh as mesh_lib  # noqa: E402
-from xmedjax.models import batch_norm, kernel_grad, layers  # noqa: E402
+from xmedjax.models import batch_norm, densenet, kernel_grad, layers  # noqa: E402
 
 ORIGINAL = (
     kernel_grad.uses_matmul_kernel_grad,
@@ -52,7 +54,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgr"
+ALL = "kpbfmwtgrc"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 
 
@@ -67,6 +69,7 @@ def select(variant: str) -> None:
     kernel_grad.TAPS_3X3_FORWARD = "t" in variant
     kernel_grad.SHIFTED_3X3_KERNEL_GRAD = "g" in variant
     kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS = TAP_MIN_ROWS if "r" in variant else None
+    densenet.CHUNK_STATS = "c" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 
