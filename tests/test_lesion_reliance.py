@@ -11,7 +11,10 @@ Measured (data and model seeds varied together; README "Is my model looking at t
 lesion?"): the clean model's mean drop lesion - control 0.60-0.89 at 120 steps (6 seeds),
 0.66-0.91 at 200 (3), 0.22-0.49 at 80 (5); its lesion flip rate 0.81-1.0 at 120-200 steps
 (0.31-1.0 at 80) against a control flip rate of 0.00-0.17; the shortcut model's
--0.013-0.000 in all 14 runs, lesion flip rate 0.
+-0.013-0.000 in all 14 runs, lesion flip rate 0. On a 2-core Intel Xeon (2026-12-06)
+data seed 21 (model seed 0), which passed on the AMD host, trains a clean model that reads
+the lesion less (0.175 at 120 steps, 0.321 at 200), while data seeds 23 and 25 give 0.72 and
+0.79: one training run can miss, so the clean model is judged by the median of three.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from data_prep import phantoms
 from xmedjax.explain import reliance
 
 STEPS = 120
+CLEAN_SEEDS = (21, 23, 25)  # the clean phantoms' data seeds; the model is judged by the median
 
 
 def _reliance(graphdef, state, data) -> dict:
@@ -35,17 +39,26 @@ def _reliance(graphdef, state, data) -> dict:
 
 
 def test_lesion_reliance_is_high_for_a_clean_model_and_low_for_a_shortcut_model():
-    clean = phantoms.generate("brain", 512, 64, seed=21)
     marked = phantoms.generate(
         "brain", 512, 64, seed=21, shortcut="corner_marker", shortcut_strength=1.0
     )
     test = phantoms.generate(
         "brain", 96, 64, seed=22, shortcut="corner_marker", shortcut_strength=1.0
     )
-    c = _reliance(*train_phantom_model(clean["images"], clean["labels"], steps=STEPS), test)
-    s = _reliance(*train_phantom_model(marked["images"], marked["labels"], steps=STEPS), test)
     gap = "lesion_vs_control"
-    summary = f"clean {c[gap]} {c['lesion_removed']}\nshortcut {s[gap]} {s['lesion_removed']}"
+    runs = []
+    for seed in CLEAN_SEEDS:
+        clean = phantoms.generate("brain", 512, 64, seed=seed)
+        trained = train_phantom_model(clean["images"], clean["labels"], steps=STEPS)
+        runs.append(_reliance(*trained, test))
+    runs.sort(key=lambda r: r[gap]["mean_drop_difference"])
+    c = runs[len(runs) // 2]  # the median clean model
+    s = _reliance(*train_phantom_model(marked["images"], marked["labels"], steps=STEPS), test)
+    every = [round(r[gap]["mean_drop_difference"], 3) for r in runs]
+    summary = (
+        f"clean (median of {every}) {c[gap]} {c['lesion_removed']}\n"
+        f"shortcut {s[gap]} {s['lesion_removed']}"
+    )
     assert c["control"]["placed"] >= 0.9 * c["n_images"], c["control"]
     # The clean model needs the lesion, not just any region of the brain ...
     assert c[gap]["mean_drop_difference"] >= 0.2, summary
