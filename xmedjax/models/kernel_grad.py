@@ -186,6 +186,16 @@ def conv_general_dilated(
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
 
 
+def _default_3x3(lhs_shape, rhs_shape, padding, dimension_numbers, precisions, layout) -> bool:
+    """A 4-D NHWC/HWIO 3x3 convolution at default precision and output type (`precisions`:
+    both None) that `_plain_nhwc_2d` takes: what the 3x3 rules below share."""
+    if len(lhs_shape) != 4 or any(p is not None for p in precisions):
+        return False
+    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
+        return False
+    return tuple(int(d) for d in rhs_shape[:2]) == (3, 3)
+
+
 def uses_taps_forward(
     lhs_shape: Sequence[int],
     rhs_shape: Sequence[int],
@@ -201,20 +211,15 @@ def uses_taps_forward(
     3x3 convolution, stride 1, padding 1, no dilation or groups, default precision, at
     least 14x14, with at most a third as many output as input channels, on a backend of
     `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s keywords but `lhs_shape`)."""
-    if not TAPS_3X3_FORWARD or len(lhs_shape) != 4 or not _is_unit(window_strides):
+    if not TAPS_3X3_FORWARD or not _is_unit(window_strides):
         return False
-    if precision is not None or preferred_element_type is not None:
+    precisions = (precision, preferred_element_type)
+    default = _default_3x3(lhs_shape, rhs_shape, padding, dimension_numbers, precisions, layout)
+    if not default:
         return False
-    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
-        return False
-    kh, kw, cin, cout = (int(d) for d in rhs_shape)
+    _, _, cin, cout = (int(d) for d in rhs_shape)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return (
-        (kh, kw) == (3, 3)
-        and pads == ((1, 1), (1, 1))
-        and 3 * cout <= cin
-        and min(lhs_shape[1], lhs_shape[2]) >= 14
-    )
+    return pads == ((1, 1), (1, 1)) and 3 * cout <= cin and min(lhs_shape[1], lhs_shape[2]) >= 14
 
 
 def uses_shifted_kernel_grad(
@@ -233,19 +238,15 @@ def uses_shifted_kernel_grad(
     padding 1, no dilation or groups, default precision, with at least `SHIFTED_MIN_ROWS`
     output rows (N*H*W), on a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s
     keywords but `lhs_shape`)."""
-    if not SHIFTED_3X3_KERNEL_GRAD or len(lhs_shape) != 4 or not _is_unit(window_strides):
+    if not SHIFTED_3X3_KERNEL_GRAD or not _is_unit(window_strides):
         return False
-    if precision is not None or preferred_element_type is not None:
-        return False
-    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
+    precisions = (precision, preferred_element_type)
+    default = _default_3x3(lhs_shape, rhs_shape, padding, dimension_numbers, precisions, layout)
+    if not default:
         return False
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     rows = int(lhs_shape[0]) * int(lhs_shape[1]) * int(lhs_shape[2])
-    return (
-        tuple(int(d) for d in rhs_shape[:2]) == (3, 3)
-        and pads == ((1, 1), (1, 1))
-        and rows >= SHIFTED_MIN_ROWS
-    )
+    return pads == ((1, 1), (1, 1)) and rows >= SHIFTED_MIN_ROWS
 
 
 def uses_tap_kernel_grad(
@@ -263,13 +264,11 @@ def uses_tap_kernel_grad(
     (its forward lax's own): an NHWC/HWIO 3x3 convolution with at least 64 output channels
     and `TAP_KERNEL_GRAD_MIN_ROWS` output rows (N*Ho*Wo), any stride, default precision, on
     a backend of `MATMUL_BACKENDS`, that `uses_shifted_kernel_grad` does not take."""
-    if TAP_KERNEL_GRAD_MIN_ROWS is None or len(lhs_shape) != 4:
+    if TAP_KERNEL_GRAD_MIN_ROWS is None:
         return False
-    if precision is not None or preferred_element_type is not None:
-        return False
-    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
-        return False
-    if tuple(int(d) for d in rhs_shape[:2]) != (3, 3) or int(rhs_shape[3]) < 64:
+    precisions = (precision, preferred_element_type)
+    default = _default_3x3(lhs_shape, rhs_shape, padding, dimension_numbers, precisions, layout)
+    if not default or int(rhs_shape[3]) < 64:
         return False
     if uses_shifted_kernel_grad(
         lhs_shape, rhs_shape, window_strides, padding, dimension_numbers, **layout
