@@ -595,6 +595,7 @@ def host_malloc() -> dict:
     names = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
     return {
         "ours": ours.STATUS if ours else "xmedjax not imported",
+        "ours_huge_pages": ours.HUGE_PAGES if ours else "xmedjax not imported",
         "environment": {k: os.environ[k] for k in names if k in os.environ},
     }
 

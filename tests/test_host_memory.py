@@ -70,3 +70,53 @@ def test_late_call_says_so():
         "print(host_memory.STATUS)\n"
     )
     assert _run(code, None)[0].startswith("late: the JAX backend had started")
+
+
+# The same program, then the heap's huge pages (its [heap] mapping in /proc/self/smaps).
+HUGE = """
+import xmedjax.host_memory as host_memory
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x).T))
+x = jnp.full((4096, 4096), 0.5, jnp.float32)
+for _ in range(3):
+    f(x).block_until_ready()
+huge_kib, in_heap = 0, False
+for line in open("/proc/self/smaps"):
+    if "-" in line.split()[0] and len(line.split()) >= 5:
+        in_heap = line.rstrip().endswith("[heap]")
+    elif in_heap and line.startswith("AnonHugePages:"):
+        huge_kib += int(line.split()[1])
+print(host_memory.HUGE_PAGES)
+print(huge_kib)
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text[text.find("[") + 1 : text.find("]")]
+
+
+def test_import_advises_huge_pages_for_the_heap():
+    status, huge_kib, _ = _run(HUGE, None)
+    mode = _thp_mode()
+    if mode != "madvise":  # nothing to advise: the status names the kernel's mode
+        assert status in (f"kernel: {mode}", f"off (kernel: {mode})"), status
+        return
+    assert status.startswith("advised "), status
+    # Both 64 MiB intermediates (and the input) sit in the advised heap.
+    assert int(huge_kib) >= 64 * 1024, huge_kib
+
+
+def test_no_huge_pages_setting_keeps_small_pages():
+    status, huge_kib, _ = _run(HUGE, "no-huge-pages")
+    assert status == "off (XMEDJAX_HOST_MALLOC=no-huge-pages)"
+    if _thp_mode() == "madvise":
+        assert int(huge_kib) == 0, huge_kib
+
+
+def test_system_setting_skips_huge_pages_too():
+    status, _, _ = _run(HUGE, "system")
+    assert status == "off (the heap options: off (XMEDJAX_HOST_MALLOC=system))"
