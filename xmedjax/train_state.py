@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from xmedjax import compile_options
 from xmedjax import mesh as mesh_lib
 
 
@@ -207,4 +208,6 @@ def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:
         functools.partial(eval_step, mdef),
         in_shardings=(state_sharding(state, mesh), data),
         out_shardings=rep,
+        # On a CPU, XLA's own convolutions (xmedjax/compile_options.py).
+        compiler_options=compile_options.forward_options(mesh.devices.flat[0].platform),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xmedjax import compile_options
 from xmedjax.explain.capture import capture_target_gradients
 from xmedjax.explain.maps import to_input_size
 
@@ -62,7 +62,7 @@ def gradient_cams(
 def gradient_cam(rule: Rule) -> SaliencyMethod:
     """A rule as a jitted registry method with a `layer` option (`grad_cam_fn` is one)."""
 
-    @functools.partial(jax.jit, static_argnums=0, static_argnames=("layer",))
+    @compile_options.forward_jit(static_argnums=0, static_argnames=("layer",))
     def cam_fn(graphdef, state, images, targets, *, layer: str | None = None) -> CamResult:
         return gradient_cams({"cam": rule}, graphdef, state, images, targets, layer)["cam"]
 
@@ -92,7 +92,7 @@ def grad_cam(model: nnx.Module, images, targets=None) -> CamResult:
     return _grad_cam_of_module(model, images, targets)
 
 
-@jax.jit
+@compile_options.forward_jit
 def _grad_cam_of_module(model: nnx.Module, images, targets) -> CamResult:
     """`grad_cam_fn` with the module passed as a pytree (flax 0.12 modules are): `nnx.split`
     runs once, at trace time. Splitting on every call cost 16 ms (ResNet50) to 23 ms
