@@ -161,3 +161,22 @@ def test_densenet_blocks_take_each_chunks_statistics_once(monkeypatch):
         assert float(jnp.max(jnp.abs(a - b))) < 1e-3 * scale  # rounding to ~2e-4 here
     for a, b in zip(jax.tree.leaves(ours[2]), jax.tree.leaves(ref[2])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_densenet_evaluation_traces_no_batch_statistics():
+    """In eval mode (running averages) DenseNet121's blocks compute no per-chunk batch
+    statistics: the forward then sums only in its pooling, never over a feature map's
+    N*H*W values per channel (the training forward does, once per chunk)."""
+    from xmedjax.models import create_model
+
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 32, 32, 3)), jnp.float32)
+    model = create_model("densenet121", 2, width=0.125)
+    graphdef, state = nnx.split(model)
+    train_sums = _elements_summed(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state).jaxpr)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    eval_sums = _elements_summed(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state).jaxpr)
+    # What is left in evaluation: the global average pool over norm5's map (and no more).
+    final = model.num_features * 2 * 1 * 1
+    assert eval_sums <= final, (eval_sums, final)
+    assert train_sums > 10 * final, train_sums

@@ -50,12 +50,19 @@ class DenseBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         features = [x]
-        chunk_stats = [batch_norm.batch_stats(x)] if CHUNK_STATS else None
+        # Only float32 training uses batch statistics passed in (`batch_norm.BatchNorm`); in
+        # evaluation they would be traced for nothing (XLA then drops them).
+        per_chunk = (
+            CHUNK_STATS
+            and not self.denselayer1.norm1.use_running_average
+            and x.dtype == jnp.float32
+        )
+        chunk_stats = [batch_norm.batch_stats(x)] if per_chunk else None
         for i in range(self.num_layers):
             layer = getattr(self, f"denselayer{i + 1}")
             stats = _joined(chunk_stats)
             features.append(layer(jnp.concatenate(features, axis=-1), stats))
-            if CHUNK_STATS:
+            if per_chunk:
                 chunk_stats.append(batch_norm.batch_stats(features[-1]))
         return jnp.concatenate(features, axis=-1)
 
