@@ -22,8 +22,9 @@ kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage
 = `madvise`, the common default), the heap is first grown by half the machine's memory
 (address space only: nothing is touched, so nothing is resident) and the whole heap then
 advised `MADV_HUGEPAGE`, so XLA:CPU's buffers are faulted in as 2 MiB pages: a train step
-streams 1-2 GB of activations, and with 4 KiB pages every 4 KiB of it is one TLB miss more
-(DenseNet121's train step 4-8% faster on a 2-core Xeon, benchmarks/NOTES.md "Phase 7").
+streams 1-2 GB of activations, and a TLB entry covers 512 times more of them
+(train steps 1-16% faster in four process pairs per model on a 2-core Xeon,
+benchmarks/NOTES.md "Phase 7").
 The heap grows past the reserve as before, without the advice. `XMEDJAX_HOST_MALLOC=
 no-huge-pages` keeps the options above and skips this; `system` skips both.
 """
