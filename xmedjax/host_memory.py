@@ -127,7 +127,7 @@ def advise_huge_pages() -> str:
     if os.environ.get(ENV, "").strip().lower() == "no-huge-pages":
         HUGE_PAGES = f"off ({ENV}=no-huge-pages)"
         return HUGE_PAGES
-    if STATUS not in ("kept",) and not STATUS.startswith("late"):
+    if STATUS != "kept" and not STATUS.startswith("late"):
         HUGE_PAGES = f"off (the heap options: {STATUS})"
         return HUGE_PAGES
     mode = _thp_mode()
