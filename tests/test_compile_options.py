@@ -65,15 +65,20 @@ def test_grad_cam_top_level_and_nested_agree(resnet):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     targets = jnp.array([0, 1], jnp.int32)
     top = grad_cam(resnet, x, targets)
-    hlo = grad_cam_fn.lower(*_split(resnet), x, targets).compile().as_text()
+    graphdef, state = nnx.split(resnet)
+    hlo = grad_cam_fn.lower(graphdef, state, x, targets).compile().as_text()
     assert _ynn_convolutions(hlo) == 0
 
     # Inside another jit the options are dropped (JAX refuses them on a nested jit).
-    nested = jax.jit(lambda s, images: grad_cam_fn(_split(resnet)[0], s, images, targets))
-    inner = nested(_split(resnet)[1], x)
+    nested = jax.jit(lambda s, images: grad_cam_fn(graphdef, s, images, targets))
+    inner = nested(state, x)
     np.testing.assert_allclose(np.asarray(inner.raw), np.asarray(top.raw), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(inner.targets), np.asarray(top.targets))
 
 
-def _split(model):
-    return nnx.split(model)
+def test_top_level_is_told_from_inside_a_trace():
+    """The switch `forward_jit`'s calls take: options at top level, none inside a trace."""
+    assert compile_options._top_level()
+    seen = []
+    jax.jit(lambda x: seen.append(compile_options._top_level()) or x)(1.0)
+    assert seen == [False]

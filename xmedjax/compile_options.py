@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax._src import core as jax_core  # trace_state_clean: see _top_level
 
 # Set to False to compile forward programs with XLA's defaults on a CPU too (an A/B switch).
 EIGEN_FORWARD_CONVS = True
@@ -49,8 +48,11 @@ def forward_jit(fun: Callable | None = None, **jit_kwargs: Any):
 def _top_level() -> bool:
     """Whether no JAX trace is running (JAX refuses compiler options on a nested jit). The
     check is JAX-internal; without it every call counts as nested (XLA's defaults)."""
-    clean = getattr(jax_core, "trace_state_clean", None)
-    return bool(clean()) if clean is not None else False
+    try:
+        from jax._src.core import trace_state_clean  # noqa: PLC0415
+    except ImportError:
+        return False
+    return bool(trace_state_clean())
 
 
 class _ForwardJit:
