@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Before xmedjax is imported: the suite's programs are tiny and compile-bound, and one malloc
-# arena (xmedjax/host_memory.py) made a compile-heavy subset 16% slower while its page-fault
-# saving only pays at full size. tests/test_host_memory.py runs the default in subprocesses.
+# Before xmedjax is imported: the suite's programs are tiny and compile-bound, and the page
+# faults xmedjax/host_memory.py saves only pay at full size (it once cost a compile-heavy
+# subset 16%, with every thread on one malloc arena; not re-timed since that went).
+# tests/test_host_memory.py runs the default in subprocesses.
 os.environ.setdefault("XMEDJAX_HOST_MALLOC", "system")
 
 import jax  # noqa: E402

@@ -65,6 +65,23 @@ def test_system_setting_leaves_glibc_alone():
     assert _run(code, "system")[0] == "off (XMEDJAX_HOST_MALLOC=system)"
 
 
+# Where XLA:CPU runs a single-device program: on the calling thread (whose heap keeps the
+# buffers) unless the setting is `system`; the faults test above fails on worker threads.
+DISPATCH = """
+import xmedjax.host_memory as host_memory
+import jax
+from jax._src import xla_bridge
+jax.numpy.zeros(1).block_until_ready()
+print(host_memory.DISPATCH)
+print(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
+"""
+
+
+def test_import_runs_cpu_programs_on_the_calling_thread():
+    assert _run(DISPATCH, None)[:2] == ["calling thread", "False"]
+    assert _run(DISPATCH, "system")[:2] == ["not applied", "True"]
+
+
 def test_late_call_says_so():
     code = (
         "import jax; jax.numpy.zeros(1).block_until_ready()\n"

@@ -4,18 +4,26 @@ XLA:CPU allocates each execution's temporary buffer with `malloc` and frees it w
 ends: 1.17 GB for a ResNet50 train step at batch 8 and 224 px. glibc serves a block that
 large with a fresh `mmap` and returns it with `munmap`, so every step first-touches about
 300,000 pages again: 0.6 s of kernel time in a 1.2 s step on a 2-core EPYC
-(`benchmarks/NOTES.md`, "Phase 3"). `keep_freed_memory` sets three glibc `mallopt` options:
+(`benchmarks/NOTES.md`, "Phase 3"). `keep_freed_memory` sets two glibc `mallopt` options:
 
-    M_ARENA_MAX = 1         every thread allocates from the main heap
-    M_MMAP_MAX = 0          large blocks are carved from that heap, not mapped one by one
+    M_MMAP_MAX = 0          large blocks are carved from the main heap, not mapped one by one
     M_TRIM_THRESHOLD = -1   freed memory stays mapped (documented: -1 disables trimming)
 
 and the next step reuses pages that are already resident. The cost: the process keeps its
 peak heap until it exits, as tcmalloc and jemalloc do by default.
 
-A thread keeps the arena it first allocated from, so this works only before the JAX
-backend starts its threads: `import xmedjax` calls it, first thing. Import xmedjax before
-running any JAX computation. `XMEDJAX_HOST_MALLOC=system` leaves glibc's defaults alone.
+Only the main heap obeys the first option: a thread that allocates from another glibc arena
+still gets (and unmaps) a fresh mapping for a block that large. So `keep_freed_memory` also
+has XLA:CPU run single-device programs on the calling thread (JAX's
+`jax_cpu_enable_async_dispatch` off; the Python main thread allocates from the main heap)
+instead of on a worker thread of its own. Earlier this module put every thread on the main
+heap (`M_ARENA_MAX = 1`) instead; that serialised the compiler's threads on one lock
+(DenseNet121's train step compiled in 26 s instead of 17) and was slower per step too
+(benchmarks/NOTES.md, "Phase 8"). Multi-device programs keep their worker threads.
+
+Both work only before the JAX backend starts: `import xmedjax` calls it, first thing.
+Import xmedjax before running any JAX computation. `XMEDJAX_HOST_MALLOC=system` leaves
+glibc's and JAX's defaults alone.
 
 Transparent huge pages for that heap (`advise_huge_pages`, also at import). Where the
 kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage/enabled`
@@ -40,8 +48,8 @@ ENV = "XMEDJAX_HOST_MALLOC"
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-_OPTIONS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+_OPTIONS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+_ASYNC_OPTION = "jax_cpu_enable_async_dispatch"  # JAX's; read when the CPU backend is made
 _MADV_HUGEPAGE = 14
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _HUGE_PAGE_CAP = 64 << 30  # the most address space the heap is grown by up front
@@ -49,6 +57,8 @@ _HUGE_PAGE_CAP = 64 << 30  # the most address space the heap is grown by up fron
 # What keep_freed_memory did in this process (cpu.py records it next to its timings):
 # "kept", "off (XMEDJAX_HOST_MALLOC=system)", "not glibc", "late: ...", "failed: ...".
 STATUS = "not applied"
+# Where XLA:CPU runs single-device programs: "calling thread", "worker threads (...)".
+DISPATCH = "not applied"
 # What advise_huge_pages did: "advised N GiB of heap", "kernel: always", "off (...)", ...
 HUGE_PAGES = "not applied"
 
@@ -73,7 +83,8 @@ def _backend_started() -> bool:
 
 
 def keep_freed_memory() -> str:
-    """Applies the three `mallopt` options above once per process; returns `STATUS`."""
+    """Applies the two `mallopt` options above and synchronous CPU dispatch once per
+    process; returns `STATUS` (the dispatch's outcome is `DISPATCH`)."""
     global STATUS
     if STATUS != "not applied":
         return STATUS
@@ -89,11 +100,25 @@ def keep_freed_memory() -> str:
     if not all(results):  # mallopt returns 1 on success, 0 on error
         STATUS = f"failed: mallopt returned {results}"
         warnings.warn(f"xmedjax.host_memory: {STATUS}; glibc's defaults stay", stacklevel=2)
-    elif late:
-        STATUS = "late: the JAX backend had started; threads that allocated keep their arenas"
-    else:
-        STATUS = "kept"
+        return STATUS
+    STATUS = "late: the JAX backend had started" if late else "kept"
+    _dispatch_on_calling_thread(late)
     return STATUS
+
+
+def _dispatch_on_calling_thread(late: bool) -> str:
+    """Turns JAX's asynchronous CPU dispatch off, so a single-device program's buffers come
+    from the calling thread's heap (`jax.config.update` can turn it back on before the first
+    JAX computation)."""
+    global DISPATCH
+    if late:
+        DISPATCH = "worker threads (the JAX backend had started)"
+        return DISPATCH
+    import jax  # the option is read when the CPU backend is made, so it still applies
+
+    jax.config.update(_ASYNC_OPTION, False)
+    DISPATCH = "calling thread"
+    return DISPATCH
 
 
 def _thp_mode() -> str:
