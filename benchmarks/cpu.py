@@ -596,6 +596,7 @@ def host_malloc() -> dict:
     return {
         "ours": ours.STATUS if ours else "xmedjax not imported",
         "ours_huge_pages": ours.HUGE_PAGES if ours else "xmedjax not imported",
+        "ours_dispatch": getattr(ours, "DISPATCH", "xmedjax not imported"),
         "environment": {k: os.environ[k] for k in names if k in os.environ},
     }
 

@@ -1,0 +1,72 @@
+"""One process's train step from nothing to steady state: where the first call's time goes.
+
+    python benchmarks/cpu_first_call.py --arch=densenet121 [--steps=8] [--image_size=224]
+
+Builds `gpu.build_train`'s step (the public `train_state.jit_train_step`, batch 8, float32,
+random weights, as cpu.py), then times its trace, lowering and XLA compile apart, the first
+execution, and `--steps` more calls (median and fastest), with the page faults of each
+call (`ru_minflt`) and what `import xmedjax` set up (`host_memory`'s STATUS, DISPATCH,
+HUGE_PAGES). One line, `RESULT ...`, says it all. Compare settings or commits process by
+process, alternating (e.g. `XMEDJAX_HOST_MALLOC=system`, or another checkout with
+`PYTHONPATH`): the allocator options act per process, before JAX's threads start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gpu  # noqa: E402  (benchmarks/gpu.py: build_train)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import xmedjax  # noqa: E402, F401  (before any JAX computation: xmedjax/host_memory.py)
+from xmedjax import host_memory  # noqa: E402
+from xmedjax import mesh as mesh_lib  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=("resnet50", "densenet121"), default="densenet121")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--width", type=float, default=1.0)
+    args = p.parse_args(argv)
+    mesh = mesh_lib.make_mesh()
+    sz = {"image": args.image_size, "width": args.width}
+    step, state, data = gpu.build_train(args.arch, "float32", 8, sz, mesh)
+    t0 = time.perf_counter()
+    traced = step.trace(state, data)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    seconds, faults = [], []
+    for _ in range(1 + args.steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        c0 = time.perf_counter()
+        state, metrics = compiled(state, data)
+        jax.block_until_ready(metrics["loss"])
+        seconds.append(time.perf_counter() - c0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    steady = seconds[1:]
+    print(
+        f"RESULT {args.arch} trace {t1 - t0:.2f} s, lower {t2 - t1:.2f} s, "
+        f"XLA compile {t3 - t2:.2f} s, first call {seconds[0]:.2f} s, "
+        f"steady median {np.median(steady):.3f} s (fastest {min(steady):.3f}); "
+        f"page faults first {faults[0]}, then median {int(np.median(faults[1:]))}; "
+        f"host_memory: {host_memory.STATUS} | {host_memory.DISPATCH} | {host_memory.HUGE_PAGES}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
