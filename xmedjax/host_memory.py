@@ -19,7 +19,9 @@ has XLA:CPU run single-device programs on the calling thread (JAX's
 instead of on a worker thread of its own. Earlier this module put every thread on the main
 heap (`M_ARENA_MAX = 1`) instead; that serialised the compiler's threads on one lock
 (DenseNet121's train step compiled in 26 s instead of 17) and was slower per step too
-(benchmarks/NOTES.md, "Phase 8"). Multi-device programs keep their worker threads.
+(benchmarks/NOTES.md, "Phase 8"). Multi-device programs keep their worker threads (whose
+buffers may be mapped afresh each step; not measured: on a CPU they are the tests' fake
+devices).
 
 Both work only before the JAX backend starts: `import xmedjax` calls it, first thing.
 Import xmedjax before running any JAX computation. `XMEDJAX_HOST_MALLOC=system` leaves
