@@ -70,10 +70,9 @@ def test_system_setting_leaves_glibc_alone():
 DISPATCH = """
 import xmedjax.host_memory as host_memory
 import jax
-from jax._src import xla_bridge
 jax.numpy.zeros(1).block_until_ready()
 print(host_memory.DISPATCH)
-print(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
+print(jax.config.values["jax_cpu_enable_async_dispatch"])
 """
 
 
