@@ -27,16 +27,18 @@ Both work only before the JAX backend starts: `import xmedjax` calls it, first t
 Import xmedjax before running any JAX computation. `XMEDJAX_HOST_MALLOC=system` leaves
 glibc's and JAX's defaults alone.
 
-Transparent huge pages for that heap (`advise_huge_pages`, also at import). Where the
-kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage/enabled`
-= `madvise`, the common default), the heap is first grown by half the machine's memory
-(address space only: nothing is touched, so nothing is resident) and the whole heap then
-advised `MADV_HUGEPAGE`, so XLA:CPU's buffers are faulted in as 2 MiB pages: a train step
-streams 1-2 GB of activations, and a TLB entry covers 512 times more of them
-(train steps 1-16% faster in four process pairs per model on a 2-core Xeon,
-benchmarks/NOTES.md "Phase 7").
-The heap grows past the reserve as before, without the advice. `XMEDJAX_HOST_MALLOC=
-no-huge-pages` keeps the options above and skips this; `system` skips both.
+Transparent huge pages for that heap, on request only (`XMEDJAX_HOST_MALLOC=huge-pages`,
+`advise_huge_pages`, also at import). Where the kernel gives them only to memory that asks
+(`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`, the common default), the heap is
+first grown by half the machine's memory (address space only: nothing is touched, so
+nothing is resident) and the whole heap then advised `MADV_HUGEPAGE`, so XLA:CPU's buffers
+are faulted in as 2 MiB pages. Off by default since a 2-core Xeon VM measured the trade
+(benchmarks/NOTES.md, "Phase 9"): each process's first train call took 2.0-2.6 s longer
+(the 2 MiB pages are faulted in fresh), and the steady steps were no faster (three process
+pairs per model, DenseNet121 1.398 against 1.372 s, ResNet50 1.599 against 1.580 s); an
+earlier session had seen 1-16% ("Phase 7"), with one malloc arena for every thread.
+`XMEDJAX_HOST_MALLOC=system` keeps glibc's and JAX's defaults for everything above;
+`no-huge-pages` is the default's old name.
 """
 
 from __future__ import annotations
@@ -65,6 +67,26 @@ DISPATCH = "not applied"
 HUGE_PAGES = "not applied"
 
 
+def _setting() -> str:
+    """`XMEDJAX_HOST_MALLOC`, lower-cased: "" (the default), "huge-pages" or "system"
+    ("no-huge-pages", the default's old name, reads as ""); anything else warns, once per
+    process, and reads as ""."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "huge-pages", "system"):
+        return value
+    if value != "no-huge-pages" and value not in _WARNED:
+        _WARNED.add(value)
+        warnings.warn(
+            f"{ENV}={value!r} is not one of huge-pages, system (unset: the default); "
+            "using the default",
+            stacklevel=3,
+        )
+    return ""
+
+
+_WARNED: set[str] = set()
+
+
 def _glibc() -> ctypes.CDLL | None:
     """The running process's own symbols when its C library is glibc (no file is read and no
     `ldconfig` is spawned: this runs at every `import xmedjax`)."""
@@ -90,7 +112,7 @@ def keep_freed_memory() -> str:
     global STATUS
     if STATUS != "not applied":
         return STATUS
-    if os.environ.get(ENV, "").strip().lower() == "system":
+    if _setting() == "system":
         STATUS = f"off ({ENV}=system)"
         return STATUS
     libc = _glibc()
@@ -145,17 +167,18 @@ def _heap_bounds() -> tuple[int, int] | None:
 
 
 def advise_huge_pages() -> str:
-    """Grows the heap kept by `keep_freed_memory` by half the machine's memory (at most
-    64 GiB, address space only) and advises all of it `MADV_HUGEPAGE`; returns
-    `HUGE_PAGES`. Does nothing unless `keep_freed_memory` kept its options."""
+    """With `XMEDJAX_HOST_MALLOC=huge-pages`, grows the heap kept by `keep_freed_memory` by
+    half the machine's memory (at most 64 GiB, address space only) and advises all of it
+    `MADV_HUGEPAGE`; returns `HUGE_PAGES`. Does nothing unless `keep_freed_memory` kept its
+    options."""
     global HUGE_PAGES
     if HUGE_PAGES != "not applied":
         return HUGE_PAGES
-    if os.environ.get(ENV, "").strip().lower() == "no-huge-pages":
-        HUGE_PAGES = f"off ({ENV}=no-huge-pages)"
-        return HUGE_PAGES
     if STATUS != "kept" and not STATUS.startswith("late"):
         HUGE_PAGES = f"off (the heap options: {STATUS})"
+        return HUGE_PAGES
+    if _setting() != "huge-pages":
+        HUGE_PAGES = f"off (not asked: {ENV}=huge-pages asks)"
         return HUGE_PAGES
     mode = _thp_mode()
     if mode != "madvise":
