@@ -19,6 +19,11 @@ from xmedjax.models.spec import ModelSpec
 # chunks it is made of, each chunk's computed once (in training; benchmarks/NOTES.md,
 # "Phase 6"), instead of two more passes over the whole concatenation per layer.
 CHUNK_STATS = True
+# Each dense layer's input gradient (norm1's backward over the whole concatenation) is
+# computed once into its own buffer, then split into its chunks. Left to itself XLA fuses
+# it into every chunk's slice, one fusion per chunk summing the terms of all later layers:
+# DenseNet121's train step is 1.7-2.8% faster this way (benchmarks/NOTES.md, "Phase 9").
+MATERIALISE_INPUT_GRAD = True
 
 
 class DenseLayer(nnx.Module):
@@ -61,7 +66,10 @@ class DenseBlock(nnx.Module):
         for i in range(self.num_layers):
             layer = getattr(self, f"denselayer{i + 1}")
             stats = _joined(chunk_stats)
-            features.append(layer(jnp.concatenate(features, axis=-1), stats))
+            joined = jnp.concatenate(features, axis=-1)
+            if MATERIALISE_INPUT_GRAD:
+                joined = layers.materialised_grad(joined)
+            features.append(layer(joined, stats))
             if per_chunk:
                 chunk_stats.append(batch_norm.batch_stats(features[-1]))
         return jnp.concatenate(features, axis=-1)
