@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -51,9 +52,23 @@ class BatchNorm(nnx.BatchNorm):
         # set_value, not `[...] =`: the indexed form asks the new value for its sharding,
         # which on a tracer builds an error message by walking the whole jaxpr traced so far
         # (4.5 of DenseNet121's 6.5 s train-step trace). Same result: the value is replaced.
-        self.mean.set_value(stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean))
-        self.var.set_value(stop(self.momentum * self.var[...] + (1 - self.momentum) * var))
+        self.mean.set_value(stop(_average(self.momentum, self.mean[...], mean)))
+        self.var.set_value(stop(_average(self.momentum, self.var[...], var)))
         return y
+
+
+# The elementwise arithmetic below is written with `lax` ops: jnp's operators each enter a
+# nested jit while tracing (~20 per BatchNorm): DenseNet121's train-step trace took 2.95-3.25
+# s with them, 2.61-2.67 s without. The same operations in the same order as jnp's, so the
+# same numbers, bit for bit.
+def _average(momentum: float, running: jax.Array, batch: jax.Array) -> jax.Array:
+    """`momentum * running + (1 - momentum) * batch`, nnx's running-average update."""
+    return lax.add(lax.mul(momentum, running), lax.mul(1 - momentum, batch))
+
+
+def _per_channel(v: jax.Array, x: jax.Array) -> jax.Array:
+    """A per-channel vector broadcast to `x`'s shape (channels last)."""
+    return lax.broadcast_in_dim(v, x.shape, (x.ndim - 1,))
 
 
 def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -71,8 +86,9 @@ def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _apply(x, mean, var, scale, bias, epsilon):
-    mul = jax.lax.rsqrt(var + epsilon) * scale  # nnx's order of operations, bit for bit
-    return (x - mean) * mul + bias
+    mul = lax.mul(lax.rsqrt(lax.add(var, epsilon)), scale)  # nnx's order, bit for bit
+    centred = lax.sub(x, _per_channel(mean, x))
+    return lax.add(lax.mul(centred, _per_channel(mul, x)), _per_channel(bias, x))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -92,11 +108,16 @@ def _bwd(epsilon, residuals, cotangents):
     g = cotangents[0]  # the statistics' cotangents are dropped (running averages only)
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
-    rstd = jax.lax.rsqrt(var + epsilon)
-    x_hat = (x - mean) * rstd
+    rstd = lax.rsqrt(lax.add(var, epsilon))
+    x_hat = lax.mul(lax.sub(x, _per_channel(mean, x)), _per_channel(rstd, x))
     d_bias = g.sum(axes)
-    d_scale = (g * x_hat).sum(axes)
-    d_x = (scale * rstd / count) * (count * g - d_bias - x_hat * d_scale)
+    d_scale = lax.mul(g, x_hat).sum(axes)
+    factor = lax.div(lax.mul(scale, rstd), jnp.float32(count))
+    inner = lax.sub(
+        lax.sub(lax.mul(jnp.float32(count), g), _per_channel(d_bias, g)),
+        lax.mul(x_hat, _per_channel(d_scale, g)),
+    )
+    d_x = lax.mul(_per_channel(factor, g), inner)
     return d_x, d_scale, d_bias
 
 
