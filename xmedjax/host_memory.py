@@ -69,6 +69,9 @@ DISPATCH = "not applied"
 HUGE_PAGES = "not applied"
 
 
+_WARNED: set[str] = set()  # XMEDJAX_HOST_MALLOC values already warned about
+
+
 def _setting() -> str:
     """`XMEDJAX_HOST_MALLOC`, lower-cased: "" (the default), "no-huge-pages" or "system"
     ("huge-pages" reads as the default); anything else warns, once per process, and reads
@@ -84,9 +87,6 @@ def _setting() -> str:
             stacklevel=3,
         )
     return ""
-
-
-_WARNED: set[str] = set()
 
 
 def _glibc() -> ctypes.CDLL | None:
