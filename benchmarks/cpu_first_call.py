@@ -3,8 +3,10 @@
     python benchmarks/cpu_first_call.py --arch=densenet121 [--steps=8] [--image_size=224]
 
 Builds `gpu.build_train`'s step (the public `train_state.jit_train_step`, batch 8, float32,
-random weights, as cpu.py), then times its trace, lowering and XLA compile apart, the first
-execution, and `--steps` more calls (median and fastest), with the page faults of each
+random weights, as cpu.py), then times its first call (`--first=call`, the default: the
+public call, as cpu.py's `*_compile_s`, split by JAX's compile events, with what
+`heap_warming` did; `--first=stages`: trace, lowering, XLA compile and the first execution
+one after the other, no heap warming), and `--steps` more calls (median and fastest), with the page faults of each
 call (`ru_minflt`) and what `import xmedjax` set up (`host_memory`'s STATUS, DISPATCH,
 HUGE_PAGES). One line, `RESULT ...`, says it all. Compare settings or commits process by
 process, alternating (e.g. `XMEDJAX_HOST_MALLOC=system`, or another checkout with
@@ -26,10 +28,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import gpu  # noqa: E402  (benchmarks/gpu.py: build_train)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax._src import monitoring  # noqa: E402  (JAX's compile events, as cpu.py uses)
 
 import xmedjax  # noqa: E402, F401  (before any JAX computation: xmedjax/host_memory.py)
-from xmedjax import host_memory  # noqa: E402
+from xmedjax import heap_warming, host_memory  # noqa: E402
 from xmedjax import mesh as mesh_lib  # noqa: E402
+
+COMPILE_EVENTS = (  # as cpu.py's: trace, lowering, XLA compile
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
 
 def main(argv=None) -> None:
@@ -38,19 +47,57 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--width", type=float, default=1.0)
+    p.add_argument(
+        "--first",
+        choices=("call", "stages"),
+        default="call",
+        help="call: the public first call, split by JAX's compile events (heap warming "
+        "included); stages: trace, lower, compile and execute one after the other",
+    )
+    p.add_argument(
+        "--heap_warming",
+        choices=("on", "off"),
+        default="on",
+        help="off: train_state.jit_train_step without heap_warming (an A/B switch)",
+    )
     args = p.parse_args(argv)
+    heap_warming.ENABLED = args.heap_warming != "off"
     mesh = mesh_lib.make_mesh()
     sz = {"image": args.image_size, "width": args.width}
     step, state, data = gpu.build_train(args.arch, "float32", 8, sz, mesh)
-    t0 = time.perf_counter()
-    traced = step.trace(state, data)
-    t1 = time.perf_counter()
-    lowered = traced.lower()
-    t2 = time.perf_counter()
-    compiled = lowered.compile()
-    t3 = time.perf_counter()
     seconds, faults = [], []
-    for _ in range(1 + args.steps):
+    if args.first == "stages":
+        t0 = time.perf_counter()
+        traced = step.trace(state, data)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        compiled = lowered.compile()
+        t3 = time.perf_counter()
+        split = f"trace {t1 - t0:.2f} s, lower {t2 - t1:.2f} s, XLA compile {t3 - t2:.2f} s, "
+    else:
+        events = {name: 0.0 for name in COMPILE_EVENTS}
+
+        def listen(event: str, duration: float, **_) -> None:
+            if event in events:
+                events[event] += duration
+
+        monitoring.register_event_duration_secs_listener(listen)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics["loss"])
+        total = time.perf_counter() - t0
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        monitoring.unregister_event_duration_listener(listen)
+        trace, lower, xla = (events[name] for name in COMPILE_EVENTS)
+        split = (
+            f"first call {total:.2f} s: trace {trace:.2f} s, lower {lower:.2f} s, XLA compile "
+            f"{xla:.2f} s, the rest {total - trace - lower - xla:.2f} s ({heap_warming.LAST}); "
+        )
+        seconds.append(total)
+        compiled = step
+    for _ in range(1 + args.steps - len(seconds)):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0 = time.perf_counter()
         state, metrics = compiled(state, data)
@@ -59,8 +106,7 @@ def main(argv=None) -> None:
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     steady = seconds[1:]
     print(
-        f"RESULT {args.arch} trace {t1 - t0:.2f} s, lower {t2 - t1:.2f} s, "
-        f"XLA compile {t3 - t2:.2f} s, first call {seconds[0]:.2f} s, "
+        f"RESULT {args.arch} {split}first execution {seconds[0]:.2f} s, "
         f"steady median {np.median(steady):.3f} s (fastest {min(steady):.3f}); "
         f"page faults first {faults[0]}, then median {int(np.median(faults[1:]))}; "
         f"host_memory: {host_memory.STATUS} | {host_memory.DISPATCH} | {host_memory.HUGE_PAGES}",

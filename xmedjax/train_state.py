@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from xmedjax import compile_options
+from xmedjax import compile_options, heap_warming
 from xmedjax import mesh as mesh_lib
 
 
@@ -191,13 +191,18 @@ def place_state(state: TrainState, mesh) -> TrainState:
 
 
 def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) -> Callable:
-    """`(state, batch) -> (state, metrics)` jitted over the mesh; the state is donated."""
+    """`(state, batch) -> (state, metrics)` jitted over the mesh; the state is donated. On
+    one CPU device its first call warms the heap while compiling (`heap_warming`)."""
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
     s_shard = state_sharding(state, mesh)
     fn = functools.partial(train_step, mdef, weights)
-    return jax.jit(fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0)
+    jitted = jax.jit(
+        fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
+    )
+    # On one CPU device, the first call faults the step's buffers in while XLA compiles it.
+    return heap_warming.warm_first_call(jitted, mesh.devices.flat[0].platform, mesh.devices.size)
 
 
 def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:

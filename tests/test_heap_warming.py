@@ -1,0 +1,119 @@
+"""xmedjax/heap_warming.py: a first call's buffers are faulted in while XLA compiles.
+
+The warming itself runs in fresh interpreters with xmedjax's default heap (the test session
+runs with XMEDJAX_HOST_MALLOC=system, conftest.py), with 4 KiB pages so faults count pages.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmedjax import heap_warming
+
+N = 1000  # float32 elements: 4,000 bytes a value
+
+
+def test_live_bytes_counts_the_peak_of_intermediates_alive_together():
+    # (x*2) and (x*2)+1 are alive together at the add; the sum is 4 bytes; x is an input.
+    jaxpr = jax.make_jaxpr(lambda x: jnp.sum(x * 2 + 1))(jnp.ones(N))
+    assert heap_warming.live_bytes(jaxpr) == 2 * 4 * N
+    # a kept intermediate stays alive until its last use: a, b and a + b at the end
+    jaxpr = jax.make_jaxpr(lambda x: (a := jnp.sin(x)) + jnp.cos(x) + a)(jnp.ones(N))
+    assert heap_warming.live_bytes(jaxpr) == 3 * 4 * N
+
+
+def test_live_bytes_adds_an_inner_programs_peak_to_what_is_alive_around_it():
+    inner = jax.jit(lambda x: jnp.sum(x * 2 + 1))  # peak 2 values inside
+    # while the inner call runs: sin(x) (kept for the product), its peak and its 4-byte sum
+    jaxpr = jax.make_jaxpr(lambda x: jnp.sin(x) * inner(x))(jnp.ones(N))
+    assert heap_warming.live_bytes(jaxpr) == 3 * 4 * N + 4
+
+
+def test_plain_jitted_function_where_warming_cannot_help():
+    jitted = jax.jit(jnp.sin)
+    assert heap_warming.warm_first_call(jitted, "gpu", 1) is jitted
+    assert heap_warming.warm_first_call(jitted, "cpu", 8) is jitted
+
+
+def test_wrapper_is_the_jitted_function_where_the_heap_is_not_kept():
+    # The test session's heap is glibc's default (conftest.py): the call goes straight on.
+    jitted = jax.jit(lambda x: jnp.cos(x) * 2)
+    wrapped = heap_warming.warm_first_call(jitted, "cpu", 1)
+    x = jnp.arange(5.0)
+    np.testing.assert_array_equal(wrapped(x), jitted(x))
+    assert heap_warming.LAST.startswith("off (host_memory: off"), heap_warming.LAST
+    assert wrapped.lower(x).as_text() == jitted.lower(x).as_text()  # the jit's own stages
+
+
+# Two 64 MiB intermediates XLA:CPU keeps in its temporary buffer (as test_host_memory's).
+FIRST_CALL = """
+import resource, sys
+import xmedjax
+from xmedjax import heap_warming, host_memory
+import jax, jax.numpy as jnp
+from jax._src import monitoring
+compiles = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **_: compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+x = jnp.full((4096, 4096), 0.5, jnp.float32)
+x.block_until_ready()
+program = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x).T))
+if sys.argv[1] == "warm":  # the heap's top faulted in, as while a long compile runs
+    start, end = heap_warming.heap_top(256 << 20)
+    done, why = heap_warming.fault_in(start, min(256 << 20, end - start))
+    print(f"warmed {done >> 20} MiB {why}".strip())
+program.trace(x).lower().compile()
+if sys.argv[1] == "cold":
+    print("compiled")
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+value = float(program(x))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+expected = float(jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x.T))(x))
+before = len(compiles)
+wrapped = heap_warming.warm_first_call(jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x.T)), "cpu", 1)
+print(float(wrapped(x)) == expected, heap_warming.LAST)
+print(len(compiles) - before, host_memory.STATUS)
+"""
+PAGES = 2 * 4096 * 4096 * 4 // 4096  # both intermediates, in 4 KiB pages
+
+
+def _first_call(mode: str) -> list[str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XMEDJAX_HOST_MALLOC="no-huge-pages")
+    env.pop("XMEDJAX_TEST_JAX_CACHE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split("\n")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="the kept heap and madvise are glibc's and Linux's",
+)
+def test_first_execution_finds_its_buffers_faulted_in():
+    did, faults, wrapped, compiles = _first_call("warm")
+    if "madvise errno 22" in did:  # a kernel before 5.14: no MADV_POPULATE_WRITE
+        pytest.skip(did)
+    assert did == "warmed 256 MiB", did
+    cold_did, cold_faults, _, _ = _first_call("cold")
+    assert cold_did == "compiled"
+    # Cold, the first execution faults both intermediates in (~32,768 pages); warmed, it
+    # finds them faulted in: the heap's top is where its buffer was carved from.
+    assert int(cold_faults) > 0.8 * PAGES, cold_faults
+    assert int(faults) < 0.2 * PAGES, (faults, cold_faults)
+    # Through warm_first_call: the plain jit's value, and one compile, not two.
+    assert wrapped.startswith("True warmed"), wrapped
+    assert compiles == "1 kept", compiles

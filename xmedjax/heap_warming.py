@@ -1,0 +1,230 @@
+"""A program's first call on a CPU: its buffers are faulted in while XLA compiles it.
+
+The first execution of a train step touches its temporary buffer for the first time: 1.46
+GB for DenseNet121 at batch 8 and 224 px, faulted in page by page inside the step. On a
+2-core Xeon VM that made the first execution 4.4 s against a 1.1 s steady step (huge pages,
+`host_memory.advise_huge_pages`; 2.3 s with 4 KiB pages), after a 14-16 s compile that
+keeps 1.7 of the 2 cores busy on average (its HLO passes and LLVM IR emission run on one
+thread: benchmarks/NOTES.md, "Phase 9").
+
+`warm_first_call(jitted)` returns the jitted function with one difference: its first call
+traces the program, estimates its temporary buffer from the traced program (`live_bytes`)
+and, while XLA compiles, has a thread fault that much of the heap's free top in
+(`madvise(MADV_POPULATE_WRITE)`: the pages' contents, free memory glibc's `malloc` owns,
+are left as they are), where `host_memory.keep_freed_memory`'s heap will carve the step's
+buffer from. The compile is then the one the jitted function itself would have made (JAX
+caches it; the call that follows neither traces nor compiles again). Public first calls
+in alternating processes there (benchmarks/cpu_first_call.py; NOTES.md, "Phase 10"):
+DenseNet121 19.6 / 20.1 / 20.4 s against 23.0 / 21.3 / 22.4 s without; ResNet50, whose
+compile is shorter and busier, 8.8-9.1 s against 9.0-9.5 s (its compile ~1.2 s slower
+beside the warming, its first execution ~1.5 s faster).
+
+It applies only where it can help: a single-device CPU program called from the main thread
+with the heap kept (`host_memory.STATUS` "kept", `DISPATCH` "calling thread"), on glibc
+with `mallinfo2` and a kernel with `MADV_POPULATE_WRITE` (Linux 5.14). Anywhere else, and
+on every call after the first, the call goes straight to the jitted function. `LAST` says
+what the latest first call did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from jax.extend import core as jax_core
+
+from xmedjax import compile_options, host_memory
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable, contents unchanged
+_CHUNK = 2 << 20  # bytes faulted per madvise call (the stop flag is checked between them)
+# The traced program's peak of live intermediates undercounts XLA:CPU's temporary buffer
+# (0.59-0.95 of it for ResNet50 and DenseNet121 train steps at 64 and 224 px, "Phase 10");
+# faulting 1.25 times it in stays within 1.2 times the buffer.
+ESTIMATE_SCALE = 1.25
+# Set to False for plain jitted functions (an A/B switch: benchmarks/cpu_first_call.py).
+ENABLED = True
+
+# What the latest first call did: "not called", "off (...)", "warmed N MiB ...".
+LAST = "not called"
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        ).split()
+    ]
+
+
+def _nbytes(var: Any) -> int:
+    shape = getattr(var.aval, "shape", None)
+    dtype = getattr(var.aval, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _inner_jaxprs(eqn: Any) -> Iterator[Any]:
+    for param in eqn.params.values():
+        for value in param if isinstance(param, (tuple, list)) else (param,):
+            if isinstance(value, jax_core.ClosedJaxpr):
+                yield value.jaxpr
+            elif isinstance(value, jax_core.Jaxpr):
+                yield value
+
+
+def live_bytes(jaxpr: Any) -> int:
+    """Peak bytes of intermediate values live at once when `jaxpr` (a Jaxpr or ClosedJaxpr)
+    runs its equations in order: each value from the equation that makes it to its last use
+    (the outputs to the end); an equation with inner programs (jit, custom rules, loops)
+    adds their own peak while it runs. The inputs are not counted."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    end = len(jaxpr.eqns)
+    last_use = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for var in eqn.invars:
+            if isinstance(var, jax_core.Var):
+                last_use[var] = i
+    for var in jaxpr.outvars:
+        if isinstance(var, jax_core.Var):
+            last_use[var] = end
+    live, peak, sizes = 0, 0, {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        inner = max((live_bytes(sub) for sub in _inner_jaxprs(eqn)), default=0)
+        peak = max(peak, live + inner + sum(_nbytes(v) for v in eqn.outvars))
+        for var in eqn.outvars:
+            if last_use.get(var, -1) > i:
+                sizes[var] = _nbytes(var)
+                live += sizes[var]
+        for var in {v for v in eqn.invars if isinstance(v, jax_core.Var)}:
+            if last_use.get(var) == i and var in sizes:
+                live -= sizes.pop(var)
+    return peak
+
+
+def _libc() -> ctypes.CDLL | None:
+    libc = host_memory._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def heap_top(nbytes: int = 0) -> tuple[int, int] | None:
+    """[start, end) of the main heap's free top (where the next large `malloc` is carved
+    from while `M_MMAP_MAX` is 0), page-aligned, first grown to `nbytes` if it is smaller (a
+    block allocated and freed: address space only, as `host_memory.advise_huge_pages`
+    does); None without glibc's `mallinfo2` or a heap."""
+    libc = _libc()
+    if libc is None:
+        return None
+    if libc.mallinfo2().keepcost < nbytes:
+        block = libc.malloc(nbytes)
+        if block:  # else the top stays as it is
+            libc.free(block)
+    bounds = host_memory._heap_bounds()
+    if bounds is None:
+        return None
+    end = bounds[1]
+    start = max(bounds[0], end - libc.mallinfo2().keepcost)
+    start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    return (start, end) if start < end else None
+
+
+def fault_in(start: int, nbytes: int, stop: threading.Event | None = None) -> tuple[int, str]:
+    """Faults `nbytes` from address `start` in, `_CHUNK` at a time, until done or `stop` is
+    set; returns (bytes faulted, "" or why it stopped early). Contents stay as they are."""
+    libc = _libc()
+    if libc is None:
+        return 0, "no glibc mallinfo2"
+    done = 0
+    while done < nbytes and not (stop is not None and stop.is_set()):
+        size = min(_CHUNK, nbytes - done)
+        if libc.madvise(start + done, size, _MADV_POPULATE_WRITE) != 0:
+            return done, f"madvise errno {ctypes.get_errno()}"
+        done += size
+    return done, ""
+
+
+def _why_not() -> str:
+    """ "" where warming can help this call, else why not."""
+    if host_memory.STATUS != "kept" or host_memory.DISPATCH != "calling thread":
+        return f"off (host_memory: {host_memory.STATUS}, {host_memory.DISPATCH})"
+    if threading.current_thread() is not threading.main_thread():
+        return "off (not the main thread: its buffers come from another arena)"
+    if not compile_options._top_level():
+        return "off (called inside a trace)"
+    return ""
+
+
+def compile_warming_heap(jitted: Any, *args: Any, **kwargs: Any) -> str:
+    """Traces and compiles `jitted` for these arguments (into JAX's caches, as its own first
+    call would) while a thread faults the heap's top in for the program's buffers; returns
+    what it did (also `LAST`)."""
+    global LAST
+    traced = jitted.trace(*args, **kwargs)
+    want = int(ESTIMATE_SCALE * live_bytes(traced.jaxpr))
+    top = heap_top(want)
+    if top is None:
+        LAST = "off (no glibc heap top)"
+        return LAST
+    want = min(want, top[1] - top[0])
+    lowered = traced.lower()
+    stop, result = threading.Event(), []
+
+    def warm() -> None:
+        t0 = time.perf_counter()
+        result.append((*fault_in(top[0], want, stop), time.perf_counter() - t0))
+
+    worker = threading.Thread(target=warm, name="xmedjax-heap-warming", daemon=True)
+    worker.start()
+    try:
+        lowered.compile()
+    finally:
+        stop.set()
+        worker.join()
+    done, why, seconds = result[0] if result else (0, "the thread failed", 0.0)
+    LAST = f"warmed {done >> 20} of {want >> 20} MiB of heap in {seconds:.1f} s" + (
+        f" ({why})" if why else ""
+    )
+    return LAST
+
+
+class _WarmFirstCall:
+    """A jitted function whose first call compiles with the heap warmed (`warm_first_call`);
+    `trace`, `lower` and the rest are the jitted function's own."""
+
+    def __init__(self, jitted: Any):
+        functools.update_wrapper(self, jitted)
+        self._jitted, self._first = jitted, True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        global LAST
+        if self._first:
+            self._first = False
+            LAST = _why_not() or compile_warming_heap(self._jitted, *args, **kwargs)
+        return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, clear_cache, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._jitted, name)
+
+
+def warm_first_call(jitted: Callable, platform: str, devices: int) -> Callable:
+    """`jitted` itself, or on a single CPU device a wrapper whose first call warms the heap
+    while the program compiles (module docstring)."""
+    if not ENABLED or platform != "cpu" or devices != 1:
+        return jitted
+    return _WarmFirstCall(jitted)
