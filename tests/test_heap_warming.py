@@ -54,8 +54,27 @@ def test_wrapper_is_the_jitted_function_where_the_heap_is_not_kept():
 
 
 # Two 64 MiB intermediates XLA:CPU keeps in its temporary buffer (as test_host_memory's).
-FIRST_CALL = """
+FIRST_EXECUTION = """
 import resource, sys
+import xmedjax
+from xmedjax import heap_warming
+import jax, jax.numpy as jnp
+x = jnp.full((4096, 4096), 0.5, jnp.float32)
+x.block_until_ready()
+program = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x).T))
+if sys.argv[1] == "warm":  # malloc's next 256 MiB faulted in, as while a long compile runs
+    done, why = heap_warming.fault_in(*heap_warming.next_block(256 << 20))
+    print(f"warmed {done} {why}".strip())
+program.trace(x).lower().compile()
+if sys.argv[1] == "cold":
+    print("compiled")
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+program(x).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+PAGES = 2 * 4096 * 4096 * 4 // 4096  # both intermediates, in 4 KiB pages
+
+WRAPPED = """
 import xmedjax
 from xmedjax import heap_warming, host_memory
 import jax, jax.numpy as jnp
@@ -64,56 +83,64 @@ compiles = []
 monitoring.register_event_duration_secs_listener(
     lambda event, seconds, **_: compiles.append(event)
     if event == "/jax/core/compile/backend_compile_duration" else None)
-x = jnp.full((4096, 4096), 0.5, jnp.float32)
-x.block_until_ready()
-program = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x).T))
-if sys.argv[1] == "warm":  # the heap's top faulted in, as while a long compile runs
-    start, end = heap_warming.heap_top(256 << 20)
-    done, why = heap_warming.fault_in(start, min(256 << 20, end - start))
-    print(f"warmed {done >> 20} MiB {why}".strip())
-program.trace(x).lower().compile()
-if sys.argv[1] == "cold":
-    print("compiled")
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-value = float(program(x))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+x = jnp.full((2048, 2048), 0.5, jnp.float32)
+y = x + 1
 expected = float(jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x.T))(x))
 before = len(compiles)
 wrapped = heap_warming.warm_first_call(jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x.T)), "cpu", 1)
-print(float(wrapped(x)) == expected, heap_warming.LAST)
-print(len(compiles) - before, host_memory.STATUS)
+print(float(wrapped(x)) == expected, float(wrapped(y)) != expected)
+print(heap_warming.LAST)
+print(len(compiles) - before, host_memory.HUGE_PAGES)
 """
-PAGES = 2 * 4096 * 4096 * 4 // 4096  # both intermediates, in 4 KiB pages
+
+needs_glibc_linux = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="the kept heap and madvise are glibc's and Linux's",
+)
 
 
-def _first_call(mode: str) -> list[str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XMEDJAX_HOST_MALLOC="no-huge-pages")
+def _run(code: str, setting: str, *argv: str) -> list[str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XMEDJAX_HOST_MALLOC=setting)
     env.pop("XMEDJAX_TEST_JAX_CACHE", None)
     out = subprocess.run(
-        [sys.executable, "-c", FIRST_CALL, mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, check=True
     )
     return out.stdout.strip().split("\n")
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="the kept heap and madvise are glibc's and Linux's",
-)
+@needs_glibc_linux
 def test_first_execution_finds_its_buffers_faulted_in():
-    did, faults, wrapped, compiles = _first_call("warm")
+    # 4 KiB pages, so that page faults count pages
+    did, faults = _run(FIRST_EXECUTION, "no-huge-pages", "warm")
     if "madvise errno 22" in did:  # a kernel before 5.14: no MADV_POPULATE_WRITE
         pytest.skip(did)
-    assert did == "warmed 256 MiB", did
-    cold_did, cold_faults, _, _ = _first_call("cold")
+    # all of it but the first, shared page (malloc's block starts inside it)
+    assert did.startswith("warmed ") and int(did.split()[1]) >= (256 << 20) - 4096, did
+    cold_did, cold_faults = _run(FIRST_EXECUTION, "no-huge-pages", "cold")
     assert cold_did == "compiled"
     # Cold, the first execution faults both intermediates in (~32,768 pages); warmed, it
-    # finds them faulted in: the heap's top is where its buffer was carved from.
+    # finds them faulted in: its buffer was carved from malloc's next block.
     assert int(cold_faults) > 0.8 * PAGES, cold_faults
     assert int(faults) < 0.2 * PAGES, (faults, cold_faults)
-    # Through warm_first_call: the plain jit's value, and one compile, not two.
-    assert wrapped.startswith("True warmed"), wrapped
-    assert compiles == "1 kept", compiles
+
+
+@needs_glibc_linux
+def test_first_call_warms_where_huge_pages_are_on_and_compiles_once():
+    values, did, compiles = _run(WRAPPED, "huge-pages")
+    # the plain jit's value on the first call, and later calls are the jitted function's
+    assert values == "True True", values
+    mode = heap_warming.host_memory._thp_mode()
+    if mode in ("madvise", "always"):
+        assert did.startswith("warmed "), did
+    else:  # the kernel gives no huge pages: nothing to warm
+        assert did.startswith("off (4 KiB pages"), did
+    # one compile, not two: the warmed compile is the one the jitted function uses
+    assert compiles.split()[0] == "1", compiles
+
+
+@needs_glibc_linux
+def test_first_call_goes_straight_on_with_small_pages():
+    values, did, compiles = _run(WRAPPED, "")
+    assert values == "True True", values
+    assert did.startswith("off (4 KiB pages"), did
+    assert compiles.split()[0] == "1", compiles

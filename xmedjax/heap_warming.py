@@ -1,28 +1,31 @@
-"""A program's first call on a CPU: its buffers are faulted in while XLA compiles it.
+"""A train step's first call with huge pages: its buffer is faulted in while XLA compiles it.
 
-The first execution of a train step touches its temporary buffer for the first time: 1.46
-GB for DenseNet121 at batch 8 and 224 px, faulted in page by page inside the step. On a
-2-core Xeon VM that made the first execution 4.4 s against a 1.1 s steady step (huge pages,
-`host_memory.advise_huge_pages`; 2.3 s with 4 KiB pages), after a 14-16 s compile that
-keeps 1.7 of the 2 cores busy on average (its HLO passes and LLVM IR emission run on one
-thread: benchmarks/NOTES.md, "Phase 9").
+With transparent huge pages for XLA:CPU's heap (`XMEDJAX_HOST_MALLOC=huge-pages`, or the
+kernel's THP mode `always`), the first execution of a train step faults its temporary
+buffer in as fresh 2 MiB pages: 1.46 GB for DenseNet121 at batch 8 and 224 px, and on a
+2-core Xeon VM ten times slower per byte than 4 KiB pages (1.35 GB in 3.9 s against 0.4 s),
+so the first execution took 4.4-4.8 s against a 1.1 s steady step (2.2-2.3 s with 4 KiB
+pages). The 14-16 s compile before it keeps 1.7 of the 2 cores busy on average (its HLO
+passes and LLVM IR emission run on one thread: benchmarks/NOTES.md, "Phase 9").
 
-`warm_first_call(jitted)` returns the jitted function with one difference: its first call
-traces the program, estimates its temporary buffer from the traced program (`live_bytes`)
-and, while XLA compiles, has a thread fault that much of the heap's free top in
-(`madvise(MADV_POPULATE_WRITE)`: the pages' contents, free memory glibc's `malloc` owns,
-are left as they are), where `host_memory.keep_freed_memory`'s heap will carve the step's
-buffer from. The compile is then the one the jitted function itself would have made (JAX
-caches it; the call that follows neither traces nor compiles again). Public first calls
-in alternating processes there (benchmarks/cpu_first_call.py; NOTES.md, "Phase 10"):
-DenseNet121 19.6 / 20.1 / 20.4 s against 23.0 / 21.3 / 22.4 s without; ResNet50, whose
-compile is shorter and busier, 8.8-9.1 s against 9.0-9.5 s (its compile ~1.2 s slower
-beside the warming, its first execution ~1.5 s faster).
+`warm_first_call(jitted, ...)` returns the jitted function with one difference: its first
+call traces the program, estimates its temporary buffer from the traced program
+(`live_bytes`) and, while XLA compiles, has a thread fault that much memory in where
+glibc's `malloc` will carve a block that large from (`next_block`;
+`madvise(MADV_POPULATE_WRITE)`: the contents of that free memory, which `malloc` owns, are
+left as they are): with `host_memory.keep_freed_memory`'s heap, the step's buffer lands
+there. The compile is the one the jitted function itself would have made (JAX caches it;
+the call that follows neither traces nor compiles again). Public first calls in
+alternating processes (benchmarks/cpu_first_call.py; NOTES.md, "Phase 10"), huge pages on:
+DenseNet121 19.6-21.3 s against 21.1-24.0 s without warming (six pairs); ResNet50, whose
+compile is shorter and busier, 8.8-9.8 s against 9.0-10.0 s (its compile ~1.2 s slower
+beside the warming, its first execution ~1.5 s faster). With 4 KiB pages (the default)
+it gained nothing (DenseNet121 19.7 / 18.9 s against 19.4 / 18.9 s), so it stays off.
 
 It applies only where it can help: a single-device CPU program called from the main thread
-with the heap kept (`host_memory.STATUS` "kept", `DISPATCH` "calling thread"), on glibc
-with `mallinfo2` and a kernel with `MADV_POPULATE_WRITE` (Linux 5.14). Anywhere else, and
-on every call after the first, the call goes straight to the jitted function. `LAST` says
+with the heap kept (`host_memory.STATUS` "kept", `DISPATCH` "calling thread": glibc), huge
+pages for it, and a kernel with `MADV_POPULATE_WRITE` (Linux 5.14). Anywhere else, and on
+every call after the first, the call goes straight to the jitted function. `LAST` says
 what the latest first call did.
 """
 
@@ -52,15 +55,6 @@ ENABLED = True
 
 # What the latest first call did: "not called", "off (...)", "warmed N MiB ...".
 LAST = "not called"
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-        ).split()
-    ]
 
 
 def _nbytes(var: Any) -> int:
@@ -111,9 +105,8 @@ def live_bytes(jaxpr: Any) -> int:
 
 def _libc() -> ctypes.CDLL | None:
     libc = host_memory._glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
+    if libc is None:
         return None
-    libc.mallinfo2.restype = _MallInfo2
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -121,25 +114,17 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def heap_top(nbytes: int = 0) -> tuple[int, int] | None:
-    """[start, end) of the main heap's free top (where the next large `malloc` is carved
-    from while `M_MMAP_MAX` is 0), page-aligned, first grown to `nbytes` if it is smaller (a
-    block allocated and freed: address space only, as `host_memory.advise_huge_pages`
-    does); None without glibc's `mallinfo2` or a heap."""
+def next_block(nbytes: int) -> tuple[int, int] | None:
+    """(start, size) of the page-aligned memory where `malloc` carves its next block of
+    `nbytes` from: one allocated and freed at once (it merges back into the heap's free
+    top, so the memory stays glibc's); None without glibc or where `malloc` fails."""
     libc = _libc()
-    if libc is None:
+    block = libc.malloc(nbytes) if libc is not None and nbytes > 0 else None
+    if not block:
         return None
-    if libc.mallinfo2().keepcost < nbytes:
-        block = libc.malloc(nbytes)
-        if block:  # else the top stays as it is
-            libc.free(block)
-    bounds = host_memory._heap_bounds()
-    if bounds is None:
-        return None
-    end = bounds[1]
-    start = max(bounds[0], end - libc.mallinfo2().keepcost)
-    start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    return (start, end) if start < end else None
+    libc.free(block)
+    start = -(-block // mmap.PAGESIZE) * mmap.PAGESIZE
+    return start, (block + nbytes - start) // mmap.PAGESIZE * mmap.PAGESIZE
 
 
 def fault_in(start: int, nbytes: int, stop: threading.Event | None = None) -> tuple[int, str]:
@@ -147,7 +132,7 @@ def fault_in(start: int, nbytes: int, stop: threading.Event | None = None) -> tu
     set; returns (bytes faulted, "" or why it stopped early). Contents stay as they are."""
     libc = _libc()
     if libc is None:
-        return 0, "no glibc mallinfo2"
+        return 0, "not glibc"
     done = 0
     while done < nbytes and not (stop is not None and stop.is_set()):
         size = min(_CHUNK, nbytes - done)
@@ -161,6 +146,8 @@ def _why_not() -> str:
     """ "" where warming can help this call, else why not."""
     if host_memory.STATUS != "kept" or host_memory.DISPATCH != "calling thread":
         return f"off (host_memory: {host_memory.STATUS}, {host_memory.DISPATCH})"
+    if not host_memory.HUGE_PAGES.startswith("advised") and host_memory._thp_mode() != "always":
+        return f"off (4 KiB pages, faulted in fast: host_memory: {host_memory.HUGE_PAGES})"
     if threading.current_thread() is not threading.main_thread():
         return "off (not the main thread: its buffers come from another arena)"
     if not compile_options._top_level():
@@ -175,17 +162,16 @@ def compile_warming_heap(jitted: Any, *args: Any, **kwargs: Any) -> str:
     global LAST
     traced = jitted.trace(*args, **kwargs)
     want = int(ESTIMATE_SCALE * live_bytes(traced.jaxpr))
-    top = heap_top(want)
-    if top is None:
-        LAST = "off (no glibc heap top)"
+    block = next_block(want)
+    if block is None:
+        LAST = f"off (no block of {want >> 20} MiB from glibc's malloc)"
         return LAST
-    want = min(want, top[1] - top[0])
     lowered = traced.lower()
     stop, result = threading.Event(), []
 
     def warm() -> None:
         t0 = time.perf_counter()
-        result.append((*fault_in(top[0], want, stop), time.perf_counter() - t0))
+        result.append((*fault_in(*block, stop), time.perf_counter() - t0))
 
     worker = threading.Thread(target=warm, name="xmedjax-heap-warming", daemon=True)
     worker.start()
