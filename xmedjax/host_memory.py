@@ -27,20 +27,21 @@ Both work only before the JAX backend starts: `import xmedjax` calls it, first t
 Import xmedjax before running any JAX computation. `XMEDJAX_HOST_MALLOC=system` leaves
 glibc's and JAX's defaults alone.
 
-Transparent huge pages for that heap (`advise_huge_pages`, also at import). Where the
-kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage/enabled` =
-`madvise`, the common default), the heap is first grown by half the machine's memory
-(address space only: nothing is touched, so nothing is resident) and the whole heap then
-advised `MADV_HUGEPAGE`, so XLA:CPU's buffers are faulted in as 2 MiB pages: a train step
-streams 1-2 GB of activations, and a TLB entry covers 512 times more of them. The trade,
-on a 2-core Xeon VM (benchmarks/NOTES.md, "Phase 7" and "Phase 9"): a process's first
-train call takes 2.0-2.6 s longer (the 2 MiB pages are faulted in fresh), and the steps
-after it are as fast or faster: train steps 1-16% faster in four process pairs per model
-(phase 7), no faster in three pairs alone (phase 9), ResNet50's train step 4-7% faster
-in `benchmarks/cpu.py` (phase 9: the step alternating with torch's). The heap grows past
-the reserve as before, without the advice. `XMEDJAX_HOST_MALLOC=no-huge-pages` keeps the
-options above and skips this (a short job: one first call matters more than the steps);
-`system` skips both.
+Transparent huge pages for that heap, on request only (`XMEDJAX_HOST_MALLOC=huge-pages`,
+`advise_huge_pages`, also at import). Where the kernel gives them only to memory that asks
+(`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`, the common default), the heap is
+first grown by half the machine's memory (address space only: nothing is touched, so
+nothing is resident) and the whole heap then advised `MADV_HUGEPAGE`, so XLA:CPU's buffers
+are faulted in as 2 MiB pages. Off by default since a 2-core Xeon VM measured the trade
+(benchmarks/NOTES.md, "Phase 9" and "Phase 10"): the VM faults a fresh 2 MiB page in ten
+times slower per byte than a 4 KiB one (1.35 GB in 3.9 s against 0.4 s), so each process's
+first train call took 1.5-2.6 s longer, even with the step's buffer faulted in while it
+compiles (`heap_warming`, which then gains 1.2-2.9 s); the steady steps were no faster
+(three process pairs per model in phase 9, DenseNet121 1.398 against 1.372 s, ResNet50
+1.599 against 1.580 s; `benchmarks/cpu.py`, ResNet50 train 0.958x / 0.937x against 0.945x /
+0.944x in phase 10, though phase 9 saw 1.00x / 1.01x against 0.96x / 0.94x; phase 7 saw
+1-16% with one malloc arena for every thread). `XMEDJAX_HOST_MALLOC=system` keeps glibc's
+and JAX's defaults for everything above; `no-huge-pages` is the default's other name.
 """
 
 from __future__ import annotations
@@ -73,16 +74,16 @@ _WARNED: set[str] = set()  # XMEDJAX_HOST_MALLOC values already warned about
 
 
 def _setting() -> str:
-    """`XMEDJAX_HOST_MALLOC`, lower-cased: "" (the default), "no-huge-pages" or "system"
-    ("huge-pages" reads as the default); anything else warns, once per process, and reads
-    as the default."""
+    """`XMEDJAX_HOST_MALLOC`, lower-cased: "" (the default), "huge-pages" or "system"
+    ("no-huge-pages", the default's old name, reads as ""); anything else warns, once per
+    process, and reads as ""."""
     value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "no-huge-pages", "system"):
+    if value in ("", "huge-pages", "system"):
         return value
-    if value != "huge-pages" and value not in _WARNED:
+    if value != "no-huge-pages" and value not in _WARNED:
         _WARNED.add(value)
         warnings.warn(
-            f"{ENV}={value!r} is not one of no-huge-pages, system (unset: the default); "
+            f"{ENV}={value!r} is not one of huge-pages, system (unset: the default); "
             "using the default",
             stacklevel=3,
         )
@@ -169,18 +170,18 @@ def _heap_bounds() -> tuple[int, int] | None:
 
 
 def advise_huge_pages() -> str:
-    """Grows the heap kept by `keep_freed_memory` by half the machine's memory (at most
-    64 GiB, address space only) and advises all of it `MADV_HUGEPAGE`; returns
-    `HUGE_PAGES`. Does nothing unless `keep_freed_memory` kept its options, or with
-    `XMEDJAX_HOST_MALLOC=no-huge-pages`."""
+    """With `XMEDJAX_HOST_MALLOC=huge-pages`, grows the heap kept by `keep_freed_memory` by
+    half the machine's memory (at most 64 GiB, address space only) and advises all of it
+    `MADV_HUGEPAGE`; returns `HUGE_PAGES`. Does nothing unless `keep_freed_memory` kept its
+    options."""
     global HUGE_PAGES
     if HUGE_PAGES != "not applied":
         return HUGE_PAGES
     if STATUS != "kept" and not STATUS.startswith("late"):
         HUGE_PAGES = f"off (the heap options: {STATUS})"
         return HUGE_PAGES
-    if _setting() == "no-huge-pages":
-        HUGE_PAGES = f"off ({ENV}=no-huge-pages)"
+    if _setting() != "huge-pages":
+        HUGE_PAGES = f"off (not asked: {ENV}=huge-pages asks)"
         return HUGE_PAGES
     mode = _thp_mode()
     if mode != "madvise":
