@@ -146,8 +146,6 @@ def _why_not() -> str:
     """ "" where warming can help this call, else why not."""
     if host_memory.STATUS != "kept" or host_memory.DISPATCH != "calling thread":
         return f"off (host_memory: {host_memory.STATUS}, {host_memory.DISPATCH})"
-    if not host_memory.HUGE_PAGES.startswith("advised") and host_memory._thp_mode() != "always":
-        return f"off (4 KiB pages, faulted in fast: host_memory: {host_memory.HUGE_PAGES})"
     if threading.current_thread() is not threading.main_thread():
         return "off (not the main thread: its buffers come from another arena)"
     if not compile_options._top_level():
@@ -208,9 +206,14 @@ class _WarmFirstCall:
         return getattr(self._jitted, name)
 
 
+def _huge_pages() -> bool:
+    """Whether XLA:CPU's heap is faulted in as huge pages (`host_memory.HUGE_PAGES`)."""
+    return host_memory.HUGE_PAGES.startswith("advised") or host_memory._thp_mode() == "always"
+
+
 def warm_first_call(jitted: Callable, platform: str, devices: int) -> Callable:
-    """`jitted` itself, or on a single CPU device a wrapper whose first call warms the heap
-    while the program compiles (module docstring)."""
-    if not ENABLED or platform != "cpu" or devices != 1:
+    """`jitted` itself, or, on a single CPU device whose heap has huge pages, a wrapper whose
+    first call warms the heap while the program compiles (module docstring)."""
+    if not ENABLED or platform != "cpu" or devices != 1 or not _huge_pages():
         return jitted
     return _WarmFirstCall(jitted)

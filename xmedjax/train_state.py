@@ -192,7 +192,8 @@ def place_state(state: TrainState, mesh) -> TrainState:
 
 def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) -> Callable:
     """`(state, batch) -> (state, metrics)` jitted over the mesh; the state is donated. On
-    one CPU device its first call warms the heap while compiling (`heap_warming`)."""
+    one CPU device with huge pages its first call warms the heap while compiling
+    (`heap_warming`)."""
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
@@ -201,7 +202,7 @@ def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) 
     jitted = jax.jit(
         fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
     )
-    # On one CPU device, the first call faults the step's buffers in while XLA compiles it.
+    # With huge pages on one CPU device, the first call faults the buffer in while compiling.
     return heap_warming.warm_first_call(jitted, mesh.devices.flat[0].platform, mesh.devices.size)
 
 
