@@ -5,7 +5,7 @@
 Builds `gpu.build_train`'s step (the public `train_state.jit_train_step`, batch 8, float32,
 random weights, as cpu.py), then times its first call (`--first=call`, the default: the
 public call, as cpu.py's `*_compile_s`, split by JAX's compile events, with what
-`heap_warming` did; `--first=stages`: trace, lowering, XLA compile and the first execution
+`heap_warming` did (`--heap_warming=off`, `--gc_pause=off`: A/B switches of `first_call`); `--first=stages`: trace, lowering, XLA compile and the first execution
 one after the other, no heap warming), and `--steps` more calls (median and fastest), with the page faults of each
 call (`ru_minflt`) and what `import xmedjax` set up (`host_memory`'s STATUS, DISPATCH,
 HUGE_PAGES). One line, `RESULT ...`, says it all. Compare settings or commits process by
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from jax._src import monitoring  # noqa: E402  (JAX's compile events, as cpu.py uses)
 
 import xmedjax  # noqa: E402, F401  (before any JAX computation: xmedjax/host_memory.py)
-from xmedjax import heap_warming, host_memory  # noqa: E402
+from xmedjax import first_call, heap_warming, host_memory  # noqa: E402
 from xmedjax import mesh as mesh_lib  # noqa: E402
 
 COMPILE_EVENTS = (  # as cpu.py's: trace, lowering, XLA compile
@@ -60,8 +60,15 @@ def main(argv=None) -> None:
         default="on",
         help="off: train_state.jit_train_step without heap_warming (an A/B switch)",
     )
+    p.add_argument(
+        "--gc_pause",
+        choices=("on", "off"),
+        default="on",
+        help="off: first calls with Python's garbage collector running (an A/B switch)",
+    )
     args = p.parse_args(argv)
     heap_warming.ENABLED = args.heap_warming != "off"
+    first_call.PAUSE_GC = args.gc_pause != "off"
     mesh = mesh_lib.make_mesh()
     sz = {"image": args.image_size, "width": args.width}
     step, state, data = gpu.build_train(args.arch, "float32", 8, sz, mesh)

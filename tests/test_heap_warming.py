@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmedjax import heap_warming
+from xmedjax import first_call, heap_warming
 
 N = 1000  # float32 elements: 4,000 bytes a value
 
@@ -37,32 +37,29 @@ def test_live_bytes_adds_an_inner_programs_peak_to_what_is_alive_around_it():
     assert heap_warming.live_bytes(jaxpr) == 3 * 4 * N + 4
 
 
-def test_plain_jitted_function_where_warming_cannot_help(monkeypatch):
-    jitted = jax.jit(jnp.sin)
+def test_applies_to_one_cpu_device_whose_heap_has_huge_pages(monkeypatch):
     monkeypatch.setattr(heap_warming, "_huge_pages", lambda: True)
-    assert heap_warming.warm_first_call(jitted, "gpu", 1) is jitted
-    assert heap_warming.warm_first_call(jitted, "cpu", 8) is jitted
-    assert heap_warming.warm_first_call(jitted, "cpu", 1) is not jitted
+    assert heap_warming.applies("cpu", 1)
+    assert not heap_warming.applies("gpu", 1)
+    assert not heap_warming.applies("cpu", 8)  # worker threads' arenas, not the main heap
     monkeypatch.setattr(heap_warming, "_huge_pages", lambda: False)  # 4 KiB pages
-    assert heap_warming.warm_first_call(jitted, "cpu", 1) is jitted
+    assert not heap_warming.applies("cpu", 1)
 
 
-def test_wrapper_calls_the_jitted_function_where_the_heap_is_not_kept(monkeypatch):
-    # The test session's heap is glibc's default (conftest.py): the call goes straight on.
-    monkeypatch.setattr(heap_warming, "_huge_pages", lambda: True)
+def test_first_call_goes_on_where_the_heap_is_not_kept():
+    # The test session's heap is glibc's default (conftest.py): nothing to warm.
     jitted = jax.jit(lambda x: jnp.cos(x) * 2)
-    wrapped = heap_warming.warm_first_call(jitted, "cpu", 1)
+    wrapped = first_call.wrap(jitted, warm_heap=True)
     x = jnp.arange(5.0)
     np.testing.assert_array_equal(wrapped(x), jitted(x))
     assert heap_warming.LAST.startswith("off (host_memory: off"), heap_warming.LAST
-    assert wrapped.lower(x).as_text() == jitted.lower(x).as_text()  # the jit's own stages
 
 
 # Two 64 MiB intermediates XLA:CPU keeps in its temporary buffer (as test_host_memory's).
 FIRST_EXECUTION = """
 import resource, sys
 import xmedjax
-from xmedjax import heap_warming
+from xmedjax import first_call, heap_warming
 import jax, jax.numpy as jnp
 x = jnp.full((4096, 4096), 0.5, jnp.float32)
 x.block_until_ready()
@@ -81,7 +78,7 @@ PAGES = 2 * 4096 * 4096 * 4 // 4096  # both intermediates, in 4 KiB pages
 
 WRAPPED = """
 import xmedjax
-from xmedjax import heap_warming, host_memory
+from xmedjax import first_call, heap_warming, host_memory
 import jax, jax.numpy as jnp
 from jax._src import monitoring
 compiles = []
@@ -93,8 +90,8 @@ y = x + 1
 expected = float(jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x.T))(x))
 before = len(compiles)
 jitted = jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x.T))
-wrapped = heap_warming.warm_first_call(jitted, "cpu", 1)
-print(float(wrapped(x)) == expected, float(wrapped(y)) != expected, wrapped is jitted)
+wrapped = first_call.wrap(jitted, warm_heap=heap_warming.applies("cpu", 1))
+print(float(wrapped(x)) == expected, float(wrapped(y)) != expected)
 print(heap_warming.LAST)
 print(len(compiles) - before, host_memory.HUGE_PAGES)
 """
@@ -133,21 +130,20 @@ def test_first_execution_finds_its_buffers_faulted_in():
 @needs_glibc_linux
 def test_first_call_warms_where_huge_pages_are_on_and_compiles_once():
     values, did, compiles = _run(WRAPPED, "huge-pages")
-    mode = heap_warming.host_memory._thp_mode()
-    if mode not in ("madvise", "always"):  # the kernel gives no huge pages: nothing to warm
-        assert values == "True True True" and did == "not called", (values, did)
-        return
     # the plain jit's value on the first call, and later calls are the jitted function's
-    assert values == "True True False", values
-    assert did.startswith("warmed "), did
+    assert values == "True True", values
+    if heap_warming.host_memory._thp_mode() in ("madvise", "always"):
+        assert did.startswith("warmed "), did
+    else:  # the kernel gives no huge pages: nothing to warm
+        assert did == "not called", did
     # one compile, not two: the warmed compile is the one the jitted function uses
     assert compiles.split()[0] == "1", compiles
 
 
 @needs_glibc_linux
-def test_small_pages_get_the_jitted_function_itself():
+def test_small_pages_are_not_warmed():
     values, did, compiles = _run(WRAPPED, "")
+    assert values == "True True", values
     if heap_warming.host_memory._thp_mode() != "always":
-        assert values == "True True True", values
         assert did == "not called", did
     assert compiles.split()[0] == "1", compiles

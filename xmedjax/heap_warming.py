@@ -8,9 +8,9 @@ so the first execution took 4.4-4.8 s against a 1.1 s steady step (2.2-2.3 s wit
 pages). The 14-16 s compile before it keeps 1.7 of the 2 cores busy on average (its HLO
 passes and LLVM IR emission run on one thread: benchmarks/NOTES.md, "Phase 9").
 
-`warm_first_call(jitted, ...)` returns the jitted function with one difference: its first
-call traces the program, estimates its temporary buffer from the traced program
-(`live_bytes`) and, while XLA compiles, has a thread fault that much memory in where
+A train step's first call (`first_call.wrap(..., warm_heap=applies(...))`) traces the
+program, estimates its temporary buffer from the traced program (`live_bytes`) and, while
+XLA compiles, has a thread fault that much memory in where
 glibc's `malloc` will carve a block that large from (`next_block`;
 `madvise(MADV_POPULATE_WRITE)`: the contents of that free memory, which `malloc` owns, are
 left as they are): with `host_memory.keep_freed_memory`'s heap, the step's buffer lands
@@ -32,11 +32,10 @@ what the latest first call did.
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -185,35 +184,19 @@ def compile_warming_heap(jitted: Any, *args: Any, **kwargs: Any) -> str:
     return LAST
 
 
-class _WarmFirstCall:
-    """A jitted function whose first call compiles with the heap warmed (`warm_first_call`);
-    `trace`, `lower` and the rest are the jitted function's own."""
-
-    def __init__(self, jitted: Any):
-        functools.update_wrapper(self, jitted)
-        self._jitted, self._first = jitted, True
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        global LAST
-        if self._first:
-            self._first = False
-            LAST = _why_not() or compile_warming_heap(self._jitted, *args, **kwargs)
-        return self._jitted(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, clear_cache, ...
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self._jitted, name)
-
-
 def _huge_pages() -> bool:
     """Whether XLA:CPU's heap is faulted in as huge pages (`host_memory.HUGE_PAGES`)."""
     return host_memory.HUGE_PAGES.startswith("advised") or host_memory._thp_mode() == "always"
 
 
-def warm_first_call(jitted: Callable, platform: str, devices: int) -> Callable:
-    """`jitted` itself, or, on a single CPU device whose heap has huge pages, a wrapper whose
-    first call warms the heap while the program compiles (module docstring)."""
-    if not ENABLED or platform != "cpu" or devices != 1 or not _huge_pages():
-        return jitted
-    return _WarmFirstCall(jitted)
+def applies(platform: str, devices: int) -> bool:
+    """Whether a program on `devices` devices of `platform` gets its heap warmed on its first
+    call: one CPU device whose heap has huge pages (module docstring)."""
+    return ENABLED and platform == "cpu" and devices == 1 and _huge_pages()
+
+
+def warm_or_why_not(jitted: Any, *args: Any, **kwargs: Any) -> str:
+    """`compile_warming_heap` where this call can use it, else why not (also `LAST`)."""
+    global LAST
+    LAST = _why_not() or compile_warming_heap(jitted, *args, **kwargs)
+    return LAST

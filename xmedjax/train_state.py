@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from xmedjax import compile_options, heap_warming
+from xmedjax import compile_options, first_call, heap_warming
 from xmedjax import mesh as mesh_lib
 
 
@@ -191,9 +191,9 @@ def place_state(state: TrainState, mesh) -> TrainState:
 
 
 def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) -> Callable:
-    """`(state, batch) -> (state, metrics)` jitted over the mesh; the state is donated. On
-    one CPU device with huge pages its first call warms the heap while compiling
-    (`heap_warming`)."""
+    """`(state, batch) -> (state, metrics)` jitted over the mesh; the state is donated. Its
+    first call traces with the garbage collector paused (`first_call`) and, on one CPU
+    device with huge pages, warms the heap while compiling (`heap_warming`)."""
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
@@ -202,18 +202,21 @@ def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) 
     jitted = jax.jit(
         fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
     )
-    # With huge pages on one CPU device, the first call faults the buffer in while compiling.
-    return heap_warming.warm_first_call(jitted, mesh.devices.flat[0].platform, mesh.devices.size)
+    # The first call traces with the garbage collector paused and, with huge pages on one CPU
+    # device, faults the step's buffer in while it compiles.
+    warm = heap_warming.applies(mesh.devices.flat[0].platform, mesh.devices.size)
+    return first_call.wrap(jitted, warm_heap=warm)
 
 
 def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:
     """`(state, batch) -> outputs` jitted over the mesh; outputs replicated on every process."""
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
-    return jax.jit(
+    jitted = jax.jit(
         functools.partial(eval_step, mdef),
         in_shardings=(state_sharding(state, mesh), data),
         out_shardings=rep,
         # On a CPU, XLA's own convolutions (xmedjax/compile_options.py).
         compiler_options=compile_options.forward_options(mesh.devices.flat[0].platform),
     )
+    return first_call.wrap(jitted)  # traced with the garbage collector paused
