@@ -112,6 +112,13 @@ def _run(code: str, setting: str, *argv: str) -> list[str]:
 
 
 @needs_glibc_linux
+def test_fault_in_says_why_it_stopped():
+    # the first page of the address space is never mapped: ENOMEM (EINVAL before Linux 5.14)
+    done, why = heap_warming.fault_in(0, 4096)
+    assert done == 0 and why in ("madvise errno 12", "madvise errno 22"), why
+
+
+@needs_glibc_linux
 def test_first_execution_finds_its_buffers_faulted_in():
     # 4 KiB pages, so that page faults count pages
     did, faults = _run(FIRST_EXECUTION, "no-huge-pages", "warm")

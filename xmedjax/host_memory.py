@@ -99,7 +99,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     if not sys.platform.startswith("linux") or not libc_version.startswith("glibc"):
         return None
-    return ctypes.CDLL(None)
+    return ctypes.CDLL(None, use_errno=True)  # ctypes.get_errno() reads errno after a call
 
 
 def _backend_started() -> bool:
