@@ -3,14 +3,17 @@
     python benchmarks/cpu_first_call.py --arch=densenet121 [--steps=8] [--image_size=224]
 
 Builds `gpu.build_train`'s step (the public `train_state.jit_train_step`, batch 8, float32,
-random weights, as cpu.py), then times its first call (`--first=call`, the default: the
-public call, as cpu.py's `*_compile_s`, split by JAX's compile events, with what
-`heap_warming` did (`--heap_warming=off`, `--gc_pause=off`: A/B switches of `first_call`); `--first=stages`: trace, lowering, XLA compile and the first execution
-one after the other, no heap warming), and `--steps` more calls (median and fastest), with the page faults of each
-call (`ru_minflt`) and what `import xmedjax` set up (`host_memory`'s STATUS, DISPATCH,
-HUGE_PAGES). One line, `RESULT ...`, says it all. Compare settings or commits process by
+random weights, as cpu.py), then times its first call and `--steps` more calls (median and
+fastest), with the page faults of each call (`ru_minflt`) and what `import xmedjax` set up
+(`host_memory`'s STATUS, DISPATCH, HUGE_PAGES). One line, `RESULT ...`, says it all. Compare settings or commits process by
 process, alternating (e.g. `XMEDJAX_HOST_MALLOC=system`, or another checkout with
 `PYTHONPATH`): the allocator options act per process, before JAX's threads start.
+
+`--first=call` (the default) times the public first call, as cpu.py's `*_compile_s`, split
+by JAX's compile events, with what `heap_warming` did; `--heap_warming=off` and
+`--gc_pause=off` are A/B switches of `xmedjax/first_call.py`. `--first=stages` times the
+trace, lowering, XLA compile and first execution one after the other (no warming, no
+collector pause).
 """
 
 from __future__ import annotations
@@ -112,8 +115,10 @@ def main(argv=None) -> None:
         seconds.append(time.perf_counter() - c0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     steady = seconds[1:]
+    if args.first == "stages":
+        split += f"first execution {seconds[0]:.2f} s, "
     print(
-        f"RESULT {args.arch} {split}first execution {seconds[0]:.2f} s, "
+        f"RESULT {args.arch} {split}"
         f"steady median {np.median(steady):.3f} s (fastest {min(steady):.3f}); "
         f"page faults first {faults[0]}, then median {int(np.median(faults[1:]))}; "
         f"host_memory: {host_memory.STATUS} | {host_memory.DISPATCH} | {host_memory.HUGE_PAGES}",

@@ -10,11 +10,10 @@ passes and LLVM IR emission run on one thread: benchmarks/NOTES.md, "Phase 9").
 
 A train step's first call (`first_call.wrap(..., warm_heap=applies(...))`) traces the
 program, estimates its temporary buffer from the traced program (`live_bytes`) and, while
-XLA compiles, has a thread fault that much memory in where
-glibc's `malloc` will carve a block that large from (`next_block`;
-`madvise(MADV_POPULATE_WRITE)`: the contents of that free memory, which `malloc` owns, are
-left as they are): with `host_memory.keep_freed_memory`'s heap, the step's buffer lands
-there. The compile is the one the jitted function itself would have made (JAX caches it;
+XLA compiles, has a thread fault that much memory in where glibc's `malloc` will carve a
+block that large from (`next_block`; `madvise(MADV_POPULATE_WRITE)`: the contents of that
+free memory, which `malloc` owns, are left as they are): with
+`host_memory.keep_freed_memory`'s heap, the step's buffer lands there. The compile is the one the jitted function itself would have made (JAX caches it;
 the call that follows neither traces nor compiles again). Public first calls in
 alternating processes (benchmarks/cpu_first_call.py; NOTES.md, "Phase 10"), huge pages on:
 DenseNet121 19.6-21.3 s against 21.1-24.0 s without warming (six pairs); ResNet50, whose
@@ -154,8 +153,8 @@ def _why_not() -> str:
 
 def compile_warming_heap(jitted: Any, *args: Any, **kwargs: Any) -> str:
     """Traces and compiles `jitted` for these arguments (into JAX's caches, as its own first
-    call would) while a thread faults the heap's top in for the program's buffers; returns
-    what it did (also `LAST`)."""
+    call would) while a thread faults in the block `malloc` will give the program's buffer;
+    returns what it did (also `LAST`)."""
     global LAST
     traced = jitted.trace(*args, **kwargs)
     want = int(ESTIMATE_SCALE * live_bytes(traced.jaxpr))
