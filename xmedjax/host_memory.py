@@ -75,7 +75,7 @@ _WARNED: set[str] = set()  # XMEDJAX_HOST_MALLOC values already warned about
 
 def _setting() -> str:
     """`XMEDJAX_HOST_MALLOC`, lower-cased: "" (the default), "huge-pages" or "system"
-    ("no-huge-pages", the default's old name, reads as ""); anything else warns, once per
+    ("no-huge-pages", the default's other name, reads as ""); anything else warns, once per
     process, and reads as ""."""
     value = os.environ.get(ENV, "").strip().lower()
     if value in ("", "huge-pages", "system"):

@@ -202,8 +202,6 @@ def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) 
     jitted = jax.jit(
         fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
     )
-    # The first call traces with the garbage collector paused and, with huge pages on one CPU
-    # device, faults the step's buffer in while it compiles.
     warm = heap_warming.applies(mesh.devices.flat[0].platform, mesh.devices.size)
     return first_call.wrap(jitted, warm_heap=warm)
 
