@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcda [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -23,6 +23,8 @@ as before issue 14):
      chunk's computed once (`densenet.CHUNK_STATS`)
   d  each dense layer's input gradient computed once before it is split into its chunks
      (`densenet.MATERIALISE_INPUT_GRAD`)
+  a  Adam's update written out with the non-finite guard folded in
+     (`guarded_update.WRITE_OUT_ADAM`; without it optax's update, then the guard)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -47,6 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from xmedjax import guarded_update  # noqa: E402
 from xmedjax import mesh as mesh_lib  # noqa: E402
 from xmedjax.models import batch_norm, densenet, kernel_grad, layers  # noqa: E402
 
@@ -56,7 +59,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgrcd"
+ALL = "kpbfmwtgrcda"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 
 
@@ -73,6 +76,7 @@ def select(variant: str) -> None:
     kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS = TAP_MIN_ROWS if "r" in variant else None
     densenet.CHUNK_STATS = "c" in variant
     densenet.MATERIALISE_INPUT_GRAD = "d" in variant
+    guarded_update.WRITE_OUT_ADAM = "a" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 

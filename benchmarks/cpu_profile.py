@@ -155,6 +155,10 @@ def body_ops(comps: dict, name: str | None, seen: set | None = None) -> list[dic
 def statement(frames: dict, ins: dict) -> str:
     """A category from the train_step statement an instruction came from ('' = the model)."""
     file, func, line = frames.get(ins["frame"], ("", "", 0))
+    if file.endswith("guarded_update.py"):
+        if func == "_finite_and_norm":
+            return "finite check, grad norm, accuracy"
+        return "optimiser update with its NaN guard (guarded_update)"
     if func == "train_step.<locals>.<lambda>":
         return "NaN guard: where(finite, new, old) over the whole state"
     if func.startswith("_all_finite"):
@@ -189,6 +193,10 @@ def categorise(ins: dict, comps: dict, frames: dict) -> str:
         return conv_kind(next(o for o in ops if o["op"] == "convolution"))
     if "dot" in kinds:
         return "dense (dot)"
+    if ins["op"] == "fusion" and "dynamic-update-slice" in kinds and "reduce" not in kinds:
+        # kernel_grad's shifted output gradients for 3x3 kernel gradients; their source
+        # line is wherever the gradient they shift came from (often the loss).
+        return "dynamic-update-slice fusions (3x3 kernel gradients' shifted inputs)"
     found = [s for s in (statement(frames, o) for o in ops) if s]
     if found:
         return collections.Counter(found).most_common(1)[0][0]

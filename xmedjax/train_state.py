@@ -10,8 +10,10 @@ The gradient is taken with respect to `(params, rest)` and the second half dropp
 `rest` captured from the outer trace inside `value_and_grad` fails with "Cannot mutate
 BatchStat from a different trace level" in flax 0.12.
 
-Each train step checks that the loss and every gradient are finite; a bad step returns the
+Each train step checks that the loss and the gradients' sum of squares are finite (so every
+gradient is, and none would make Adam's second moment infinite); a bad step returns the
 state unchanged with `finite=False`, and the loop stops (the last good checkpoint stays).
+The optimiser's update and that guard are one function, `guarded_update.guarded_step`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ from typing import Any
 
 import flax.struct
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from xmedjax import compile_options, first_call, heap_warming
+from xmedjax import compile_options, first_call, guarded_update, heap_warming
 from xmedjax import mesh as mesh_lib
 
 
@@ -59,7 +60,8 @@ def make_optimizer(
     `optax.inject_hyperparams` keeps the rate in `opt_state.hyperparams`, so reduce-on-plateau
     changes it without recompiling and checkpoints carry it. `optax.flatten` keeps each
     moment as one vector over all parameters (xmedjax/optimizer_layout.py: fewer, larger
-    fused loops; checkpoints still hold one array per parameter).
+    fused loops; checkpoints still hold one array per parameter). Adam and AdamW come marked
+    `guarded_update.FlatAdam`: the train step writes their update out.
     """
     if name == "adam":
         inner = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
@@ -71,7 +73,8 @@ def make_optimizer(
         inner = optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum)
     else:
         raise ValueError(f"config.optimizer.name must be adam, adamw or sgd, got {name!r}")
-    return optax.flatten(inner)
+    flat = optax.flatten(inner)
+    return flat if name == "sgd" else guarded_update.FlatAdam(*flat)
 
 
 def learning_rate(state: TrainState) -> float:
@@ -150,21 +153,22 @@ def train_step(
     (loss, (logits, new_rest)), (grads, _) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True
     )(state.params, state.rest)
-    updates, new_opt = mdef.tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # One vector, the very concatenation optax.flatten builds (XLA computes it once): two
-    # reductions instead of two per parameter array.
-    flat_grads = jax.flatten_util.ravel_pytree(grads)[0]
-    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(flat_grads))
-    new_state = TrainState(step=state.step + 1, params=new_params, rest=new_rest, opt_state=new_opt)
     # A non-finite step changes nothing: the caller stops on finite=False.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_params, new_opt, finite, grad_norm = guarded_update.guarded_step(
+        mdef.tx, state.params, state.opt_state, grads, loss
+    )
+    step, rest = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (state.step + 1, new_rest),
+        (state.step, state.rest),
+    )
+    new_state = TrainState(step=step, params=new_params, rest=rest, opt_state=new_opt)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
     return new_state, {
         "loss": loss,
         "accuracy": accuracy,
         "finite": finite,
-        "grad_norm": jnp.linalg.norm(flat_grads),
+        "grad_norm": grad_norm,
     }
 
 
