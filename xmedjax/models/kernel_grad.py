@@ -19,9 +19,9 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
   rounding, its input gradient XLA's own and its kernel gradient XLA's own or, where the
   next rule takes it, the shifted product; every other forward is the very same `lax.conv_general_dilated` call, bit for bit;
 - a 3x3, stride-1, padding-1 convolution with at least `SHIFTED_MIN_ROWS` output rows
-  (ResNet50's and DenseNet121's at 56x56, batch 8) has as kernel gradient one product of
-  the padded input's rows with nine copies of the output gradient, each shifted by its
-  tap's row offset (`shifted_kernel_gradient`, benchmarks/NOTES.md "Phase 6"); its forward
+  (ResNet50's and DenseNet121's at 56x56, batch 8) has as kernel gradient products of the
+  padded input's rows with copies of the output gradient shifted by the taps' row offsets
+  (`shifted_kernel_gradient`, benchmarks/NOTES.md "Phase 6" and "Phase 11"); its forward
   stays lax's own, bit for bit;
 - the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
 - the kernel gradient differs from XLA's by float rounding only.
@@ -53,8 +53,9 @@ MATMUL_1X1_FORWARD = True
 # A 3x3 stride-1 convolution with few output channels (DenseNet121's 128 -> 32) as one product
 # with all nine taps' outputs, then nine shifted sums (`taps_forward`); see `uses_taps_forward`.
 TAPS_3X3_FORWARD = True
-# The kernel gradient of a 3x3 stride-1 padding-1 convolution as one product with the output
-# gradient shifted nine times (`shifted_kernel_gradient`); see `uses_shifted_kernel_grad`.
+# The kernel gradient of a 3x3 stride-1 padding-1 convolution as products with the output
+# gradient shifted by the taps' offsets (`shifted_kernel_gradient`); see
+# `uses_shifted_kernel_grad`.
 SHIFTED_3X3_KERNEL_GRAD = True
 # ... from this many output rows (N*H*W) on: below it XLA's own was as fast or faster, above
 # it XLA's fell off a cliff (2-4x slower) on every shape timed (benchmarks/NOTES.md, "Phase 6").
@@ -282,16 +283,28 @@ def uses_tap_kernel_grad(
 
 
 def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
-    """d(sum(g * conv(x, w)))/dw for a 3x3, stride-1, padding-1 NHWC/HWIO convolution, as one
-    product over the rows of the padded input ([N*(H+2)*(W+2), Cin]).
+    """d(sum(g * conv(x, w)))/dw for a 3x3, stride-1, padding-1 NHWC/HWIO convolution, as
+    products over the rows of the padded input ([N*(H+2)*(W+2), Cin]).
 
     With g laid on the same padded grid (zeros on its last two rows and columns) and both
     flattened to rows, tap (dy, dx) pairs row r of the input with row r - dy*(W+2) - dx of
     g, and every pair that would cross a row or an image edge meets one of g's zeros. So
-    the nine taps' kernel gradients are x^T [g shifted by each tap's offset, side by side]:
-    XLA:CPU's own kernel gradient of these convolutions ran 2.2-2.8x slower than oneDNN's
-    (benchmarks/NOTES.md, "Phase 5"). The shifted copies are written into one buffer slice
-    by slice (a concatenation of such narrow pieces ran at ~1 GB/s)."""
+    each tap's kernel gradient is one product of x's rows with g's rows shifted by the
+    tap's offset: XLA:CPU's own kernel gradient of these convolutions ran 2.2-2.8x slower
+    than oneDNN's (benchmarks/NOTES.md, "Phase 5"). Which operand is shifted follows the
+    channels, each way measured on the train step of the model that has it ("Phase 11"):
+    with at least as many output channels as input (ResNet50's 64 -> 64), three row
+    windows of x against g shifted by 0, 1 and 2 rows side by side (`_row_windows`: steps
+    2% faster than the other way); with fewer (DenseNet121's 128 -> 32), x against g shifted
+    nine times side by side (`_nine_shifts`: steps 3.5% faster than row windows)."""
+    cin, cout = x.shape[-1], g.shape[-1]
+    return _row_windows(x, g) if cin <= cout else _nine_shifts(x, g)
+
+
+def _nine_shifts(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T [g shifted by each of the nine taps' offsets, side by side]: one product. The
+    shifted copies are written into one buffer slice by slice (a concatenation of such
+    narrow pieces ran at ~1 GB/s)."""
     n, h, wd, cin = x.shape
     cout = g.shape[-1]
     rows = n * (h + 2) * (wd + 2)
@@ -312,6 +325,35 @@ def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
         preferred_element_type=accumulate,
     )
     return dw.reshape(cin, 3, 3, cout).transpose(1, 2, 0, 3).astype(x.dtype)
+
+
+def _row_windows(x: jax.Array, g: jax.Array) -> jax.Array:
+    """For each kernel row dy, x's rows from dy*(W+2) on against [g shifted by 0, 1 and 2
+    rows, side by side]: three products, one buffer of shifted g."""
+    n, h, wd, cin = x.shape
+    cout = g.shape[-1]
+    stride = wd + 2  # rows of the padded grid from one image row to the next
+    rows = n * (h + 2) * stride
+    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
+    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, cout)
+    # Tap (dy, dx) pairs x row q + dy*stride with g row q - dx: shifted[q, dx] = g_rows[q - dx].
+    g_rows = jnp.pad(g_rows, ((2, 0), (0, 0)))
+    shifted = jnp.concatenate(
+        [lax.slice_in_dim(g_rows, 2 - dx, 2 - dx + rows) for dx in range(3)], axis=1
+    )
+    x_rows = jnp.pad(x_rows, ((0, 2 * stride), (0, 0)))
+    accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    per_row = [
+        lax.dot_general(
+            lax.slice_in_dim(x_rows, dy * stride, dy * stride + rows),
+            shifted,
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=accumulate,
+        )
+        for dy in range(3)
+    ]  # each [cin, 3 * cout], dx-major
+    dw = jnp.stack(per_row, axis=1).reshape(cin, 3, 3, cout)
+    return dw.transpose(1, 2, 0, 3).astype(x.dtype)
 
 
 def taps_forward(x: jax.Array, w: jax.Array) -> jax.Array:
