@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcda [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcds,kpbfmwtgrcdsa [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -23,6 +23,8 @@ as before issue 14):
      chunk's computed once (`densenet.CHUNK_STATS`)
   d  each dense layer's input gradient computed once before it is split into its chunks
      (`densenet.MATERIALISE_INPUT_GRAD`)
+  s  the stem's kernel gradient in space-to-depth form
+     (`kernel_grad.SPACE_TO_DEPTH_MIN_ROWS`; without it XLA's own)
   a  Adam's update written out with the non-finite guard folded in
      (`guarded_update.WRITE_OUT_ADAM`; without it optax's update, then the guard)
 
@@ -59,8 +61,9 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgrcda"
+ALL = "kpbfmwtgrcdsa"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
+S2D_MIN_ROWS = kernel_grad.SPACE_TO_DEPTH_MIN_ROWS
 
 
 def select(variant: str) -> None:
@@ -76,6 +79,7 @@ def select(variant: str) -> None:
     kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS = TAP_MIN_ROWS if "r" in variant else None
     densenet.CHUNK_STATS = "c" in variant
     densenet.MATERIALISE_INPUT_GRAD = "d" in variant
+    kernel_grad.SPACE_TO_DEPTH_MIN_ROWS = S2D_MIN_ROWS if "s" in variant else None
     guarded_update.WRITE_OUT_ADAM = "a" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 

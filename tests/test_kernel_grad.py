@@ -164,7 +164,9 @@ def test_model_gradients_match_the_plain_convolution(arch, monkeypatch):
             model = nnx.merge(graphdef, state)
             return nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)))))(model), rules
 
+        monkeypatch.setattr(kg, "SPACE_TO_DEPTH_MIN_ROWS", 1)  # the 32-pixel stem too
         ours, rules = grads()
+        monkeypatch.setattr(kg, "SPACE_TO_DEPTH_MIN_ROWS", None)
         monkeypatch.setattr(kg, "uses_matmul_kernel_grad", lambda *a, **k: False)
         monkeypatch.setattr(kg, "SHIFTED_3X3_KERNEL_GRAD", False)
         monkeypatch.setattr(kg, "TAPS_3X3_FORWARD", False)
@@ -366,3 +368,82 @@ def test_tap_kernel_gradient_rule(lhs, w, stride, taken):
     pads = ((w[0] // 2,) * 2,) * 2
     got = kg.uses_tap_kernel_grad(lhs, w, (stride, stride), pads, kg.NHWC)
     assert got == taken
+
+
+S2D_CASES = [  # (N, H, W, in, out, kernel, pad): stride 2, odd and even sizes and kernels
+    (2, 17, 12, 3, 5, 7, 3),
+    (2, 16, 16, 1, 4, 7, 3),
+    (1, 9, 9, 1, 4, 3, 1),
+    (2, 10, 11, 2, 3, 5, 2),
+    (1, 4, 4, 3, 2, 7, 3),  # 2x2 outputs: most block taps meet the padding
+    (2, 16, 16, 3, 8, 4, 1),
+    (2, 9, 8, 3, 4, 7, 0),  # unpadded: the last input row reaches no output and is cropped
+]
+
+
+@pytest.mark.parametrize("case", S2D_CASES, ids=lambda c: "N{}H{}W{}_{}to{}_k{}p{}".format(*c))
+def test_space_to_depth_kernel_gradient_matches_xla(case):
+    """`space_to_depth_kernel_gradient` equals XLA's kernel gradient of a stride-2
+    convolution: float64 to 1e-12 (the same sums in another order), float32 to rounding."""
+    n, h, wd, cin, cout, k, p = case
+    rng = np.random.default_rng(11)
+    with jax.enable_x64(True):
+        for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 1e-4)):
+            x = jnp.asarray(rng.standard_normal((n, h, wd, cin)), dtype)
+            w = jnp.zeros((k, k, cin, cout), dtype)
+
+            def conv(w_, x=x):
+                pads = ((p, p), (p, p))
+                return lax.conv_general_dilated(x, w_, (2, 2), pads, dimension_numbers=kg.NHWC)
+
+            y, vjp = jax.vjp(conv, w)
+            g = jnp.asarray(rng.standard_normal(y.shape), dtype)
+            ours = jax.jit(kg.space_to_depth_kernel_gradient, static_argnums=(2, 3))(x, g, k, p)
+            assert ours.dtype == dtype and ours.shape == w.shape
+            np.testing.assert_allclose(ours, vjp(g)[0], rtol=tol, atol=tol)
+
+
+def test_space_to_depth_kernel_gradient_in_the_convolution_keeps_lax_forward(monkeypatch):
+    """The stem (7x7, stride 2, padding 3, 3 channels) with enough rows runs lax's own
+    forward and input gradient, bit for bit, and the space-to-depth products as its kernel
+    gradient, equal to XLA's up to rounding."""
+    monkeypatch.setattr(kg, "SPACE_TO_DEPTH_MIN_ROWS", 100)  # 2 x 8 x 8 output rows below
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((7, 7, 3, 16)) / 12.0, jnp.float32)
+    pads = ((3, 3), (3, 3))
+    assert kg.uses_space_to_depth_kernel_grad(x.shape, w.shape, (2, 2), pads, kg.NHWC)
+
+    def conv(conv_fn):
+        return lambda x_, w_: conv_fn(x_, w_, (2, 2), pads, dimension_numbers=kg.NHWC)
+
+    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
+    y = jax.jit(plain)(x, w)
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), y)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
+    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
+    assert "dot_general" in str(jax.make_jaxpr(backward(ours))(x, w, g))
+    assert "dot_general" not in str(jax.make_jaxpr(backward(plain))(x, w, g))
+
+
+@pytest.mark.parametrize(
+    "lhs, w, stride, pad, taken",
+    [
+        ((8, 224, 224, 3), (7, 7, 3, 64), 2, 3, True),  # the models' stem at 224 px
+        ((8, 224, 224, 1), (7, 7, 1, 64), 2, 3, True),  # on one channel
+        ((8, 128, 128, 3), (7, 7, 3, 64), 2, 3, True),
+        ((8, 64, 64, 3), (7, 7, 3, 64), 2, 3, False),  # 8,192 output rows: XLA's was faster
+        ((8, 224, 224, 8), (7, 7, 8, 64), 2, 3, False),  # more than 4 input channels
+        ((8, 224, 224, 3), (7, 7, 3, 64), 1, 3, False),
+        ((8, 224, 224, 3), (5, 5, 3, 64), 2, 2, False),
+        ((8, 224, 224, 3), (7, 7, 3, 64), 2, 2, False),
+    ],
+)
+def test_space_to_depth_kernel_gradient_rule(lhs, w, stride, pad, taken, monkeypatch):
+    args = (lhs, w, (stride, stride), ((pad, pad), (pad, pad)), kg.NHWC)
+    assert kg.uses_space_to_depth_kernel_grad(*args) == taken
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not kg.uses_space_to_depth_kernel_grad(*args)

@@ -30,6 +30,12 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
   rows that the rule above does not take (ResNet50's 128 -> 128 layers at batch 8) has as
   kernel gradient one product per kernel tap (`kernel_gradient`), its forward lax's own;
 
+- the stem, a 7x7 stride-2 padding-3 convolution on 1-4 channels, with at least
+  `SPACE_TO_DEPTH_MIN_ROWS` output rows (ResNet50's and DenseNet121's at 128 px and more,
+  batch 8) has as kernel gradient products over the input cut into 2x2 blocks
+  (`space_to_depth_kernel_gradient`; 38 ms against XLA's 52 at 224 px, benchmarks/NOTES.md
+  "Phase 11"), its forward and input gradient lax's own;
+
 Every other convolution is plain `lax.conv_general_dilated`: smaller 3x3 and 7x7 kernels
 (there XLA's own kernel gradient measured as fast as or faster than one product per kernel
 tap, which `kernel_gradient` also computes; `benchmarks/cpu_kernels.py` times both),
@@ -65,6 +71,11 @@ SHIFTED_MIN_ROWS = 16384
 # product does not take it: ResNet50's 128 -> 128 layers at batch 8, 15-16 ms against XLA's
 # 24-30 ms (benchmarks/NOTES.md, "Phase 6"); see `uses_tap_kernel_grad`.
 TAP_KERNEL_GRAD_MIN_ROWS = 6272
+# The kernel gradient of the 7x7 stride-2 stem on 1-4 channels as products over the input in
+# space-to-depth form, from this many output rows on (`uses_space_to_depth_kernel_grad`;
+# None: XLA's own): at 224 px, batch 8 (100,352 rows) 38 ms against XLA's 52, at 128 px 12
+# against 16, at 64 px (8,192 rows) 3.1 against 2.8 (benchmarks/NOTES.md, "Phase 11").
+SPACE_TO_DEPTH_MIN_ROWS = 16384
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -169,17 +180,21 @@ def conv_general_dilated(
         **layout,
     ):
         return _conv_3x3(lhs, rhs)
-    if not uses_matmul_kernel_grad(
+    products = any(
+        rule(
+            lhs.shape,
+            rhs.shape,
+            window_strides,
+            padding,
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            **layout,
+        )
+        for rule in (uses_tap_kernel_grad, uses_space_to_depth_kernel_grad)
+    )
+    if not products and not uses_matmul_kernel_grad(
         rhs.shape, padding, dimension_numbers, lhs_shape=lhs.shape, **layout
-    ) and not uses_tap_kernel_grad(
-        lhs.shape,
-        rhs.shape,
-        window_strides,
-        padding,
-        dimension_numbers,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-        **layout,
     ):
         return plain(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
@@ -282,6 +297,37 @@ def uses_tap_kernel_grad(
     return int(lhs_shape[0]) * out[0] * out[1] >= TAP_KERNEL_GRAD_MIN_ROWS
 
 
+def uses_space_to_depth_kernel_grad(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    window_strides,
+    padding,
+    dimension_numbers,
+    *,
+    precision=None,
+    preferred_element_type=None,
+    **layout,
+) -> bool:
+    """Whether this convolution's kernel gradient is `space_to_depth_kernel_gradient` (its
+    forward and input gradient lax's own): an NHWC/HWIO 7x7 convolution, stride 2, padding
+    3, with at most 4 input channels (the stem of ResNet50 and DenseNet121 on 1- or
+    3-channel images) and at least `SPACE_TO_DEPTH_MIN_ROWS` output rows (N*Ho*Wo), default
+    precision, on a backend of `MATMUL_BACKENDS`."""
+    if SPACE_TO_DEPTH_MIN_ROWS is None or len(lhs_shape) != 4:
+        return False
+    if precision is not None or preferred_element_type is not None:
+        return False
+    if not _plain_nhwc_2d(rhs_shape, padding, dimension_numbers, lhs_shape=lhs_shape, **layout):
+        return False
+    if tuple(int(d) for d in rhs_shape[:2]) != (7, 7) or int(rhs_shape[2]) > 4:
+        return False
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if tuple(int(s) for s in window_strides) != (2, 2) or pads != ((3, 3), (3, 3)):
+        return False
+    out = [(int(lhs_shape[1 + i]) + 6 - 7) // 2 + 1 for i in range(2)]
+    return int(lhs_shape[0]) * out[0] * out[1] >= SPACE_TO_DEPTH_MIN_ROWS
+
+
 def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
     """d(sum(g * conv(x, w)))/dw for a 3x3, stride-1, padding-1 NHWC/HWIO convolution, as
     products over the rows of the padded input ([N*(H+2)*(W+2), Cin]).
@@ -354,6 +400,50 @@ def _row_windows(x: jax.Array, g: jax.Array) -> jax.Array:
     ]  # each [cin, 3 * cout], dx-major
     dw = jnp.stack(per_row, axis=1).reshape(cin, 3, 3, cout)
     return dw.transpose(1, 2, 0, 3).astype(x.dtype)
+
+
+def space_to_depth_kernel_gradient(x: jax.Array, g: jax.Array, kernel: int, pad: int) -> jax.Array:
+    """d(sum(g * conv(x, w)))/dw for a k x k, stride-2 NHWC/HWIO convolution with padding
+    `pad` on every side (the stem's 7x7 of ResNet50 and DenseNet121), as products over the
+    rows of x in space-to-depth form.
+
+    The padded input, cut into 2x2 blocks with each block's pixels as channels
+    ([N, Hs, Ws, 4*Cin]), makes the convolution a stride-1 one with ceil(k/2) taps a side
+    (kernel tap (2*qy + py, 2*qx + px) is block tap (qy, qx), channel (py, px, c)). With g
+    on that block grid (zeros past its edges) and both flattened to rows, block tap (qy,
+    qx) pairs row r of g with row r + qy*Ws + qx of the blocks, so the taps of block row
+    qy are one product of [the blocks shifted by 0 .. ceil(k/2)-1 rows, side by side] from
+    row qy*Ws on with g (`_row_windows`'s form). Taps past the kernel's edge (the last block
+    tap's second pixel when k is odd) are dropped."""
+    n, h, wd, cin = x.shape
+    _, ho, wo, cout = g.shape
+    taps = (kernel + 1) // 2
+    hs, ws = ho + taps - 1, wo + taps - 1  # the block grid: every tap of every output
+    # lax.pad: a negative high padding crops pixels that no output reaches.
+    edges = ((0, 0, 0), (pad, 2 * hs - h - pad, 0), (pad, 2 * ws - wd - pad, 0), (0, 0, 0))
+    padded = lax.pad(x, jnp.zeros((), x.dtype), edges)
+    blocks = padded.reshape(n, hs, 2, ws, 2, cin).transpose(0, 1, 3, 2, 4, 5)
+    rows = n * hs * ws
+    x_rows = blocks.reshape(rows, 4 * cin)
+    g_rows = jnp.pad(g, ((0, 0), (0, hs - ho), (0, ws - wo), (0, 0))).reshape(rows, cout)
+    x_rows = jnp.pad(x_rows, ((0, taps * ws), (0, 0)))
+    span = rows + (taps - 1) * ws
+    shifted = jnp.concatenate(
+        [lax.slice_in_dim(x_rows, qx, qx + span) for qx in range(taps)], axis=1
+    )
+    accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    per_row = [
+        lax.dot_general(
+            lax.slice_in_dim(shifted, qy * ws, qy * ws + rows),
+            g_rows,
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=accumulate,
+        )
+        for qy in range(taps)
+    ]  # each [taps (qx) * 4 * cin, cout]
+    dw = jnp.stack(per_row).reshape(taps, taps, 2, 2, cin, cout)  # qy, qx, py, px
+    dw = dw.transpose(0, 2, 1, 3, 4, 5).reshape(2 * taps, 2 * taps, cin, cout)
+    return dw[:kernel, :kernel].astype(x.dtype)
 
 
 def taps_forward(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -450,6 +540,8 @@ def _conv_bwd(strides, pads, precision, preferred, residuals, g):
     (dx,) = jax.linear_transpose(
         lambda x_: _forward(x_, w, strides, pads, precision, preferred), x
     )(g)
+    if uses_space_to_depth_kernel_grad(x.shape, w.shape, strides, pads, NHWC):
+        return dx, space_to_depth_kernel_gradient(x, g, w.shape[0], pads[0][0]).astype(w.dtype)
     return dx, kernel_gradient(x, g, w.shape, strides, pads).astype(w.dtype)
 
 
