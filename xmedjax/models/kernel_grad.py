@@ -19,7 +19,8 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
   rounding, its input gradient XLA's own and its kernel gradient XLA's own or, where the
   next rule takes it, the shifted product; every other forward is the very same `lax.conv_general_dilated` call, bit for bit;
 - a 3x3, stride-1, padding-1 convolution with at least `SHIFTED_MIN_ROWS` output rows
-  (ResNet50's and DenseNet121's at 56x56, batch 8) has as kernel gradient products of the
+  (ResNet50's at 56x56, batch 8), or `NINE_SHIFTS_MIN_ROWS` with fewer output than input
+  channels (DenseNet121's at 56x56 and 28x28) has as kernel gradient products of the
   padded input's rows with copies of the output gradient shifted by the taps' row offsets
   (`shifted_kernel_gradient`, benchmarks/NOTES.md "Phase 6" and "Phase 11"); its forward
   stays lax's own, bit for bit;
@@ -66,6 +67,11 @@ SHIFTED_3X3_KERNEL_GRAD = True
 # ... from this many output rows (N*H*W) on: below it XLA's own was as fast or faster, above
 # it XLA's fell off a cliff (2-4x slower) on every shape timed (benchmarks/NOTES.md, "Phase 6").
 SHIFTED_MIN_ROWS = 16384
+# ... and from this many with fewer output than input channels (`_nine_shifts`): DenseNet121's
+# 128 -> 32 layers at 28x28 too (batch 8), its train step 1.067 -> 1.048 s against 16384
+# ("Phase 11"; ResNet50 has no such layer). At 1568 (14x14 too) it ran 1-2% faster again, but
+# its XLA compile took 1.1 s longer.
+NINE_SHIFTS_MIN_ROWS = 6272
 # The kernel gradient of a 3x3 convolution with at least 64 output channels and this many
 # output rows (N*Ho*Wo) as one product per kernel tap (`kernel_gradient`), where the shifted
 # product does not take it: ResNet50's 128 -> 128 layers at batch 8, 15-16 ms against XLA's
@@ -252,7 +258,7 @@ def uses_shifted_kernel_grad(
     """Whether this convolution's kernel gradient is `shifted_kernel_gradient` (whether
     `taps_forward` or lax's runs it forward): an NHWC/HWIO 3x3 convolution, stride 1,
     padding 1, no dilation or groups, default precision, with at least `SHIFTED_MIN_ROWS`
-    output rows (N*H*W), on a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s
+    output rows (N*H*W; `NINE_SHIFTS_MIN_ROWS` with fewer output than input channels), on a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s
     keywords but `lhs_shape`)."""
     if not SHIFTED_3X3_KERNEL_GRAD or not _is_unit(window_strides):
         return False
@@ -262,7 +268,10 @@ def uses_shifted_kernel_grad(
         return False
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     rows = int(lhs_shape[0]) * int(lhs_shape[1]) * int(lhs_shape[2])
-    return pads == ((1, 1), (1, 1)) and rows >= SHIFTED_MIN_ROWS
+    fewer_out = int(rhs_shape[3]) < int(rhs_shape[2])
+    return pads == ((1, 1), (1, 1)) and rows >= (
+        NINE_SHIFTS_MIN_ROWS if fewer_out else SHIFTED_MIN_ROWS
+    )
 
 
 def uses_tap_kernel_grad(
