@@ -55,3 +55,21 @@ def test_an_error_in_the_first_call_restores_the_collector():
     with pytest.raises(ValueError, match="bad input"):
         wrapped(jnp.ones(3))
     assert gc.isenabled()
+
+
+def test_forward_jit_first_call_traces_with_the_collector_paused():
+    """Grad-CAM and the other explanations compile through `compile_options.forward_jit`:
+    its first call pauses the collector too."""
+    from xmedjax import compile_options
+
+    seen = []
+
+    def f(x):
+        seen.append(gc.isenabled())
+        return jnp.cos(x)
+
+    jitted = compile_options.forward_jit(f)
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(jitted(x), jnp.cos(x))
+    jitted(jnp.arange(5.0))
+    assert seen == [False, True] and gc.isenabled()

@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from xmedjax import first_call
+
 # Set to False to compile forward programs with XLA's defaults on a CPU too (an A/B switch).
 EIGEN_FORWARD_CONVS = True
 CPU_FORWARD = {
@@ -67,7 +69,8 @@ class _ForwardJit:
     def _get(self):
         if self._jitted is None:
             options = forward_options(jax.default_backend())
-            self._jitted = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
+            jitted = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
+            self._jitted = first_call.wrap(jitted)  # traced with the garbage collector paused
         return self._jitted
 
     def __call__(self, *args, **kwargs):

@@ -12,7 +12,9 @@ lowering, XLA compile, execution) runs with the collector paused (`gc.disable`),
 restored as it was after, on an error too. With `warm_heap=True` (see
 `heap_warming.applies`) that call also faults the step's buffer in while XLA compiles it
 (`heap_warming`). Every later call goes straight to the jitted function; `trace`, `lower`
-and the rest of the jit's own API are passed through.
+and the rest of the jit's own API are passed through. Used by the train and eval steps
+(`train_state`) and by `compile_options.forward_jit` (Grad-CAM and the other explanations:
+DenseNet121's Grad-CAM first call 3.36 / 3.46 s against 3.60 / 3.81 s, "Phase 11").
 """
 
 from __future__ import annotations
