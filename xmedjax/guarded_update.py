@@ -105,8 +105,9 @@ def guarded_step(
 ) -> tuple[Any, Any, jax.Array, jax.Array]:
     """`(new params, new optimiser state, finite, gradient norm)`; pure.
 
-    On a step whose loss or any gradient is not finite, params and state come back
-    unchanged and `finite` is False.
+    On a step whose loss or gradients' sum of squares is not finite (a gradient is not, or
+    is so large that its square overflows), params and state come back unchanged and
+    `finite` is False.
     """
     if WRITE_OUT_ADAM and isinstance(tx, FlatAdam):
         return _flat_adam(params, opt_state, grads, loss)
