@@ -24,18 +24,16 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
   padded input's rows with copies of the output gradient shifted by the taps' row offsets
   (`shifted_kernel_gradient`, benchmarks/NOTES.md "Phase 6" and "Phase 11"); its forward
   stays lax's own, bit for bit;
-- the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
-- the kernel gradient differs from XLA's by float rounding only.
-
 - a 3x3 convolution with at least 64 output channels and `TAP_KERNEL_GRAD_MIN_ROWS` output
   rows that the rule above does not take (ResNet50's 128 -> 128 layers at batch 8) has as
   kernel gradient one product per kernel tap (`kernel_gradient`), its forward lax's own;
-
 - the stem, a 7x7 stride-2 padding-3 convolution on 1-4 channels, with at least
   `SPACE_TO_DEPTH_MIN_ROWS` output rows (ResNet50's and DenseNet121's at 128 px and more,
   batch 8) has as kernel gradient products over the input cut into 2x2 blocks
   (`space_to_depth_kernel_gradient`; 38 ms against XLA's 52 at 224 px, benchmarks/NOTES.md
   "Phase 11"), its forward and input gradient lax's own;
+- the input gradient of a k x k convolution is XLA's own (the transpose of the forward);
+- the kernel gradient differs from XLA's by float rounding only.
 
 Every other convolution is plain `lax.conv_general_dilated`: smaller 3x3 and 7x7 kernels
 (there XLA's own kernel gradient measured as fast as or faster than one product per kernel
