@@ -27,6 +27,25 @@ def _loss(conv, x, w, stride, pad):
     return jnp.sum(jnp.sin(y))  # a non-trivial output gradient
 
 
+def _assert_lax_forward_and_product_kernel_grad(x, w, strides, pads, rng):
+    """`kg.conv_general_dilated` runs lax's own forward and input gradient, bit for bit, and
+    a kernel gradient of products (no convolution) equal to XLA's up to rounding."""
+
+    def conv(conv_fn):
+        return lambda x_, w_: conv_fn(x_, w_, strides, pads, dimension_numbers=kg.NHWC)
+
+    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
+    y = jax.jit(plain)(x, w)
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), y)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
+    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
+    assert "dot_general" in str(jax.make_jaxpr(backward(ours))(x, w, g))
+    assert "dot_general" not in str(jax.make_jaxpr(backward(plain))(x, w, g))
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "H{}k{}s{}p{}_{}to{}".format(*c))
 def test_gradients_match_lax_autodiff(case):
     h, k, stride, pad, cin, cout = case
@@ -272,20 +291,7 @@ def test_shifted_kernel_gradient_in_the_convolution_keeps_lax_forward(monkeypatc
     pads = ((1, 1), (1, 1))
     assert kg.uses_shifted_kernel_grad(x.shape, w.shape, (1, 1), pads, kg.NHWC)
     assert not kg.uses_taps_forward(x.shape, w.shape, (1, 1), pads, kg.NHWC)
-
-    def conv(conv_fn):
-        return lambda x_, w_: conv_fn(x_, w_, (1, 1), pads, dimension_numbers=kg.NHWC)
-
-    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
-    np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(plain)(x, w))
-    g = jnp.asarray(rng.standard_normal((2, 10, 10, 8)), jnp.float32)
-    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
-    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
-    np.testing.assert_array_equal(dx, dx0)
-    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
-    # The kernel gradient is products, not a convolution.
-    assert "dot_general" in str(jax.make_jaxpr(backward(ours))(x, w, g))
-    assert "dot_general" not in str(jax.make_jaxpr(backward(plain))(x, w, g))
+    _assert_lax_forward_and_product_kernel_grad(x, w, (1, 1), pads, rng)
 
 
 @pytest.mark.parametrize(
@@ -342,19 +348,7 @@ def test_tap_kernel_gradient_in_the_convolution_keeps_lax_forward(stride, monkey
     w = jnp.asarray(rng.standard_normal((3, 3, 16, 64)) / 12.0, jnp.float32)
     pads = ((1, 1), (1, 1))
     assert kg.uses_tap_kernel_grad(x.shape, w.shape, (stride, stride), pads, kg.NHWC)
-
-    def conv(conv_fn):
-        return lambda x_, w_: conv_fn(x_, w_, (stride, stride), pads, dimension_numbers=kg.NHWC)
-
-    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
-    y = jax.jit(plain)(x, w)
-    np.testing.assert_array_equal(jax.jit(ours)(x, w), y)
-    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
-    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
-    np.testing.assert_array_equal(dx, dx0)
-    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
-    assert "dot_general" in str(jax.make_jaxpr(backward(ours))(x, w, g))
+    _assert_lax_forward_and_product_kernel_grad(x, w, (stride, stride), pads, rng)
 
 
 @pytest.mark.parametrize(
@@ -418,20 +412,7 @@ def test_space_to_depth_kernel_gradient_in_the_convolution_keeps_lax_forward(mon
     w = jnp.asarray(rng.standard_normal((7, 7, 3, 16)) / 12.0, jnp.float32)
     pads = ((3, 3), (3, 3))
     assert kg.uses_space_to_depth_kernel_grad(x.shape, w.shape, (2, 2), pads, kg.NHWC)
-
-    def conv(conv_fn):
-        return lambda x_, w_: conv_fn(x_, w_, (2, 2), pads, dimension_numbers=kg.NHWC)
-
-    ours, plain = conv(kg.conv_general_dilated), conv(lax.conv_general_dilated)
-    y = jax.jit(plain)(x, w)
-    np.testing.assert_array_equal(jax.jit(ours)(x, w), y)
-    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    backward = lambda f: lambda x_, w_, g_: jax.vjp(f, x_, w_)[1](g_)  # noqa: E731
-    (dx, dw), (dx0, dw0) = (jax.jit(backward(f))(x, w, g) for f in (ours, plain))
-    np.testing.assert_array_equal(dx, dx0)
-    np.testing.assert_allclose(dw, dw0, rtol=1e-4, atol=1e-4)
-    assert "dot_general" in str(jax.make_jaxpr(backward(ours))(x, w, g))
-    assert "dot_general" not in str(jax.make_jaxpr(backward(plain))(x, w, g))
+    _assert_lax_forward_and_product_kernel_grad(x, w, (2, 2), pads, rng)
 
 
 @pytest.mark.parametrize(
