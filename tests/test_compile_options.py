@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xmedjax import compile_options
+from xmedjax import compile_options, trace_state
 from xmedjax import mesh as mesh_lib
 from xmedjax import train_state as ts
 from xmedjax.explain import grad_cam
@@ -78,7 +78,7 @@ def test_grad_cam_top_level_and_nested_agree(resnet):
 
 def test_top_level_is_told_from_inside_a_trace():
     """The switch `forward_jit`'s calls take: options at top level, none inside a trace."""
-    assert compile_options._top_level()
+    assert trace_state.top_level()
     seen = []
-    jax.jit(lambda x: seen.append(compile_options._top_level()) or x)(1.0)
+    jax.jit(lambda x: seen.append(trace_state.top_level()) or x)(1.0)
     assert seen == [False]

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from xmedjax import first_call
+from xmedjax import first_call, trace_state
 
 # Set to False to compile forward programs with XLA's defaults on a CPU too (an A/B switch).
 EIGEN_FORWARD_CONVS = True
@@ -47,16 +47,6 @@ def forward_jit(fun: Callable | None = None, **jit_kwargs: Any):
     return _ForwardJit(fun, jit_kwargs)
 
 
-def _top_level() -> bool:
-    """Whether no JAX trace is running (JAX refuses compiler options on a nested jit). The
-    check is JAX-internal; without it every call counts as nested (XLA's defaults)."""
-    try:
-        from jax._src.core import trace_state_clean  # noqa: PLC0415
-    except ImportError:
-        return False
-    return bool(trace_state_clean())
-
-
 class _ForwardJit:
     """A jitted function whose compiler options wait for the backend (`forward_jit`);
     called inside another trace it is a plain nested `jax.jit`."""
@@ -74,7 +64,7 @@ class _ForwardJit:
         return self._jitted
 
     def __call__(self, *args, **kwargs):
-        if not _top_level():
+        if not trace_state.top_level():
             return self._nested(*args, **kwargs)
         return self._get()(*args, **kwargs)
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from jax.extend import core as jax_core
 
-from xmedjax import compile_options, host_memory
+from xmedjax import host_memory, trace_state
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable, contents unchanged
 _CHUNK = 2 << 20  # bytes faulted per madvise call (the stop flag is checked between them)
@@ -146,7 +146,7 @@ def _why_not() -> str:
         return f"off (host_memory: {host_memory.STATUS}, {host_memory.DISPATCH})"
     if threading.current_thread() is not threading.main_thread():
         return "off (not the main thread: its buffers come from another arena)"
-    if not compile_options._top_level():
+    if not trace_state.top_level():
         return "off (called inside a trace)"
     return ""
 
