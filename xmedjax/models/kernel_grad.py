@@ -17,7 +17,8 @@ subsampled rows). A 1x1 convolution without padding is also a matrix product for
   input with all nine taps' kernels, then nine shifted sums (`taps_forward`; DenseNet121's
   eval step 13-17% faster, benchmarks/NOTES.md "Phase 4"), its output equal to lax's up to
   rounding, its input gradient XLA's own and its kernel gradient XLA's own or, where the
-  next rule takes it, the shifted product; every other forward is the very same `lax.conv_general_dilated` call, bit for bit;
+  next rule takes it, the shifted product; every other forward is the very same
+  `lax.conv_general_dilated` call, bit for bit;
 - a 3x3, stride-1, padding-1 convolution with at least `SHIFTED_MIN_ROWS` output rows
   (ResNet50's at 56x56, batch 8), or `NINE_SHIFTS_MIN_ROWS` with fewer output than input
   channels (DenseNet121's at 56x56 and 28x28) has as kernel gradient products of the
@@ -256,8 +257,9 @@ def uses_shifted_kernel_grad(
     """Whether this convolution's kernel gradient is `shifted_kernel_gradient` (whether
     `taps_forward` or lax's runs it forward): an NHWC/HWIO 3x3 convolution, stride 1,
     padding 1, no dilation or groups, default precision, with at least `SHIFTED_MIN_ROWS`
-    output rows (N*H*W; `NINE_SHIFTS_MIN_ROWS` with fewer output than input channels), on a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s
-    keywords but `lhs_shape`)."""
+    output rows (N*H*W; `NINE_SHIFTS_MIN_ROWS` with fewer output than input channels), on
+    a backend of `MATMUL_BACKENDS` (`layout`: `_plain_nhwc_2d`'s keywords but `lhs_shape`).
+    """
     if not SHIFTED_3X3_KERNEL_GRAD or not _is_unit(window_strides):
         return False
     precisions = (precision, preferred_element_type)
@@ -331,7 +333,7 @@ def uses_space_to_depth_kernel_grad(
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if tuple(int(s) for s in window_strides) != (2, 2) or pads != ((3, 3), (3, 3)):
         return False
-    out = [(int(lhs_shape[1 + i]) + 6 - 7) // 2 + 1 for i in range(2)]
+    out = [(int(lhs_shape[1 + i]) + 2 * 3 - 7) // 2 + 1 for i in range(2)]  # padding 3, k 7
     return int(lhs_shape[0]) * out[0] * out[1] >= SPACE_TO_DEPTH_MIN_ROWS
 
 
