@@ -8,8 +8,9 @@ the M = N*H*W values:
     d_x   = scale * rstd / M * (M * g - d_bias - x_hat * d_scale)
 
 two reductions over (g, x) and one elementwise pass, where autodiff of the two-pass forward
-differentiates through both means and the centred square. Evaluation (running averages),
-other dtypes, masks and named-axis statistics are `nnx.BatchNorm` unchanged.
+differentiates through both means and the centred square; d_scale is taken as
+rstd * sum(g * (x - mean)) (`SCALE_AFTER_SUM`). Evaluation (running averages), other dtypes,
+masks and named-axis statistics are `nnx.BatchNorm` unchanged.
 """
 
 from __future__ import annotations
@@ -121,19 +122,30 @@ def _fwd(x, scale, bias, epsilon):
     return (_apply(x, mean, var, scale, bias, epsilon), mean, var), (x, mean, var, scale)
 
 
+# The backward's sum(g * x_hat) is taken as rstd * sum(g * (x - mean)): XLA computes x - mean
+# once for the forward's two-pass variance and the backward's reduction reads that buffer,
+# where sum(g * x_hat) had it write x_hat into one more buffer per BatchNorm and read it
+# back (ResNet50's train step ~2% faster: benchmarks/NOTES.md, "Phase 12").
+SCALE_AFTER_SUM = True
+
+
 def _bwd(epsilon, residuals, cotangents):
     x, mean, var, scale = residuals
     g = cotangents[0]  # the statistics' cotangents are dropped (running averages only)
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
     rstd = lax.rsqrt(_add(var, epsilon))
-    x_hat = _mul(_sub(x, _per_channel(mean, x)), _per_channel(rstd, x))
+    centred = _sub(x, _per_channel(mean, x))
     d_bias = g.sum(axes)
-    d_scale = _mul(g, x_hat).sum(axes)
+    if SCALE_AFTER_SUM:
+        d_scale = _mul(_mul(g, centred).sum(axes), rstd)
+        x_hat_d_scale = _mul(centred, _per_channel(_mul(d_scale, rstd), g))
+    else:
+        x_hat = _mul(centred, _per_channel(rstd, x))
+        d_scale = _mul(g, x_hat).sum(axes)
+        x_hat_d_scale = _mul(x_hat, _per_channel(d_scale, g))
     factor = _binary(lax.div, _mul(scale, rstd), count)
-    inner = _sub(
-        _sub(_mul(count, g), _per_channel(d_bias, g)), _mul(x_hat, _per_channel(d_scale, g))
-    )
+    inner = _sub(_sub(_mul(count, g), _per_channel(d_bias, g)), x_hat_d_scale)
     d_x = _mul(_per_channel(factor, g), inner)
     return d_x, d_scale, d_bias
 
