@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcds,kpbfmwtgrcdsa [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcds,kpbfmwtgrcdsa,kpbfmwtgrcdsav,kpbfmwtgrcdsavo [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -27,6 +27,10 @@ as before issue 14):
      (`kernel_grad.SPACE_TO_DEPTH_MIN_ROWS`; without it XLA's own)
   a  Adam's update written out with the non-finite guard folded in
      (`guarded_update.WRITE_OUT_ADAM`; without it optax's update, then the guard)
+  v  BatchNorm's d_scale as rstd * sum(g * (x - mean)), which reads the forward's x - mean
+     (`batch_norm.SCALE_AFTER_SUM`; without it sum(g * x_hat), x_hat in a buffer of its own)
+  o  each ResNet50 bottleneck's output computed once into its own buffer
+     (`resnet.MATERIALISE_BLOCK_OUTPUT`)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -53,7 +57,7 @@ from flax import nnx  # noqa: E402
 
 from xmedjax import guarded_update  # noqa: E402
 from xmedjax import mesh as mesh_lib  # noqa: E402
-from xmedjax.models import batch_norm, densenet, kernel_grad, layers  # noqa: E402
+from xmedjax.models import batch_norm, densenet, kernel_grad, layers, resnet  # noqa: E402
 
 ORIGINAL = (
     kernel_grad.uses_matmul_kernel_grad,
@@ -61,7 +65,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgrcdsa"
+ALL = "kpbfmwtgrcdsavo"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 S2D_MIN_ROWS = kernel_grad.SPACE_TO_DEPTH_MIN_ROWS
 
@@ -81,6 +85,8 @@ def select(variant: str) -> None:
     densenet.MATERIALISE_INPUT_GRAD = "d" in variant
     kernel_grad.SPACE_TO_DEPTH_MIN_ROWS = S2D_MIN_ROWS if "s" in variant else None
     guarded_update.WRITE_OUT_ADAM = "a" in variant
+    batch_norm.SCALE_AFTER_SUM = "v" in variant
+    resnet.MATERIALISE_BLOCK_OUTPUT = "o" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 

@@ -78,3 +78,38 @@ def test_materialise_is_the_identity_even_with_a_leading_nan():
     ):
         out = jax.jit(layers._materialise)(a)
         np.testing.assert_array_equal(out, a)
+
+
+def test_materialised_is_the_identity_to_autodiff_in_both_modes():
+    """`layers.materialised` (ResNet50's bottleneck outputs) keeps its loop through compilation
+    and is the identity to reverse and forward mode (a JVP rule: the loop has no reverse)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 3)), jnp.float32)
+    f = lambda a: jnp.sum(jnp.sin(layers.materialised(a * 2.0)) ** 2)  # noqa: E731
+    plain = lambda a: jnp.sum(jnp.sin(a * 2.0) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(f)).lower(x).compile().as_text()
+    assert " while(" in hlo[hlo.index("\nENTRY") :]
+    np.testing.assert_array_equal(jax.jit(f)(x), jax.jit(plain)(x))
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)
+    t = jnp.ones_like(x)
+    np.testing.assert_allclose(jax.jvp(f, (x,), (t,))[1], jax.jvp(plain, (x,), (t,))[1], rtol=1e-5)
+
+
+def test_resnet_bottleneck_outputs_are_computed_once():
+    """Each ResNet50 bottleneck's output is a loop of its own in the compiled eval forward
+    (`resnet.MATERIALISE_BLOCK_OUTPUT`), and the logits are those without the loops (to
+    rounding: fusing differently may contract a multiply-add on some CPUs)."""
+    from flax import nnx
+
+    from xmedjax.models import create_model, resnet
+
+    model = create_model("resnet50", 2, width=0.125)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+    forward = jax.jit(lambda s: nnx.merge(graphdef, s)(x))
+    hlo = forward.lower(state).compile().as_text()
+    assert hlo[hlo.index("\nENTRY") :].count(" while(") == sum(model.stage_sizes) == 16
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(resnet, "MATERIALISE_BLOCK_OUTPUT", False)
+        want = jax.jit(lambda s: nnx.merge(graphdef, s)(x))(state)
+    np.testing.assert_allclose(forward(state), want, rtol=1e-6, atol=1e-7)

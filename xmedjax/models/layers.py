@@ -166,6 +166,19 @@ def _materialised_grad_bwd(_, g):
 materialised_grad.defvjp(_materialised_grad_fwd, _materialised_grad_bwd)
 
 
+@jax.custom_jvp
+def materialised(x: jax.Array) -> jax.Array:
+    """`x`, computed once into a buffer of its own (`_materialise`) for every reader, where
+    XLA would otherwise fuse its producers into each of them. The identity to autodiff (a
+    JVP rule, so forward and reverse mode both work; the loop itself has no reverse mode)."""
+    return _materialise(x)
+
+
+@materialised.defjvp
+def _materialised_jvp(primals, tangents):
+    return _materialise(primals[0]), tangents[0]
+
+
 def _max_pool_fwd(x):
     y = _max_of_windows(x)
     return y, (x, y)

@@ -14,6 +14,12 @@ from flax import nnx
 from xmedjax.models import layers
 from xmedjax.models.spec import ModelSpec
 
+# Each bottleneck's output is computed once into its own buffer (`layers.materialised`).
+# Left to itself XLA fuses the residual chain behind it (the BatchNorm apply and ReLU of
+# every earlier block's last convolution) into each reader, forward and backward: with the
+# boundary, ResNet50's eval step is ~7% faster and its train step ~2% (NOTES, "Phase 12").
+MATERIALISE_BLOCK_OUTPUT = True
+
 
 class Bottleneck(nnx.Module):
     """torchvision's Bottleneck (v1.5: the stride sits on the 3x3 convolution)."""
@@ -45,7 +51,8 @@ class Bottleneck(nnx.Module):
         out = self.bn3(self.conv3(out))
         if self.downsample is not None:
             identity = self.downsample[1](self.downsample[0](x))
-        return nnx.relu(out + identity)
+        y = nnx.relu(out + identity)
+        return layers.materialised(y) if MATERIALISE_BLOCK_OUTPUT else y
 
 
 class ResNet(nnx.Module):
