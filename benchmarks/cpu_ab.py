@@ -1,7 +1,7 @@
 """Before and after issue 14's CPU changes, on the public train/eval/Grad-CAM calls of cpu.py.
 
     JAX_PLATFORMS=cpu python benchmarks/cpu_ab.py --arch=resnet50 --workload=train \
-        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcds,kpbfmwtgrcdsa,kpbfmwtgrcdsav,kpbfmwtgrcdsavo [--rounds=5] [--image_size=224] [--width=1.0]
+        --variants=,k,kp,kpb,kpbf,kpbfm,kpbfmw,kpbfmwt,kpbfmwtg,kpbfmwtgr,kpbfmwtgrc,kpbfmwtgrcd,kpbfmwtgrcds,kpbfmwtgrcdsa,kpbfmwtgrcdsav,kpbfmwtgrcdsavo,kpbfmwtgrcdsavon [--rounds=5] [--image_size=224] [--width=1.0]
 
 A variant is a set of letters, each switching one change on (none: XLA's own gradients,
 as before issue 14):
@@ -31,6 +31,8 @@ as before issue 14):
      (`batch_norm.SCALE_AFTER_SUM`; without it sum(g * x_hat), x_hat in a buffer of its own)
   o  each ResNet50 bottleneck's output computed once into its own buffer
      (`resnet.MATERIALISE_BLOCK_OUTPUT`)
+  n  DenseNet121's dense layers normalise the joined x - mean of their chunks
+     (`densenet.CENTRED_CHUNKS`; needs c)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -65,7 +67,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgrcdsavo"
+ALL = "kpbfmwtgrcdsavon"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 S2D_MIN_ROWS = kernel_grad.SPACE_TO_DEPTH_MIN_ROWS
 
@@ -87,6 +89,7 @@ def select(variant: str) -> None:
     guarded_update.WRITE_OUT_ADAM = "a" in variant
     batch_norm.SCALE_AFTER_SUM = "v" in variant
     resnet.MATERIALISE_BLOCK_OUTPUT = "o" in variant
+    densenet.CENTRED_CHUNKS = "n" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 

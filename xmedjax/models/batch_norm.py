@@ -26,10 +26,11 @@ from jax import lax
 class BatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` with `batch_norm_train`'s backward for float32 training."""
 
-    def __call__(self, x, use_running_average=None, *, mask=None, stats=None):
+    def __call__(self, x, use_running_average=None, *, mask=None, stats=None, centred=False):
         """`stats`: this batch's per-channel (mean, variance) of `x`, if the caller already
         has them (DenseNet121's blocks, `densenet.DenseBlock`); used by the float32 training
-        path only, which otherwise computes them (every other path ignores them)."""
+        path only, which otherwise computes them (every other path ignores them).
+        `centred=True`: `x` is already the input minus `stats`' mean (that path only)."""
         running = self.use_running_average if use_running_average is None else use_running_average
         plain = (
             running
@@ -42,9 +43,14 @@ class BatchNorm(nnx.BatchNorm):
             or jnp.dtype(self.dtype or jnp.float32) != jnp.float32
             or self.axis not in (-1, x.ndim - 1)
         )
+        if centred and (plain or stats is None):
+            raise ValueError("BatchNorm: a centred input needs `stats` and float32 training")
         if plain:
             return super().__call__(x, use_running_average, mask=mask)
-        if stats is None:
+        if centred:
+            mean, var = (jax.lax.stop_gradient(v) for v in stats)
+            y = batch_norm_centred(x, var, self.scale[...], self.bias[...], self.epsilon)
+        elif stats is None:
             y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
         else:
             mean, var = (jax.lax.stop_gradient(v) for v in stats)
@@ -105,9 +111,13 @@ def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _apply(x, mean, var, scale, bias, epsilon):
-    mul = _mul(lax.rsqrt(_add(var, epsilon)), scale)  # nnx's order, bit for bit
-    centred = _sub(x, _per_channel(mean, x))
-    return _add(_mul(centred, _per_channel(mul, x)), _per_channel(bias, x))
+    return _scale_and_shift(_sub(x, _per_channel(mean, x)), var, scale, bias, epsilon)
+
+
+def _scale_and_shift(centred, var, scale, bias, epsilon):
+    """(x - mean) * (rsqrt(var + epsilon) * scale) + bias, in nnx's order (bit for bit)."""
+    mul = _mul(lax.rsqrt(_add(var, epsilon)), scale)
+    return _add(_mul(centred, _per_channel(mul, centred)), _per_channel(bias, centred))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -132,16 +142,20 @@ SCALE_AFTER_SUM = True
 def _bwd(epsilon, residuals, cotangents):
     x, mean, var, scale = residuals
     g = cotangents[0]  # the statistics' cotangents are dropped (running averages only)
-    axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
+    return _centred_bwd(epsilon, _sub(x, _per_channel(mean, x)), var, scale, g)
+
+
+def _centred_bwd(epsilon, centred, var, scale, g):
+    """d_x, d_scale, d_bias from the centred input x - mean."""
+    axes = tuple(range(centred.ndim - 1))
+    count = centred.size // centred.shape[-1]
     rstd = lax.rsqrt(_add(var, epsilon))
-    centred = _sub(x, _per_channel(mean, x))
     d_bias = g.sum(axes)
     if SCALE_AFTER_SUM:
         d_scale = _mul(_mul(g, centred).sum(axes), rstd)
         x_hat_d_scale = _mul(centred, _per_channel(_mul(d_scale, rstd), g))
     else:
-        x_hat = _mul(centred, _per_channel(rstd, x))
+        x_hat = _mul(centred, _per_channel(rstd, centred))
         d_scale = _mul(g, x_hat).sum(axes)
         x_hat_d_scale = _mul(x_hat, _per_channel(d_scale, g))
     factor = _binary(lax.div, _mul(scale, rstd), count)
@@ -172,3 +186,24 @@ def _given_bwd(epsilon, residuals, g):
 
 
 batch_norm_given.defvjp(_given_fwd, _given_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def batch_norm_centred(centred, var, scale, bias, epsilon: float):
+    """`batch_norm_given`'s normalised x from x - mean itself (DenseNet121's blocks keep each
+    chunk's, computed for its variance anyway): the same values and the same backward, whose
+    d_x is the gradient of x; `var` gets no gradient."""
+    return _scale_and_shift(centred, var, scale, bias, epsilon)
+
+
+def _centred_fwd(centred, var, scale, bias, epsilon):
+    return batch_norm_centred(centred, var, scale, bias, epsilon), (centred, var, scale)
+
+
+def _centred_vjp(epsilon, residuals, g):
+    centred, var, scale = residuals
+    d_x, d_scale, d_bias = _centred_bwd(epsilon, centred, var, scale, g)
+    return d_x, jnp.zeros_like(var), d_scale, d_bias
+
+
+batch_norm_centred.defvjp(_centred_fwd, _centred_vjp)

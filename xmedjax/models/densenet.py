@@ -24,6 +24,11 @@ CHUNK_STATS = True
 # it into every chunk's slice, one fusion per chunk summing the terms of all later layers:
 # DenseNet121's train step is 1.7-2.8% faster this way (benchmarks/NOTES.md, "Phase 9").
 MATERIALISE_INPUT_GRAD = True
+# ... and each dense layer's BatchNorm reads the concatenation of its chunks' x - mean (each
+# chunk's computed once, for its variance; `BatchNorm(..., centred=True)`), not the chunks
+# themselves: the backward needs x - mean, which XLA otherwise wrote per layer over the
+# whole concatenation (DenseNet121's train step 1.7% faster, benchmarks/NOTES.md "Phase 12").
+CENTRED_CHUNKS = True
 
 
 class DenseLayer(nnx.Module):
@@ -36,9 +41,10 @@ class DenseLayer(nnx.Module):
         self.norm2 = layers.batch_norm(inner, dtype=dtype, rngs=rngs)
         self.conv2 = layers.conv(inner, growth_rate, 3, padding=1, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, stats=None) -> jax.Array:
-        """`stats`: x's per-channel batch (mean, variance), if known (`DenseBlock`)."""
-        out = self.conv1(nnx.relu(self.norm1(x, stats=stats)))
+    def __call__(self, x: jax.Array, stats=None, centred: bool = False) -> jax.Array:
+        """`stats`: x's per-channel batch (mean, variance), if known (`DenseBlock`);
+        `centred`: x is already the input minus that mean."""
+        out = self.conv1(nnx.relu(self.norm1(x, stats=stats, centred=centred)))
         return self.conv2(nnx.relu(self.norm2(out)))
 
 
@@ -63,16 +69,25 @@ class DenseBlock(nnx.Module):
             and x.dtype == jnp.float32
         )
         chunk_stats = [batch_norm.batch_stats(x)] if per_chunk else None
+        centred = per_chunk and CENTRED_CHUNKS
+        inputs = [_centre(x, chunk_stats[0])] if centred else features
         for i in range(self.num_layers):
             layer = getattr(self, f"denselayer{i + 1}")
             stats = _joined(chunk_stats)
-            joined = jnp.concatenate(features, axis=-1)
+            joined = jnp.concatenate(inputs, axis=-1)
             if MATERIALISE_INPUT_GRAD:
                 joined = layers.materialised_grad(joined)
-            features.append(layer(joined, stats))
+            features.append(layer(joined, stats, centred=centred))
             if per_chunk:
                 chunk_stats.append(batch_norm.batch_stats(features[-1]))
+            if centred:
+                inputs.append(_centre(features[-1], chunk_stats[-1]))
         return jnp.concatenate(features, axis=-1)
+
+
+def _centre(x: jax.Array, stats) -> jax.Array:
+    """x minus its batch mean (no gradient through the mean), as its variance computed it."""
+    return x - jnp.expand_dims(jax.lax.stop_gradient(stats[0]), tuple(range(x.ndim - 1)))
 
 
 def _joined(chunk_stats):
