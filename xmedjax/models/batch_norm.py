@@ -102,6 +102,16 @@ def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _stats(jax.lax.stop_gradient(x))
 
 
+def centred_batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`batch_stats(x)` and x - mean, the value the variance is computed from, for
+    `BatchNorm(..., centred=True)`; the gradient flows through x - mean to x only."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jax.lax.stop_gradient(x).mean(axes)
+    centred = x - jnp.expand_dims(mean, axes)
+    var = jnp.square(jax.lax.stop_gradient(centred)).mean(axes)  # _stats, bit for bit
+    return mean, var, centred
+
+
 def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and two-pass variance over every axis but the last (as nnx)."""
     axes = tuple(range(x.ndim - 1))

@@ -68,9 +68,19 @@ class DenseBlock(nnx.Module):
             and not self.denselayer1.norm1.use_running_average
             and x.dtype == jnp.float32
         )
-        chunk_stats = [batch_norm.batch_stats(x)] if per_chunk else None
         centred = per_chunk and CENTRED_CHUNKS
-        inputs = [_centre(x, chunk_stats[0])] if centred else features
+        chunk_stats = [] if per_chunk else None
+        inputs = [] if centred else features  # what each layer's BatchNorm reads, by chunk
+
+        def add_chunk(chunk):
+            if centred:
+                mean, var, chunk_centred = batch_norm.centred_batch_stats(chunk)
+                chunk_stats.append((mean, var))
+                inputs.append(chunk_centred)
+            elif per_chunk:
+                chunk_stats.append(batch_norm.batch_stats(chunk))
+
+        add_chunk(x)
         for i in range(self.num_layers):
             layer = getattr(self, f"denselayer{i + 1}")
             stats = _joined(chunk_stats)
@@ -78,16 +88,8 @@ class DenseBlock(nnx.Module):
             if MATERIALISE_INPUT_GRAD:
                 joined = layers.materialised_grad(joined)
             features.append(layer(joined, stats, centred=centred))
-            if per_chunk:
-                chunk_stats.append(batch_norm.batch_stats(features[-1]))
-            if centred:
-                inputs.append(_centre(features[-1], chunk_stats[-1]))
+            add_chunk(features[-1])
         return jnp.concatenate(features, axis=-1)
-
-
-def _centre(x: jax.Array, stats) -> jax.Array:
-    """x minus its batch mean (no gradient through the mean), as its variance computed it."""
-    return x - jnp.expand_dims(jax.lax.stop_gradient(stats[0]), tuple(range(x.ndim - 1)))
 
 
 def _joined(chunk_stats):
