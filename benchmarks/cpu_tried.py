@@ -44,7 +44,7 @@ from cpu_kernels import median_ms, rel_diff  # noqa: E402  (benchmarks/cpu_kerne
 from jax import lax  # noqa: E402
 
 from xmedjax.models import batch_norm  # noqa: E402
-from xmedjax.models.layers import _materialise  # noqa: E402
+from xmedjax.models.barrier import materialise as _materialise  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RNG = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmedjax.models import layers
+from xmedjax.models import barrier, layers
 
 
 def _torch_rule(x, g):
@@ -76,7 +76,7 @@ def test_materialise_is_the_identity_even_with_a_leading_nan():
         jnp.asarray([[np.nan, 1.0], [2.0, -0.0]], jnp.float32),  # no loop trip: a itself
         jnp.arange(6.0).reshape(2, 3),
     ):
-        out = jax.jit(layers._materialise)(a)
+        out = jax.jit(barrier.materialise)(a)
         np.testing.assert_array_equal(out, a)
 
 

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xmedjax.models import barrier, kernel_grad
 from xmedjax.models import batch_norm as batch_norm_lib
-from xmedjax.models import kernel_grad
 
 # torch BatchNorm2d: eps 1e-5, running = (1 - 0.1) * running + 0.1 * batch.
 # Flax: running = momentum * running + (1 - momentum) * batch, so momentum 0.9.
@@ -134,24 +134,10 @@ def max_pool_3x3_s2_plain(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), POOL_PAD)
 
 
-def _materialise(a: jax.Array) -> jax.Array:
-    """`a`, computed once into its own buffer. XLA:CPU expands `optimization_barrier` before
-    it fuses, so the boundary is a loop it cannot see through: one trip (a count XLA cannot
-    know, it depends on a value of `a`) whose body selects `a` by the counter."""
-    flat = a.reshape(-1)
-    trips = (flat[0] == flat[0]).astype(jnp.int32)  # 1 (0 only when a[0] is NaN)
-
-    def body(carry):
-        i, value = carry
-        return i + 1, jnp.where(i >= 0, value, jnp.zeros_like(value))
-
-    return jax.lax.while_loop(lambda c: c[0] < trips, body, (jnp.int32(0), a))[1]
-
-
 @jax.custom_vjp
 def materialised_grad(x: jax.Array) -> jax.Array:
-    """`x` itself; its gradient is computed once into a buffer of its own (`_materialise`)
-    before whatever takes it apart."""
+    """`x` itself; its gradient is computed once into a buffer of its own
+    (`barrier.materialise`) before whatever takes it apart."""
     return x
 
 
@@ -160,7 +146,7 @@ def _materialised_grad_fwd(x):
 
 
 def _materialised_grad_bwd(_, g):
-    return (_materialise(g),)
+    return (barrier.materialise(g),)
 
 
 materialised_grad.defvjp(_materialised_grad_fwd, _materialised_grad_bwd)
@@ -168,15 +154,15 @@ materialised_grad.defvjp(_materialised_grad_fwd, _materialised_grad_bwd)
 
 @jax.custom_jvp
 def materialised(x: jax.Array) -> jax.Array:
-    """`x`, computed once into a buffer of its own (`_materialise`) for every reader, where
-    XLA would otherwise fuse its producers into each of them. The identity to autodiff (a
+    """`x`, computed once into a buffer of its own (`barrier.materialise`) for every reader,
+    where XLA would otherwise fuse its producers into each of them. The identity to autodiff (a
     JVP rule, so forward and reverse mode both work; the loop itself has no reverse mode)."""
-    return _materialise(x)
+    return barrier.materialise(x)
 
 
 @materialised.defjvp
 def _materialised_jvp(primals, tangents):
-    return _materialise(primals[0]), tangents[0]
+    return barrier.materialise(primals[0]), tangents[0]
 
 
 def _max_pool_fwd(x):
@@ -191,7 +177,7 @@ def _max_pool_grad(residuals, g):
     # BatchNorm backward of every dense layer reading the stem's channels) into all nine taps
     # below and evaluates it at the input's resolution, a 134 ms fusion per step.
     if MATERIALISE_POOL_GRAD:
-        g = _materialise(g)
+        g = barrier.materialise(g)
     n, h, w, c = x.shape
     _, ho, wo, _ = y.shape
     padded_shape = (n, h + 2, w + 2, c)
