@@ -33,6 +33,10 @@ as before issue 14):
      (`resnet.MATERIALISE_BLOCK_OUTPUT`)
   n  DenseNet121's dense layers normalise the joined x - mean of their chunks
      (`densenet.CENTRED_CHUNKS`; needs c)
+  e  the nine shifts of `g` channel-major, so that the product is a plain one
+     (`kernel_grad.TRANSPOSED_NINE_SHIFTS`; needs g)
+  x  `kernel_gradient`'s products with one operand transposed into a buffer first, so that
+     each is a plain product (`kernel_grad.TRANSPOSED_ROW_PRODUCTS`; needs k)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -67,7 +71,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgrcdsavon"
+ALL = "kpbfmwtgrcdsavonex"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 S2D_MIN_ROWS = kernel_grad.SPACE_TO_DEPTH_MIN_ROWS
 
@@ -90,6 +94,8 @@ def select(variant: str) -> None:
     batch_norm.SCALE_AFTER_SUM = "v" in variant
     resnet.MATERIALISE_BLOCK_OUTPUT = "o" in variant
     densenet.CENTRED_CHUNKS = "n" in variant
+    kernel_grad.TRANSPOSED_NINE_SHIFTS = "e" in variant
+    kernel_grad.TRANSPOSED_ROW_PRODUCTS = "x" in variant
     layers._max_of_windows = ORIGINAL[3] if "w" in variant else layers.max_pool_3x3_s2_plain
 
 

@@ -261,10 +261,12 @@ SHIFTED_CASES = [  # (N, H, W, in, out): any size, either channel count the larg
 ]
 
 
-@pytest.mark.parametrize("form", ["shifted_kernel_gradient", "_nine_shifts", "_row_windows"])
+@pytest.mark.parametrize(
+    "form", ["shifted_kernel_gradient", "_nine_shifts", "_nine_shifts_transposed", "_row_windows"]
+)
 @pytest.mark.parametrize("case", SHIFTED_CASES, ids=lambda c: "N{}H{}W{}_{}to{}".format(*c))
 def test_shifted_kernel_gradient_matches_xla(case, form):
-    """`shifted_kernel_gradient` (and each of its two forms, whichever channel count is the
+    """`shifted_kernel_gradient` (and each of its forms, whichever channel count is the
     larger) equals XLA's kernel gradient of a 3x3, stride-1, padding-1 convolution: float64
     to 1e-12 (the same sums in another order), float32 to rounding."""
     n, h, wd, cin, cout = case
@@ -278,6 +280,41 @@ def test_shifted_kernel_gradient_matches_xla(case, form):
             ours = jax.jit(getattr(kg, form))(x, g)
             assert ours.dtype == dtype and ours.shape == w.shape
             np.testing.assert_allclose(ours, vjp(g)[0], rtol=tol, atol=tol)
+
+
+def _transposed_products(fn, *args) -> list[str]:
+    """The compiled `dot` instructions of jit(fn) that contract their left operand's major
+    axis: the products this jaxlib's YNNPACK refuses (XLA's own, slower dot runs them)."""
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    return [
+        line for line in hlo.splitlines() if " dot(" in line and "lhs_contracting_dims={0}" in line
+    ]
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_transposed_forms_make_every_kernel_gradient_product_a_plain_one(transposed, monkeypatch):
+    """With `TRANSPOSED_NINE_SHIFTS` and `TRANSPOSED_ROW_PRODUCTS` (the defaults) the nine
+    shifts' product and `kernel_gradient`'s per-tap products contract the minor axis of their
+    left operand (g transposed into a buffer once); without them, the major axis. The values
+    are the same either way (to rounding)."""
+    monkeypatch.setattr(kg, "TRANSPOSED_NINE_SHIFTS", transposed)
+    monkeypatch.setattr(kg, "TRANSPOSED_ROW_PRODUCTS", transposed)
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((2, 12, 12, 16)), jnp.float32)
+    g4 = jnp.asarray(rng.standard_normal((2, 12, 12, 4)), jnp.float32)
+    g64 = jnp.asarray(rng.standard_normal((2, 6, 6, 64)), jnp.float32)
+    nine = lambda x_, g_: kg.shifted_kernel_gradient(x_, g_)  # noqa: E731  16 -> 4: nine shifts
+    taps = lambda x_, g_: kg.kernel_gradient(x_, g_, (3, 3, 16, 64), (2, 2), ((1, 1), (1, 1)))  # noqa: E731
+    for fn, g, w_shape, stride in ((nine, g4, (3, 3, 16, 4), 1), (taps, g64, (3, 3, 16, 64), 2)):
+        assert bool(_transposed_products(fn, x, g)) != transposed
+        y, vjp = jax.vjp(
+            lambda w, s=stride: lax.conv_general_dilated(
+                x, w, (s, s), ((1, 1), (1, 1)), dimension_numbers=kg.NHWC
+            ),
+            jnp.zeros(w_shape, jnp.float32),
+        )
+        assert y.shape == g.shape
+        np.testing.assert_allclose(jax.jit(fn)(x, g), vjp(g)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_shifted_kernel_gradient_in_the_convolution_keeps_lax_forward(monkeypatch):

@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xmedjax.models import barrier
+
 MATMUL_BACKENDS = ("cpu",)  # where the products were measured faster (benchmarks/NOTES.md)
 # A 1x1 convolution without padding as a matrix product forward too ([N*H*W, Cin] x
 # [Cin, Cout] over the strided rows); its input gradient is then the product's transpose.
@@ -71,6 +73,17 @@ SHIFTED_MIN_ROWS = 16384
 # ("Phase 11"; ResNet50 has no such layer). At 1568 (14x14 too) it ran 1-2% faster again, but
 # its XLA compile took 1.1 s longer.
 NINE_SHIFTS_MIN_ROWS = 6272
+# A kernel gradient contracts the rows (N*H*W) of both its operands: a product whose left
+# operand is transposed, which this jaxlib's YNNPACK refuses, so XLA's own dot runs it at
+# 110-190 GFLOP/s (benchmarks/NOTES.md, "Phase 12", item 6). Where several products share g,
+# g is transposed into a buffer once ([Cout, rows]) and each product is a plain one, which
+# YNNPACK runs: the nine shifts then stand one above the other ([9*Cout, rows],
+# `_nine_shifts_transposed`: DenseNet121's train step 5-7% faster, "Phase 13"), and
+# `kernel_gradient`'s per-tap products read the one transposed g (ResNet50's 0.5%). A lone
+# product (1x1 kernels, DenseNet121's 2% slower) or the stem's, whose g is 27 MB (2% slower),
+# costs more to transpose than it gains.
+TRANSPOSED_NINE_SHIFTS = True
+TRANSPOSED_ROW_PRODUCTS = True
 # The kernel gradient of a 3x3 convolution with at least 64 output channels and this many
 # output rows (N*Ho*Wo) as one product per kernel tap (`kernel_gradient`), where the shifted
 # product does not take it: ResNet50's 128 -> 128 layers at batch 8, 15-16 ms against XLA's
@@ -350,10 +363,39 @@ def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
     channels, each way measured on the train step of the model that has it ("Phase 11"):
     with at least as many output channels as input (ResNet50's 64 -> 64), three row
     windows of x against g shifted by 0, 1 and 2 rows side by side (`_row_windows`: steps
-    2% faster than the other way); with fewer (DenseNet121's 128 -> 32), x against g shifted
-    nine times side by side (`_nine_shifts`: steps 3.5% faster than row windows)."""
+    2% faster than the other way); with fewer (DenseNet121's 128 -> 32), g shifted nine
+    times against x (`_nine_shifts`: steps 3.5% faster than row windows), channel-major
+    where `TRANSPOSED_NINE_SHIFTS` (`_nine_shifts_transposed`)."""
     cin, cout = x.shape[-1], g.shape[-1]
-    return _row_windows(x, g) if cin <= cout else _nine_shifts(x, g)
+    if cin <= cout:
+        return _row_windows(x, g)
+    return _nine_shifts_transposed(x, g) if TRANSPOSED_NINE_SHIFTS else _nine_shifts(x, g)
+
+
+def _nine_shifts_transposed(x: jax.Array, g: jax.Array) -> jax.Array:
+    """`_nine_shifts`' product with the shifted copies channel-major: [g shifted by each
+    tap's offset, one above the other] ([9*Cout, rows]) times x's rows ([rows, Cin]), a
+    plain product. g is transposed into a buffer of its own first (left to itself, XLA
+    fuses the transpose into each of the nine copies); each shift is then a contiguous run
+    of every channel's row, and the result is transposed back after the reshape (a product's
+    own transpose XLA folds into the product, which would contract x's rows again)."""
+    n, h, wd, cin = x.shape
+    cout = g.shape[-1]
+    rows = n * (h + 2) * (wd + 2)
+    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
+    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, cout)
+    reach = 2 * (wd + 2) + 2  # the largest tap offset
+    g_cols = jnp.pad(barrier.materialise(g_rows.T), ((0, 0), (reach, 0)))
+    shifted = jnp.zeros((9 * cout, rows), g.dtype)
+    for tap in range(9):
+        offset = (tap // 3) * (wd + 2) + tap % 3
+        part = lax.slice_in_dim(g_cols, reach - offset, reach - offset + rows, axis=1)
+        shifted = lax.dynamic_update_slice(shifted, part, (tap * cout, 0))
+    accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    dw = lax.dot_general(
+        shifted, x_rows, (((1,), (0,)), ((), ())), preferred_element_type=accumulate
+    )
+    return dw.reshape(3, 3, cout, cin).transpose(0, 1, 3, 2).astype(x.dtype)
 
 
 def _nine_shifts(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -571,24 +613,32 @@ def kernel_gradient(
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     rows = g.reshape(n * ho * wo, cout)
     accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
-    taps = []
-    for dy in range(kh):
-        for dx in range(kw):
-            window = lax.slice(
-                x,
-                (0, dy, dx, 0),
-                (n, dy + (ho - 1) * sy + 1, dx + (wo - 1) * sx + 1, cin),
-                (1, sy, sx, 1),
-            )
-            taps.append(
-                lax.dot_general(
-                    window.reshape(n * ho * wo, cin),
-                    rows,
-                    (((0,), (0,)), ((), ())),
-                    preferred_element_type=accumulate,
-                )
-            )
+    windows = [
+        lax.slice(
+            x,
+            (0, dy, dx, 0),
+            (n, dy + (ho - 1) * sy + 1, dx + (wo - 1) * sx + 1, cin),
+            (1, sy, sx, 1),
+        ).reshape(n * ho * wo, cin)
+        for dy in range(kh)
+        for dx in range(kw)
+    ]
+    if TRANSPOSED_ROW_PRODUCTS and len(windows) > 1:  # g transposed once for every tap
+        g_cols = barrier.materialise(rows.T)
+        # Each tap's [cout, cin] is transposed only after the stack: XLA folds a product's own
+        # transpose into the product, which would contract x's rows again.
+        taps = [_plain_product(g_cols, w, accumulate) for w in windows]
+        return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+    taps = [
+        lax.dot_general(w, rows, (((0,), (0,)), ((), ())), preferred_element_type=accumulate)
+        for w in windows
+    ]
     return jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+
+def _plain_product(a: jax.Array, b: jax.Array, accumulate) -> jax.Array:
+    """a [m, k] times b [k, n], accumulated in `accumulate`."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=accumulate)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
