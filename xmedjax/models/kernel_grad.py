@@ -372,6 +372,21 @@ def shifted_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
     return _nine_shifts_transposed(x, g) if TRANSPOSED_NINE_SHIFTS else _nine_shifts(x, g)
 
 
+def _grid_rows(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x padded by one pixel on every side and g by two after its last row and column, both
+    flattened to rows of that (H+2) x (W+2) grid: ([N*(H+2)*(W+2), Cin], [..., Cout])."""
+    n, h, wd, _ = x.shape
+    rows = n * (h + 2) * (wd + 2)
+    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, x.shape[-1])
+    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, g.shape[-1])
+    return x_rows, g_rows
+
+
+def _tap_offset(tap: int, width: int) -> int:
+    """Tap (tap // 3, tap % 3)'s offset in rows of the padded grid of an image `width` wide."""
+    return (tap // 3) * (width + 2) + tap % 3
+
+
 def _nine_shifts_transposed(x: jax.Array, g: jax.Array) -> jax.Array:
     """`_nine_shifts`' product with the shifted copies channel-major: [g shifted by each
     tap's offset, one above the other] ([9*Cout, rows]) times x's rows ([rows, Cin]), a
@@ -379,16 +394,14 @@ def _nine_shifts_transposed(x: jax.Array, g: jax.Array) -> jax.Array:
     fuses the transpose into each of the nine copies); each shift is then a contiguous run
     of every channel's row, and the result is transposed back after the reshape (a product's
     own transpose XLA folds into the product, which would contract x's rows again)."""
-    n, h, wd, cin = x.shape
-    cout = g.shape[-1]
-    rows = n * (h + 2) * (wd + 2)
-    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
-    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, cout)
-    reach = 2 * (wd + 2) + 2  # the largest tap offset
+    cin, cout, wd = x.shape[-1], g.shape[-1], x.shape[2]
+    x_rows, g_rows = _grid_rows(x, g)
+    rows = x_rows.shape[0]
+    reach = _tap_offset(8, wd)  # the largest tap offset
     g_cols = jnp.pad(barrier.materialise(g_rows.T), ((0, 0), (reach, 0)))
     shifted = jnp.zeros((9 * cout, rows), g.dtype)
     for tap in range(9):
-        offset = (tap // 3) * (wd + 2) + tap % 3
+        offset = _tap_offset(tap, wd)
         part = lax.slice_in_dim(g_cols, reach - offset, reach - offset + rows, axis=1)
         shifted = lax.dynamic_update_slice(shifted, part, (tap * cout, 0))
     accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
@@ -402,16 +415,14 @@ def _nine_shifts(x: jax.Array, g: jax.Array) -> jax.Array:
     """x^T [g shifted by each of the nine taps' offsets, side by side]: one product. The
     shifted copies are written into one buffer slice by slice (a concatenation of such
     narrow pieces ran at ~1 GB/s)."""
-    n, h, wd, cin = x.shape
-    cout = g.shape[-1]
-    rows = n * (h + 2) * (wd + 2)
-    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
-    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, cout)
-    reach = 2 * (wd + 2) + 2  # the largest tap offset
+    cin, cout, wd = x.shape[-1], g.shape[-1], x.shape[2]
+    x_rows, g_rows = _grid_rows(x, g)
+    rows = x_rows.shape[0]
+    reach = _tap_offset(8, wd)  # the largest tap offset
     g_rows = jnp.pad(g_rows, ((reach, 0), (0, 0)))
     shifted = jnp.zeros((rows, 9, cout), g.dtype)
     for tap in range(9):
-        offset = (tap // 3) * (wd + 2) + tap % 3
+        offset = _tap_offset(tap, wd)
         part = lax.slice_in_dim(g_rows, reach - offset, reach - offset + rows)
         shifted = lax.dynamic_update_slice(shifted, part[:, None, :], (0, tap, 0))
     accumulate = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
@@ -427,12 +438,10 @@ def _nine_shifts(x: jax.Array, g: jax.Array) -> jax.Array:
 def _row_windows(x: jax.Array, g: jax.Array) -> jax.Array:
     """For each kernel row dy, x's rows from dy*(W+2) on against [g shifted by 0, 1 and 2
     rows, side by side]: three products, one buffer of shifted g."""
-    n, h, wd, cin = x.shape
-    cout = g.shape[-1]
-    stride = wd + 2  # rows of the padded grid from one image row to the next
-    rows = n * (h + 2) * stride
-    x_rows = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
-    g_rows = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, cout)
+    cin, cout = x.shape[-1], g.shape[-1]
+    stride = x.shape[2] + 2  # rows of the padded grid from one image row to the next
+    x_rows, g_rows = _grid_rows(x, g)
+    rows = x_rows.shape[0]
     # Tap (dy, dx) pairs x row q + dy*stride with g row q - dx: shifted[q, dx] = g_rows[q - dx].
     g_rows = jnp.pad(g_rows, ((2, 0), (0, 0)))
     shifted = jnp.concatenate(
