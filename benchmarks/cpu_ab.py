@@ -35,8 +35,8 @@ as before issue 14):
      (`densenet.CENTRED_CHUNKS`; needs c)
   e  the nine shifts of `g` channel-major, so that the product is a plain one
      (`kernel_grad.TRANSPOSED_NINE_SHIFTS`; needs g)
-  x  `kernel_gradient`'s products with one operand transposed into a buffer first, so that
-     each is a plain product (`kernel_grad.TRANSPOSED_ROW_PRODUCTS`; needs k)
+  x  `kernel_gradient`'s per-tap products reading g transposed into a buffer once, so that
+     each is a plain product (`kernel_grad.TRANSPOSED_ROW_PRODUCTS`; needs k or r)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
