@@ -37,6 +37,8 @@ as before issue 14):
      (`kernel_grad.TRANSPOSED_NINE_SHIFTS`; needs g)
   x  `kernel_gradient`'s per-tap products reading g transposed into a buffer once, so that
      each is a plain product (`kernel_grad.TRANSPOSED_ROW_PRODUCTS`; needs k or r)
+  u  each parameter's offset into Adam's flat update given at run time, so that parameters
+     of one shape share one update kernel (`guarded_update.RUNTIME_OFFSETS`; needs a)
 
 Every variant is compiled first (its first-call seconds printed), then the variants are
 timed in turn, `--rounds` times each, interleaved so that a change in the machine's load
@@ -71,7 +73,7 @@ ORIGINAL = (
     batch_norm.BatchNorm.__call__,
     layers._max_of_windows,
 )
-ALL = "kpbfmwtgrcdsavonex"
+ALL = "kpbfmwtgrcdsavonexu"
 TAP_MIN_ROWS = kernel_grad.TAP_KERNEL_GRAD_MIN_ROWS
 S2D_MIN_ROWS = kernel_grad.SPACE_TO_DEPTH_MIN_ROWS
 
@@ -91,6 +93,7 @@ def select(variant: str) -> None:
     densenet.MATERIALISE_INPUT_GRAD = "d" in variant
     kernel_grad.SPACE_TO_DEPTH_MIN_ROWS = S2D_MIN_ROWS if "s" in variant else None
     guarded_update.WRITE_OUT_ADAM = "a" in variant
+    guarded_update.RUNTIME_OFFSETS = "u" in variant
     batch_norm.SCALE_AFTER_SUM = "v" in variant
     resnet.MATERIALISE_BLOCK_OUTPUT = "o" in variant
     densenet.CENTRED_CHUNKS = "n" in variant

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from xmedjax import guarded_update
+from xmedjax import guarded_update, optimizer_layout
 from xmedjax import train_state as ts
 
 SHAPES = {"conv": (3, 3, 4, 8), "bias": (8,), "dense": (8, 5), "scale": (1,)}
@@ -29,24 +29,34 @@ def _unmarked(tx) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(*tx)
 
 
-def _run(tx, grads_per_step, losses=None):
-    step = jax.jit(lambda p, o, g, loss: guarded_update.guarded_step(tx, p, o, g, loss))
+def _run(tx, grads_per_step, losses=None, runtime_offsets=False):
+    """`runtime_offsets`: each parameter's start in the flat update passed in as an int32
+    scalar at run time (as `jit_train_step` does), not known when XLA compiles."""
+    step = jax.jit(
+        lambda p, o, g, loss, offsets: guarded_update.guarded_step(tx, p, o, g, loss, offsets)
+    )
     params = _params()
     opt_state = tx.init(params)
+    offsets = None
+    if runtime_offsets:
+        starts = optimizer_layout.parameter_offsets(params)
+        offsets = tuple(jnp.asarray(start, jnp.int32) for start in starts)
     out = []
     for i, grads in enumerate(grads_per_step):
         loss = jnp.float32(0.5 if losses is None else losses[i])
-        params, opt_state, finite, norm = step(params, opt_state, grads, loss)
+        params, opt_state, finite, norm = step(params, opt_state, grads, loss, offsets)
         out.append((params, opt_state, bool(finite), float(norm)))
     return out
 
 
+@pytest.mark.parametrize("runtime_offsets", [False, True])
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_written_out_adam_is_optax_adam_bit_for_bit(name):
+def test_written_out_adam_is_optax_adam_bit_for_bit(name, runtime_offsets):
     tx = ts.make_optimizer(name, 1e-2, weight_decay=0.05)
     assert isinstance(tx, guarded_update.FlatAdam)
     grads = [_grads(i) for i in range(4)]
-    ours, theirs = _run(tx, grads), _run(_unmarked(tx), grads)
+    ours = _run(tx, grads, runtime_offsets=runtime_offsets)
+    theirs = _run(_unmarked(tx), grads)
     for (p, o, f, n), (p_ref, o_ref, f_ref, n_ref) in zip(ours, theirs):
         assert f and f_ref and n == n_ref
         for a, b in zip(jax.tree.leaves((p, o)), jax.tree.leaves((p_ref, o_ref))):
@@ -55,9 +65,11 @@ def test_written_out_adam_is_optax_adam_bit_for_bit(name):
     assert not np.allclose(np.asarray(ours[-1][0]["conv"]), np.asarray(_params()["conv"]))
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adam_runtime_offsets"])
 @pytest.mark.parametrize("bad", ["nan_grad", "inf_grad", "huge_grad", "nan_loss"])
 def test_a_non_finite_step_changes_nothing(name, bad):
+    runtime_offsets = name.endswith("_runtime_offsets")
+    name = name.removesuffix("_runtime_offsets")
     tx = ts.make_optimizer(name, 1e-2)
     grads = [_grads(0), _grads(1), _grads(2)]
     losses = [0.5, 0.5, 0.5]
@@ -69,7 +81,7 @@ def test_a_non_finite_step_changes_nothing(name, bad):
         grads[1]["conv"] = grads[1]["conv"].at[1, 1, 2, 3].set(3e19)
     else:
         losses[1] = float("nan")
-    out = _run(tx, grads, losses)
+    out = _run(tx, grads, losses, runtime_offsets=runtime_offsets)
     assert [finite for _, _, finite, _ in out] == [True, False, True]
     for a, b in zip(jax.tree.leaves(out[0][:2]), jax.tree.leaves(out[1][:2])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -90,3 +102,51 @@ def test_gradient_norm_is_the_norm_of_every_gradient(name):
 def test_only_adam_and_adamw_are_marked():
     assert not isinstance(ts.make_optimizer("sgd", 1e-3), guarded_update.FlatAdam)
     assert isinstance(ts.make_optimizer("adam", 1e-3), guarded_update.FlatAdam)
+
+
+def _train_steps(runtime_offsets: bool, monkeypatch) -> tuple[list, object, str]:
+    """Four train steps of a small ResNet50 through `jit_train_step`: two plain calls, one
+    through `lower(...).compile()`, one through `trace(...).lower().compile()`."""
+    from xmedjax import mesh as mesh_lib
+    from xmedjax.models import create_model
+
+    monkeypatch.setattr(guarded_update, "RUNTIME_OFFSETS", runtime_offsets)
+    model = create_model("resnet50", 2, in_channels=1, width=0.0625, seed=1)
+    mdef, state = ts.create_train_state(model, ts.make_optimizer("adam", 1e-3))
+    mesh = mesh_lib.make_mesh()
+    state = ts.place_state(state, mesh)
+    step = ts.jit_train_step(mdef, state, mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(4, 32, 32, 1)).astype(np.float32),
+        "label": np.arange(4, dtype=np.int32) % 2,
+    }
+    hlo = step.lower(state, batch).compile().as_text()
+    out = []
+    for call in (
+        step,
+        step,
+        lambda s, b: step.lower(s, b).compile()(s, b),
+        lambda s, b: step.trace(s, b).lower().compile()(s, b),
+    ):
+        state, metrics = call(state, batch)
+        out.append(jax.device_get((state, metrics)))
+    return out, step, hlo
+
+
+def test_train_step_with_run_time_offsets_steps_as_without_them(monkeypatch):
+    with_offsets, step, hlo = _train_steps(True, monkeypatch)
+    without, plain_step, plain_hlo = _train_steps(False, monkeypatch)
+    for a, b in zip(jax.tree.leaves(with_offsets), jax.tree.leaves(without)):
+        np.testing.assert_array_equal(a, b)
+    assert int(with_offsets[-1][0].step) == 4
+    # One int32 scalar per parameter, each its start in the flat update, on the device.
+    params = with_offsets[0][0].params
+    expected = optimizer_layout.parameter_offsets(params)
+    assert [int(o) for o in step.offsets] == list(expected) and expected[0] == 0
+    assert len(step.offsets) == len(jax.tree.leaves(params)) > 100
+    assert not hasattr(plain_step, "offsets")
+    # Each parameter's update reads its slice at a run-time offset (XLA then compiles one
+    # update kernel per parameter shape), where the plain step's offsets are constants.
+    added = hlo.count(" dynamic-slice(") - plain_hlo.count(" dynamic-slice(")
+    assert added >= len(step.offsets)

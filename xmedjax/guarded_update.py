@@ -16,10 +16,19 @@ and the gradient norm. The arithmetic is optax's, operation for operation, and t
 are the same bit for bit (tests/test_guarded_update.py). ResNet50's update, guard and norm
 take ~93 ms of its train step against ~127 ms (`benchmarks/NOTES.md`, "Phase 11"). Every
 other optimiser takes the generic form.
+
+Each parameter then takes its slice of the flat update. At offsets known when XLA compiles,
+every parameter's slice-and-add is a kernel of its own (364 for DenseNet121, each compiled
+by LLVM: 3.7-4.0 s of its train step's compile). Given `offsets`, one int32 scalar per
+parameter passed in at run time (`train_state.jit_train_step` does), the slices start there
+instead, and parameters of one shape share one kernel: DenseNet121's updates alone compile
+in 1.1 s, its whole train step in 15.5 s against 19.6 s, the same values bit for bit
+(`benchmarks/NOTES.md`, "Phase 14").
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,8 +37,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from xmedjax import optimizer_layout
+
 # Off: every optimiser takes the generic form (benchmarks/cpu_ab.py's variant letter "a").
 WRITE_OUT_ADAM = True
+# Off: `train_state.jit_train_step` passes no run-time offsets (cpu_ab.py's letter "u").
+RUNTIME_OFFSETS = True
 
 
 class FlatAdam(optax.GradientTransformationExtraArgs):
@@ -60,7 +73,7 @@ def _generic(tx, params, opt_state, grads, loss):
     return new_params, new_opt, finite, norm
 
 
-def _flat_adam(params, opt_state, grads, loss):
+def _flat_adam(params, opt_state, grads, loss, offsets):
     adam, *others = opt_state.inner_state
     dtype = adam.nu.dtype
     hyper = {k: jnp.asarray(v).astype(dtype) for k, v in opt_state.hyperparams.items()}
@@ -83,10 +96,15 @@ def _flat_adam(params, opt_state, grads, loss):
     # lax, not jnp, per parameter: DenseNet121 has 364 and each jnp call costs a nested
     # trace.
     leaves, treedef = jax.tree.flatten(params)
-    new_leaves, offset = [], 0
-    for leaf in leaves:
-        update = lax.reshape(lax.slice(flat_update, (offset,), (offset + leaf.size,)), leaf.shape)
-        offset += leaf.size
+    known = offsets is None  # offsets XLA sees (one kernel per parameter) or run-time ones
+    starts = optimizer_layout.parameter_offsets(params) if known else offsets
+    new_leaves = []
+    for leaf, start in zip(leaves, starts, strict=True):
+        if known:
+            piece = lax.slice(flat_update, (start,), (start + leaf.size,))
+        else:
+            piece = lax.dynamic_slice(flat_update, (start,), (leaf.size,))
+        update = lax.reshape(piece, leaf.shape)
         if decay is not None:
             update = (update + decay * leaf) * -hyper["learning_rate"]
         new = lax.add(leaf, update.astype(leaf.dtype))
@@ -101,14 +119,22 @@ def _flat_adam(params, opt_state, grads, loss):
 
 
 def guarded_step(
-    tx: Any, params: Any, opt_state: Any, grads: Any, loss: jax.Array
+    tx: Any,
+    params: Any,
+    opt_state: Any,
+    grads: Any,
+    loss: jax.Array,
+    offsets: Sequence[jax.Array] | None = None,
 ) -> tuple[Any, Any, jax.Array, jax.Array]:
     """`(new params, new optimiser state, finite, gradient norm)`; pure.
 
     On a step whose loss or gradients' sum of squares is not finite (a gradient is not, or
     is so large that its square overflows), params and state come back unchanged and
-    `finite` is False.
+    `finite` is False. `offsets`: where each parameter starts in the flat update, as int32
+    scalars known only at run time (`optimizer_layout.parameter_offsets` placed on the
+    device; module docstring); None: the same offsets as constants. Only the written-out
+    Adam reads them.
     """
     if WRITE_OUT_ADAM and isinstance(tx, FlatAdam):
-        return _flat_adam(params, opt_state, grads, loss)
+        return _flat_adam(params, opt_state, grads, loss, offsets)
     return _generic(tx, params, opt_state, grads, loss)

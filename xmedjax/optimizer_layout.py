@@ -35,6 +35,15 @@ def _is_moment(leaf: Any, total: int) -> bool:
     return shape is not None and len(shape) == 1 and shape[0] == total and total > 1
 
 
+def parameter_offsets(params: Any) -> tuple[int, ...]:
+    """Where each parameter starts in a moment vector (`ravel_pytree` order)."""
+    starts, offset = [], 0
+    for leaf in jax.tree.leaves(params):
+        starts.append(offset)
+        offset += math.prod(leaf.shape)
+    return tuple(starts)
+
+
 def _has_layout(state: Any) -> bool:
     return hasattr(state, "params") and hasattr(state, "opt_state")
 

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from xmedjax import compile_options, first_call, guarded_update, heap_warming
+from xmedjax import compile_options, first_call, guarded_update, heap_warming, optimizer_layout
 from xmedjax import mesh as mesh_lib
 
 
@@ -139,9 +139,15 @@ def cross_entropy(
 
 
 def train_step(
-    mdef: ModelDef, class_weights, state: TrainState, batch: dict
+    mdef: ModelDef,
+    class_weights,
+    state: TrainState,
+    batch: dict,
+    offsets: tuple[jax.Array, ...] | None = None,
 ) -> tuple[TrainState, dict]:
-    """One optimiser step on a (global) batch {'image', 'label'}; pure."""
+    """One optimiser step on a (global) batch {'image', 'label'}; pure. `offsets`: each
+    parameter's start in the optimiser's flat vectors, as int32 scalars given at run time
+    (`jit_train_step`; see `guarded_update`), or None."""
 
     def loss_fn(params, rest):
         model = nnx.merge(mdef.graphdef, params, rest)
@@ -155,7 +161,7 @@ def train_step(
     )(state.params, state.rest)
     # A non-finite step changes nothing: the caller stops on finite=False.
     new_params, new_opt, finite, grad_norm = guarded_update.guarded_step(
-        mdef.tx, state.params, state.opt_state, grads, loss
+        mdef.tx, state.params, state.opt_state, grads, loss, offsets
     )
     step, rest = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old),
@@ -197,17 +203,32 @@ def place_state(state: TrainState, mesh) -> TrainState:
 def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) -> Callable:
     """`(state, batch) -> (state, metrics)` jitted over the mesh; the state is donated. Its
     first call traces with the garbage collector paused (`first_call`) and, on one CPU
-    device with huge pages, warms the heap while compiling (`heap_warming`)."""
+    device with huge pages, warms the heap while compiling (`heap_warming`).
+
+    The parameters' offsets into the optimiser's flat vectors go in as run-time arguments
+    (`guarded_update`: one update kernel per parameter shape, not per parameter), bound
+    here: the step, and what its `trace`, `lower` and `compile` return, are called with
+    `(state, batch)` as before; `step.offsets` holds them."""
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
     s_shard = state_sharding(state, mesh)
-    fn = functools.partial(train_step, mdef, weights)
-    jitted = jax.jit(
-        fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
-    )
     warm = heap_warming.applies(mesh.devices.flat[0].platform, mesh.devices.size)
-    return first_call.wrap(jitted, warm_heap=warm)
+    fn = functools.partial(train_step, mdef, weights)
+    if not guarded_update.RUNTIME_OFFSETS:
+        jitted = jax.jit(
+            fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
+        )
+        return first_call.wrap(jitted, warm_heap=warm)
+    starts = optimizer_layout.parameter_offsets(state.params)
+    offsets = tuple(jax.device_put(np.int32(start), rep) for start in starts)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(s_shard, data, (rep,) * len(offsets)),
+        out_shardings=(s_shard, rep),
+        donate_argnums=0,
+    )
+    return _WithOffsets(first_call.wrap(jitted, warm_heap=warm), offsets)
 
 
 def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:
@@ -222,3 +243,32 @@ def jit_eval_step(mdef: ModelDef, state: TrainState, mesh) -> Callable:
         compiler_options=compile_options.forward_options(mesh.devices.flat[0].platform),
     )
     return first_call.wrap(jitted)  # traced with the garbage collector paused
+
+
+class _WithOffsets:
+    """A jitted `(state, batch, offsets)` step, or a stage of it (traced, lowered,
+    compiled), called as `(state, batch)` (`jit_train_step`)."""
+
+    def __init__(self, fn: Any, offsets: tuple[jax.Array, ...]):
+        functools.update_wrapper(self, fn, updated=())  # name and docstring, not attributes
+        self._fn, self.offsets = fn, offsets
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self._fn(state, batch, self.offsets)
+
+    def trace(self, state: TrainState, batch: dict) -> _WithOffsets:
+        return _WithOffsets(self._fn.trace(state, batch, self.offsets), self.offsets)
+
+    def lower(self, *args: Any, **kwargs: Any) -> _WithOffsets:
+        """The jitted step's `lower(state, batch)`, or a traced one's `lower()`."""
+        if args:
+            args = (*args, self.offsets)
+        return _WithOffsets(self._fn.lower(*args, **kwargs), self.offsets)
+
+    def compile(self, *args: Any, **kwargs: Any) -> _WithOffsets:
+        return _WithOffsets(self._fn.compile(*args, **kwargs), self.offsets)
+
+    def __getattr__(self, name: str) -> Any:  # as_text, cost_analysis, eval_shape, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._fn, name)
