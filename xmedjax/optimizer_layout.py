@@ -17,6 +17,7 @@ several processes.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -35,13 +36,15 @@ def _is_moment(leaf: Any, total: int) -> bool:
     return shape is not None and len(shape) == 1 and shape[0] == total and total > 1
 
 
+def _starts(shapes: Any) -> tuple[int, ...]:
+    """Where each of arrays of these shapes starts in their joined vector."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return tuple(itertools.accumulate(sizes[:-1], initial=0)) if sizes else ()
+
+
 def parameter_offsets(params: Any) -> tuple[int, ...]:
     """Where each parameter starts in a moment vector (`ravel_pytree` order)."""
-    starts, offset = [], 0
-    for leaf in jax.tree.leaves(params):
-        starts.append(offset)
-        offset += math.prod(leaf.shape)
-    return tuple(starts)
+    return _starts(leaf.shape for leaf in jax.tree.leaves(params))
 
 
 def _has_layout(state: Any) -> bool:
@@ -51,11 +54,10 @@ def _has_layout(state: Any) -> bool:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _split(vector: jax.Array, treedef: Any, shapes: tuple) -> Any:
     """A moment vector -> one array per parameter (the tree of `params`)."""
-    leaves, offset = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        leaves.append(vector[offset : offset + size].reshape(shape))
-        offset += size
+    leaves = [
+        vector[start : start + math.prod(shape)].reshape(shape)
+        for start, shape in zip(_starts(shapes), shapes, strict=True)
+    ]
     return jax.tree.unflatten(treedef, leaves)
 
 

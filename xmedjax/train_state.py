@@ -208,26 +208,23 @@ def jit_train_step(mdef: ModelDef, state: TrainState, mesh, class_weights=None) 
     The parameters' offsets into the optimiser's flat vectors go in as run-time arguments
     (`guarded_update`: one update kernel per parameter shape, not per parameter), bound
     here: the step, and what its `trace`, `lower` and `compile` return, are called with
-    `(state, batch)` as before; `step.offsets` holds them."""
+    `(state, batch)` as before; `step.offsets` holds them (None with
+    `guarded_update.RUNTIME_OFFSETS` off)."""
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     rep = mesh_lib.replicated(mesh)
     data = mesh_lib.batch_sharded(mesh)
     s_shard = state_sharding(state, mesh)
-    warm = heap_warming.applies(mesh.devices.flat[0].platform, mesh.devices.size)
-    fn = functools.partial(train_step, mdef, weights)
-    if not guarded_update.RUNTIME_OFFSETS:
-        jitted = jax.jit(
-            fn, in_shardings=(s_shard, data), out_shardings=(s_shard, rep), donate_argnums=0
-        )
-        return first_call.wrap(jitted, warm_heap=warm)
-    starts = optimizer_layout.parameter_offsets(state.params)
-    offsets = tuple(jax.device_put(np.int32(start), rep) for start in starts)
+    offsets = None  # off: the offsets are constants of the program
+    if guarded_update.RUNTIME_OFFSETS:
+        starts = optimizer_layout.parameter_offsets(state.params)
+        offsets = tuple(jax.device_put(np.int32(start), rep) for start in starts)
     jitted = jax.jit(
-        fn,
-        in_shardings=(s_shard, data, (rep,) * len(offsets)),
+        functools.partial(train_step, mdef, weights),
+        in_shardings=(s_shard, data, None if offsets is None else (rep,) * len(offsets)),
         out_shardings=(s_shard, rep),
         donate_argnums=0,
     )
+    warm = heap_warming.applies(mesh.devices.flat[0].platform, mesh.devices.size)
     return _WithOffsets(first_call.wrap(jitted, warm_heap=warm), offsets)
 
 
@@ -249,7 +246,7 @@ class _WithOffsets:
     """A jitted `(state, batch, offsets)` step, or a stage of it (traced, lowered,
     compiled), called as `(state, batch)` (`jit_train_step`)."""
 
-    def __init__(self, fn: Any, offsets: tuple[jax.Array, ...]):
+    def __init__(self, fn: Any, offsets: tuple[jax.Array, ...] | None):
         functools.update_wrapper(self, fn, updated=())  # name and docstring, not attributes
         self._fn, self.offsets = fn, offsets
 
